@@ -1,0 +1,15 @@
+//! Types shared by the xdplb dataplane (eBPF) and the controller, and the
+//! pure logic both sides must agree on: the flow hash and the Maglev table.
+//!
+//! Everything here is plain data and arithmetic: no I/O, no allocation
+//! (except the `user`-feature conveniences), so it builds for
+//! `bpfel-unknown-none` as well as for the host.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate alloc;
+
+pub mod flow_hash;
+pub mod maglev;
+pub mod maps;
+pub mod reasons;

@@ -1,0 +1,210 @@
+//! Keys and values of the dataplane's BPF maps, defined once for both sides.
+//!
+//! Addresses are `[u32; 4]` of raw network-order bytes (IPv4 in word 0, the
+//! other words zero); ports are network order. Every struct is `#[repr(C)]`
+//! with explicit padding so that no uninitialised byte ever reaches a hash
+//! map key.
+
+/// `family` values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// `protocol` values (IANA numbers).
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default sizes; the controller may override them at load time.
+pub const DEFAULT_MAX_VIPS: u32 = 1024;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+/// Default size of the Maglev pool: room for two 65537-slot tables (a VIP's
+/// live table and the one being written during a swap) times 16.
+pub const DEFAULT_MAGLEV_POOL: u32 = 32 * 65_537;
+
+/// `BPF_F_MMAPABLE`: the Maglev pool is written through a memory mapping,
+/// not one syscall per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Sentinel in a Maglev slot: the VIP has no backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names as they appear in the object file (and under the pin directory).
+pub mod names {
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
+    pub const FLOWS: &str = "FLOWS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASONS: &str = "REASONS";
+}
+
+/// Program names in the object file.
+pub mod programs {
+    /// The load balancer, attached to the client-facing interface.
+    pub const BALANCER: &str = "xdplb_balancer";
+    /// IP-in-IP decapsulation, attached on backends (`xdplb decap`).
+    pub const DECAP: &str = "xdplb_decap";
+    /// Plain XDP_PASS, for the peer of a veth the balancer transmits on.
+    pub const PASS: &str = "xdplb_pass";
+}
+
+/// A VIP: address, port and protocol. Key of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+}
+
+/// Forwarding modes (`VipMeta::forwarding`).
+pub const FWD_DSR: u32 = 0;
+pub const FWD_IPIP: u32 = 1;
+
+/// VIP feature flags (`VipMeta::flags`).
+/// Hash the client address only (session affinity) instead of the 5-tuple.
+pub const VIP_F_HASH_SOURCE_IP: u32 = 1 << 0;
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS`.
+    pub vip_id: u32,
+    pub forwarding: u32,
+    pub flags: u32,
+    /// Where this VIP's Maglev table starts in `MAGLEV_POOL`.
+    ///
+    /// A table is replaced by writing the new one to a free region of the
+    /// pool and then updating this value: `VIPS` is a hash map, whose update
+    /// swaps the whole element under RCU, so a packet sees either the old
+    /// (offset, size) pair or the new one, never half of each.
+    pub ring_offset: u32,
+    /// The table's size, a prime.
+    pub ring_size: u32,
+}
+
+/// Key of `VIP_ADDRS`: an address that has at least one VIP, so that
+/// fragments and unparseable packets to it can be told from host traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `Backend::state` values.
+/// The slot is unused; a flow tracked to it is chosen again.
+pub const BACKEND_UNUSED: u8 = 0;
+/// Receives new and established flows.
+pub const BACKEND_ACTIVE: u8 = 1;
+/// Weight 0: not in the Maglev table, established flows continue.
+pub const BACKEND_DRAINING: u8 = 2;
+/// Failed its health check: established flows are chosen again.
+pub const BACKEND_DOWN: u8 = 3;
+
+/// Value of `BACKENDS` (an array indexed by backend id). One entry per
+/// (VIP, real server) pair, so counters are per VIP and backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// MAC address of the backend, or of its next hop.
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub state: u8,
+    /// Changes whenever this id is given to another server; a tracked flow
+    /// whose generation differs is chosen again rather than misdirected.
+    pub generation: u32,
+    /// Network byte order; 0 keeps the VIP's port.
+    pub port: u16,
+    pub _pad: u16,
+    /// The VIP this backend serves (lets a restarted controller adopt the maps).
+    pub vip_id: u32,
+}
+
+/// Key of `FLOWS`: a flow as seen arriving from the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub generation: u32,
+}
+
+/// The one entry of `CONFIG`: per-interface facts the controller learns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// Source MAC of transmitted frames (the interface's own).
+    pub if_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Interface MTU; an encapsulated packet larger than this is dropped.
+    /// 0 disables the check.
+    pub mtu: u32,
+    /// IP-in-IP outer source: `base | (flow hash & host_mask)`, so the
+    /// backend's receive-side scaling still spreads flows.
+    pub ipip_src_v4: u32,
+    pub ipip_src_v4_host_mask: u32,
+    pub ipip_src_v6: [u32; 4],
+    /// Host mask of the last word of the IPv6 outer source.
+    pub ipip_src_v6_host_mask: u32,
+}
+
+/// Packets and bytes, per CPU, in `VIP_STATS` and `BACKEND_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] with explicit padding fields and
+    // only integer members, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipMeta>(), 20);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<Backend>(), 36);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<LbConfig>(), 40);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+}

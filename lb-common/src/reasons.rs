@@ -1,0 +1,56 @@
+//! Why a packet left the XDP program the way it did. Every early exit of the
+//! dataplane increments exactly one of these, so an operator can always tell
+//! why a packet was passed or dropped.
+
+/// Not VIP traffic (not IP, or no VIP has this address/port/protocol): XDP_PASS, untouched.
+pub const PASS_NOT_VIP: u32 = 0;
+/// Ethernet or IP header truncated or invalid, so it cannot be VIP traffic we
+/// can balance: XDP_PASS untouched, the kernel's own checks drop it.
+pub const PASS_MALFORMED_L3: u32 = 1;
+/// Addressed to a VIP address, but not TCP/UDP (ICMP, ...): XDP_PASS to the host.
+pub const PASS_VIP_OTHER_PROTO: u32 = 2;
+/// Addressed to a VIP address, but the TCP/UDP header (or the IPv6 extension
+/// header chain) is truncated or too long to walk: XDP_DROP.
+pub const DROP_MALFORMED_L4: u32 = 3;
+/// An IP fragment addressed to a VIP address: XDP_DROP (no ports in
+/// non-first fragments, so no consistent backend choice; as Katran).
+pub const DROP_FRAGMENT: u32 = 4;
+/// The VIP has no usable backend (empty table, or the slot's backend is gone): XDP_DROP.
+pub const DROP_NO_BACKEND: u32 = 5;
+/// The encapsulated packet would exceed the interface MTU: XDP_DROP.
+pub const DROP_TOO_BIG: u32 = 6;
+/// bpf_xdp_adjust_head failed (no headroom): XDP_DROP.
+pub const DROP_ENCAP_FAILED: u32 = 7;
+/// The packet was rewritten and transmitted (XDP_TX).
+pub const TX: u32 = 8;
+/// The flow was found in the connection table with a live backend.
+pub const CONNTRACK_HIT: u32 = 9;
+/// The flow was not in the connection table: Maglev chose its backend.
+pub const CONNTRACK_MISS: u32 = 10;
+/// The flow was tracked, but its backend is down or gone: chosen again.
+pub const CONNTRACK_STALE: u32 = 11;
+/// Inserting the flow into the connection table failed (it still is forwarded).
+pub const CONNTRACK_INSERT_FAILED: u32 = 12;
+/// The backend's slot in the backend table was invalid (controller bug guard): XDP_DROP.
+pub const DROP_BAD_BACKEND: u32 = 13;
+
+/// Number of reasons; the size of the reasons counter map.
+pub const COUNT: u32 = 14;
+
+/// Names for logs, `status` and metrics, indexed by reason.
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_vip",
+    "pass_malformed_l3",
+    "pass_vip_other_proto",
+    "drop_malformed_l4",
+    "drop_fragment",
+    "drop_no_backend",
+    "drop_too_big",
+    "drop_encap_failed",
+    "tx",
+    "conntrack_hit",
+    "conntrack_miss",
+    "conntrack_stale",
+    "conntrack_insert_failed",
+    "drop_bad_backend",
+];

@@ -1,0 +1,177 @@
+//! The xdplb dataplane: one eBPF object with three XDP programs.
+//!
+//! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
+//!   rewrite → count → XDP_TX. Anything that is not VIP traffic leaves with
+//!   XDP_PASS, untouched.
+//! - `xdplb_decap`: strips the IP-in-IP header on a backend.
+//! - `xdplb_pass`: XDP_PASS, for the peer of a veth we transmit on (a veth
+//!   drops XDP_TX frames unless its peer has an XDP program).
+#![no_std]
+#![no_main]
+
+mod decap;
+mod encap;
+mod maps;
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{
+    flow_hash,
+    maps::{
+        AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FWD_IPIP, FlowKey, FlowValue, NO_BACKEND,
+        VIP_F_HASH_SOURCE_IP, VipKey, VipMeta,
+    },
+    reasons,
+};
+
+use crate::{
+    encap::EncapError,
+    maps::{BACKEND_STATS, BACKENDS, CONFIG, FLOWS, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, count_bytes, count_reason},
+    parse::{Packet, Parsed},
+};
+
+#[xdp]
+pub fn xdplb_balancer(ctx: XdpContext) -> u32 {
+    let (action, reason) = balance(&ctx);
+    count_reason(reason);
+    action
+}
+
+#[xdp]
+pub fn xdplb_decap(ctx: XdpContext) -> u32 {
+    decap::decap(&ctx)
+}
+
+#[xdp]
+pub fn xdplb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// Returns the action and the one reason counted for it.
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> (u32, u32) {
+    let pkt = match parse::parse(ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
+        Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
+        Parsed::Fragment(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_FRAGMENT),
+        Parsed::OtherProto(dst) => return for_vip_address(&dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO),
+        Parsed::MalformedL4(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_MALFORMED_L4),
+    };
+    let vip_key = VipKey {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport,
+        protocol: pkt.flow.protocol,
+        family: pkt.flow.family,
+    };
+    let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
+        return (XDP_PASS, reasons::PASS_NOT_VIP);
+    };
+    // Copy: the controller may replace the element while we run.
+    let vip = *vip;
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count_bytes(&VIP_STATS, vip.vip_id, frame_len);
+
+    let hash = if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
+        flow_hash::source_ip(&pkt.flow.src)
+    } else {
+        flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
+    };
+    let (backend_id, backend) = match choose_backend(&pkt.flow, &vip, hash) {
+        Ok(b) => b,
+        Err(reason) => return (XDP_DROP, reason),
+    };
+    count_bytes(&BACKEND_STATS, backend_id, frame_len);
+    forward(ctx, &pkt, &vip, &backend, hash)
+}
+
+/// A packet we could not balance: dropped (and counted) if it is addressed to
+/// a VIP address, passed untouched otherwise.
+#[inline(always)]
+fn for_vip_address(dst: &AddrKey, action: u32, reason: u32) -> (u32, u32) {
+    if unsafe { VIP_ADDRS.get(dst) }.is_some() {
+        (action, reason)
+    } else {
+        (XDP_PASS, reasons::PASS_NOT_VIP)
+    }
+}
+
+/// Connection tracking first, so an established flow keeps its backend when
+/// the table changes; Maglev for new flows and for flows whose backend went
+/// down or away. Counts the conntrack outcome itself.
+#[inline(always)]
+fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32) -> Result<(u32, Backend), u32> {
+    if let Some(tracked) = unsafe { FLOWS.get(flow) } {
+        let tracked = *tracked;
+        if let Some(b) = BACKENDS.get(tracked.backend_id) {
+            if b.generation == tracked.generation && (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING) {
+                count_reason(reasons::CONNTRACK_HIT);
+                return Ok((tracked.backend_id, *b));
+            }
+        }
+        count_reason(reasons::CONNTRACK_STALE);
+    } else {
+        count_reason(reasons::CONNTRACK_MISS);
+    }
+    if vip.ring_size == 0 {
+        return Err(reasons::DROP_NO_BACKEND);
+    }
+    let slot = vip.ring_offset + hash % vip.ring_size;
+    let Some(&id) = MAGLEV_POOL.get(slot) else {
+        return Err(reasons::DROP_BAD_BACKEND);
+    };
+    if id == NO_BACKEND {
+        return Err(reasons::DROP_NO_BACKEND);
+    }
+    let Some(b) = BACKENDS.get(id) else {
+        return Err(reasons::DROP_BAD_BACKEND);
+    };
+    // The controller takes a backend out of the table before it marks it
+    // anything but active; an inactive one here means a torn update.
+    if b.state != BACKEND_ACTIVE {
+        return Err(reasons::DROP_BAD_BACKEND);
+    }
+    let value = FlowValue { backend_id: id, generation: b.generation };
+    if FLOWS.insert(flow, &value, 0).is_err() {
+        count_reason(reasons::CONNTRACK_INSERT_FAILED);
+    }
+    Ok((id, *b))
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, hash: u32) -> (u32, u32) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return (XDP_DROP, reasons::DROP_BAD_BACKEND);
+    };
+    let result = if vip.forwarding == FWD_IPIP {
+        let overhead = if pkt.flow.family == FAMILY_V4 { 20 } else { 40 };
+        if cfg.mtu != 0 && pkt.l3_len + overhead > cfg.mtu {
+            return (XDP_DROP, reasons::DROP_TOO_BIG);
+        }
+        if pkt.flow.family == FAMILY_V4 {
+            encap::ipip4(ctx, backend, cfg, pkt.l3_len, pkt.tos, hash)
+        } else {
+            encap::ipip6(ctx, backend, cfg, pkt.l3_len, pkt.tos, hash)
+        }
+    } else {
+        encap::rewrite_macs(ctx, backend, cfg)
+    };
+    match result {
+        Ok(()) => (XDP_TX, reasons::TX),
+        Err(EncapError::AdjustHead) | Err(EncapError::Bounds) => (XDP_DROP, reasons::DROP_ENCAP_FAILED),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

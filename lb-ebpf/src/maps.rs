@@ -1,0 +1,73 @@
+//! The dataplane's maps. The controller (lb-userspace `dataplane` module)
+//! writes all of them except FLOWS and the counters, which only this program
+//! writes. Sizes here are defaults; the controller sets real ones at load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{
+        AddrKey, BPF_F_MMAPABLE, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_VIPS, FlowKey, FlowValue, LbConfig, VipKey, VipMeta,
+    },
+    reasons,
+};
+
+/// (VIP address, port, protocol) → how to balance it. Written by the controller.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Addresses that have a VIP → number of VIPs on it. Written by the controller.
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Backend id → server address, next-hop MAC, state. Written by the controller.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// All VIPs' Maglev tables, each a region `VipMeta::ring_offset ..+ ring_size`,
+/// each slot a backend id. Written by the controller.
+#[map]
+pub static MAGLEV_POOL: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_POOL, BPF_F_MMAPABLE);
+
+/// Connection tracking: flow → backend. Written here; LRU evicts idle flows.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Interface facts (MAC, MTU, IP-in-IP source). Written by the controller.
+#[map]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// Per VIP id: packets and bytes received. Written here.
+#[map]
+pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Per backend id: packets and bytes forwarded. Written here.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Per reason (lb_common::reasons): packets. Written here.
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);
+
+/// Decapsulation program counters: [decapsulated, passed untouched]. Written here.
+#[map]
+pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    if let Some(c) = REASONS.get_ptr_mut(reason) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_bytes(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}

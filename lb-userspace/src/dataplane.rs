@@ -1,0 +1,284 @@
+//! The only place that touches the dataplane's maps and programs.
+//!
+//! `Dataplane` owns one loaded instance of the eBPF object: its programs and
+//! typed handles to every map. The Maglev pool is written through a memory
+//! mapping (the map is `BPF_F_MMAPABLE`): a 65537-slot table is one memcpy
+//! instead of 65537 syscalls.
+//!
+//! An array map stores each element in `round_up(value_size, 8)` bytes, so
+//! in the mapping every `u32` slot of the pool occupies a `u64` (low half
+//! first on this little-endian machine).
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{
+    maps::{
+        AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        FlowKey, FlowValue, LbConfig, VipKey, VipMeta, names, programs,
+    },
+    reasons,
+};
+
+/// Capacities of the maps, fixed when the object is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub conntrack: u32,
+    /// Slots in the Maglev pool shared by all VIPs' tables.
+    pub maglev_pool: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            max_vips: DEFAULT_MAX_VIPS,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            conntrack: DEFAULT_CONNTRACK_SIZE,
+            maglev_pool: DEFAULT_MAGLEV_POOL,
+        }
+    }
+}
+
+/// The Maglev pool's memory mapping.
+struct PoolMapping {
+    ptr: NonNull<u64>,
+    slots: usize,
+    map_len: usize,
+    _map: MapData,
+}
+
+impl PoolMapping {
+    fn new(map: MapData, slots: u32) -> Result<Self> {
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let map_len = (slots as usize * 8).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array map's fd; the kernel checks the length
+        // against the map and keeps the memory alive while it is mapped.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the MAGLEV_POOL map failed");
+        }
+        let ptr = NonNull::new(ptr.cast::<u64>()).context("mmap returned null")?;
+        Ok(Self { ptr, slots: slots as usize, map_len, _map: map })
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn slots(&self) -> &mut [u64] {
+        // SAFETY: the mapping is `slots` u64s long and lives as long as self;
+        // the kernel only reads it concurrently (aligned stores are atomic).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.slots) }
+    }
+}
+
+impl Drop for PoolMapping {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value.
+unsafe impl Send for PoolMapping {}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    sizes: MapSizes,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_addrs: HashMap<MapData, AddrKey, u32>,
+    backends: Array<MapData, Backend>,
+    pool: PoolMapping,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    config: Array<MapData, LbConfig>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    reasons: PerCpuArray<MapData, u64>,
+    decap_stats: PerCpuArray<MapData, u64>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))
+}
+
+impl Dataplane {
+    /// Loads the embedded eBPF object with maps of the given sizes, and its
+    /// programs into the kernel (verifying them), without attaching anything.
+    pub fn load(sizes: MapSizes) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::VIPS, sizes.max_vips)
+            .map_max_entries(names::VIP_ADDRS, sizes.max_vips)
+            .map_max_entries(names::VIP_STATS, sizes.max_vips)
+            .map_max_entries(names::BACKENDS, sizes.max_backends)
+            .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
+            .map_max_entries(names::FLOWS, sizes.conntrack)
+            .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
+            .load(crate::EBPF_OBJECT)
+            .context("loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)")?;
+        for name in [programs::BALANCER, programs::DECAP, programs::PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not an XDP program"))?;
+            prog.load().with_context(|| format!("the kernel rejected XDP program {name}"))?;
+        }
+        let pool = match take(&mut ebpf, names::MAGLEV_POOL)? {
+            Map::Array(data) => PoolMapping::new(data, sizes.maglev_pool)?,
+            other => bail!("map {} has the wrong type: {other:?}", names::MAGLEV_POOL),
+        };
+        let m = &mut ebpf;
+        Ok(Self {
+            vips: HashMap::try_from(take(m, names::VIPS)?)?,
+            vip_addrs: HashMap::try_from(take(m, names::VIP_ADDRS)?)?,
+            backends: Array::try_from(take(m, names::BACKENDS)?)?,
+            flows: HashMap::try_from(take(m, names::FLOWS)?)?,
+            config: Array::try_from(take(m, names::CONFIG)?)?,
+            vip_stats: PerCpuArray::try_from(take(m, names::VIP_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(take(m, names::BACKEND_STATS)?)?,
+            reasons: PerCpuArray::try_from(take(m, names::REASONS)?)?,
+            decap_stats: PerCpuArray::try_from(take(m, "DECAP_STATS")?)?,
+            pool,
+            sizes,
+            ebpf,
+        })
+    }
+
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// One of the object's XDP programs (see `lb_common::maps::programs`).
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()?)
+    }
+
+    pub fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        self.config.set(0, cfg, 0).context("writing the CONFIG map failed")
+    }
+
+    pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        self.vips.insert(key, meta, 0).with_context(|| format!("writing VIP {key:?} to the VIPS map failed"))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).with_context(|| format!("removing VIP {key:?} from the VIPS map failed"))
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {
+        self.vips.get(key, 0).ok()
+    }
+
+    pub fn set_vip_addr(&mut self, key: &AddrKey, vips_on_it: u32) -> Result<()> {
+        self.vip_addrs
+            .insert(key, vips_on_it, 0)
+            .with_context(|| format!("writing address {key:?} to the VIP_ADDRS map failed"))
+    }
+
+    pub fn remove_vip_addr(&mut self, key: &AddrKey) -> Result<()> {
+        self.vip_addrs
+            .remove(key)
+            .with_context(|| format!("removing address {key:?} from the VIP_ADDRS map failed"))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend id {id} to the BACKENDS map failed"))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends.get(&id, 0).with_context(|| format!("reading backend id {id} failed"))
+    }
+
+    /// Writes `slots` into the Maglev pool at `offset`.
+    pub fn write_pool(&mut self, offset: u32, slots: &[u32]) -> Result<()> {
+        let pool = self.pool.slots();
+        let start = offset as usize;
+        let Some(region) = pool.get_mut(start..start + slots.len()) else {
+            bail!(
+                "Maglev pool overflow: {} slots at {offset} do not fit in {} (raise the pool size)",
+                slots.len(),
+                self.sizes.maglev_pool
+            );
+        };
+        for (dst, &id) in region.iter_mut().zip(slots) {
+            *dst = id as u64;
+        }
+        Ok(())
+    }
+
+    pub fn read_pool(&self, offset: u32, len: u32) -> Vec<u32> {
+        self.pool.slots()[offset as usize..(offset + len) as usize].iter().map(|&s| s as u32).collect()
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.flows.get(key, 0).ok()
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        self.flows.remove(key).context("removing a flow from the FLOWS map failed")
+    }
+
+    /// Number of tracked flows (walks the table).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Every tracked flow and its backend.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.flows.iter().filter_map(|kv| kv.ok()).collect()
+    }
+
+    /// Packets per reason (see `lb_common::reasons`), summed over CPUs.
+    pub fn reasons(&self) -> Result<[u64; reasons::COUNT as usize]> {
+        let mut out = [0u64; reasons::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self.reasons.get(&(i as u32), 0).context("reading the REASONS map failed")?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    pub fn vip_counter(&self, vip_id: u32) -> Result<Counter> {
+        sum_counters(&self.vip_stats, vip_id).with_context(|| format!("reading VIP_STATS[{vip_id}] failed"))
+    }
+
+    pub fn backend_counter(&self, backend_id: u32) -> Result<Counter> {
+        sum_counters(&self.backend_stats, backend_id)
+            .with_context(|| format!("reading BACKEND_STATS[{backend_id}] failed"))
+    }
+
+    /// Decapsulation program counters: (decapsulated, passed untouched).
+    pub fn decap_counters(&self) -> Result<(u64, u64)> {
+        let get = |i: u32| -> Result<u64> { Ok(self.decap_stats.get(&i, 0)?.iter().sum()) };
+        Ok((get(0)?, get(1)?))
+    }
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {
+    let per_cpu = map.get(&index, 0)?;
+    Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
+}

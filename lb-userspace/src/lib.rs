@@ -1,0 +1,9 @@
+//! The xdplb controller as a library: the `xdplb` binary and the integration
+//! tests drive the dataplane through these modules.
+
+pub mod addr;
+pub mod dataplane;
+pub mod reconcile;
+
+/// The dataplane's eBPF object, built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

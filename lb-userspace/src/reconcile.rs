@@ -1,0 +1,451 @@
+//! Declarative reconciliation: the desired VIPs (from the configuration,
+//! health checks and neighbour resolution) in, the smallest set of map
+//! writes that takes the dataplane there out.
+//!
+//! Ordering is what keeps every packet safe while maps change:
+//! 1. backends that will be *in* a table are written before the table;
+//! 2. a changed table is written to a fresh region of the Maglev pool and
+//!    published by replacing the VIP's `VipMeta` (one atomic hash-map
+//!    update), so no packet ever sees a half-written table;
+//! 3. only then do backends that left the table change state (draining,
+//!    down, unused);
+//! 4. freed pool regions and backend ids rest for a grace period before
+//!    reuse, longer than any XDP program run that may still hold them.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{
+    maglev::{self, MaglevBackend},
+    maps::{
+        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, NO_BACKEND,
+        VIP_F_HASH_SOURCE_IP, VipKey, VipMeta,
+    },
+};
+
+use crate::{addr, dataplane::Dataplane};
+
+/// How long a freed pool region or backend id rests before reuse.
+const GRACE: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    Dsr,
+    Ipip,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashMode {
+    FiveTuple,
+    SourceIp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    /// 0: the VIP's port.
+    pub port: u16,
+    /// 0 drains: no new flows, established ones continue.
+    pub weight: u32,
+    /// MAC of the backend or of its next hop.
+    pub mac: [u8; 6],
+    /// From the health checker; a down backend gets no flows at all.
+    pub healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub name: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// IANA protocol number (lb_common::maps::PROTO_TCP / PROTO_UDP).
+    pub protocol: u8,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    /// Maglev table size, a prime.
+    pub table_size: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl VipSpec {
+    pub fn key(&self) -> VipKey {
+        VipKey {
+            addr: addr::words(self.addr),
+            port: self.port.to_be(),
+            protocol: self.protocol,
+            family: addr::family(self.addr),
+        }
+    }
+}
+
+type BackendIdentity = (IpAddr, u16);
+
+struct AppliedBackend {
+    id: u32,
+    value: Backend,
+}
+
+struct AppliedVip {
+    meta: VipMeta,
+    addr: IpAddr,
+    backends: BTreeMap<BackendIdentity, AppliedBackend>,
+    /// (id, maglev key, weight) of the backends in the table, sorted by id.
+    table_members: Vec<(u32, u64, u32)>,
+}
+
+/// Free-list allocator of Maglev pool regions, first fit, coalescing.
+struct Regions {
+    free: Vec<(u32, u32)>,
+    resting: VecDeque<(u32, u32, Instant)>,
+}
+
+impl Regions {
+    fn new(slots: u32) -> Self {
+        Self { free: vec![(0, slots)], resting: VecDeque::new() }
+    }
+
+    fn wake(&mut self, now: Instant) {
+        while let Some(&(start, len, since)) = self.resting.front() {
+            if now.duration_since(since) < GRACE {
+                break;
+            }
+            self.resting.pop_front();
+            self.release(start, len);
+        }
+    }
+
+    fn release(&mut self, start: u32, len: u32) {
+        let at = self.free.partition_point(|&(s, _)| s < start);
+        self.free.insert(at, (start, len));
+        // Coalesce with the neighbours.
+        if at + 1 < self.free.len() && self.free[at].0 + self.free[at].1 == self.free[at + 1].0 {
+            self.free[at].1 += self.free[at + 1].1;
+            self.free.remove(at + 1);
+        }
+        if at > 0 && self.free[at - 1].0 + self.free[at - 1].1 == self.free[at].0 {
+            self.free[at - 1].1 += self.free[at].1;
+            self.free.remove(at);
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        loop {
+            self.wake(Instant::now());
+            if let Some(i) = self.free.iter().position(|&(_, l)| l >= len) {
+                let (start, l) = self.free[i];
+                if l == len {
+                    self.free.remove(i);
+                } else {
+                    self.free[i] = (start + len, l - len);
+                }
+                return Some(start);
+            }
+            // Wait for the oldest resting region, if there is one.
+            let &(_, _, since) = self.resting.front()?;
+            std::thread::sleep(GRACE.saturating_sub(since.elapsed()));
+        }
+    }
+
+    fn retire(&mut self, start: u32, len: u32) {
+        self.resting.push_back((start, len, Instant::now()));
+    }
+}
+
+/// What the dataplane holds, as far as this controller wrote it.
+pub struct Reconciler {
+    vips: BTreeMap<VipKey, AppliedVip>,
+    free_vip_ids: Vec<u32>,
+    next_vip_id: u32,
+    max_vips: u32,
+    resting_backend_ids: VecDeque<(u32, Instant)>,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    max_backends: u32,
+    next_generation: u32,
+    regions: Regions,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub tables_swapped: usize,
+    pub backends_written: usize,
+}
+
+impl Reconciler {
+    pub fn new(dp: &Dataplane) -> Self {
+        let sizes = dp.sizes();
+        Self {
+            vips: BTreeMap::new(),
+            free_vip_ids: Vec::new(),
+            next_vip_id: 0,
+            max_vips: sizes.max_vips,
+            resting_backend_ids: VecDeque::new(),
+            free_backend_ids: Vec::new(),
+            next_backend_id: 0,
+            max_backends: sizes.max_backends,
+            next_generation: 1,
+            regions: Regions::new(sizes.maglev_pool),
+        }
+    }
+
+    /// The VIP id (index of its counters) of an applied VIP.
+    pub fn vip_meta(&self, key: &VipKey) -> Option<VipMeta> {
+        self.vips.get(key).map(|v| v.meta)
+    }
+
+    /// The backend id of an applied backend.
+    pub fn backend_id(&self, vip: &VipKey, addr: IpAddr, port: u16) -> Option<u32> {
+        self.vips.get(vip)?.backends.get(&(addr, port)).map(|b| b.id)
+    }
+
+    fn alloc_vip_id(&mut self, name: &str) -> Result<u32> {
+        if let Some(id) = self.free_vip_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_vip_id >= self.max_vips {
+            bail!("VIP {name}: no room for more than {} VIPs (raise max_vips)", self.max_vips);
+        }
+        self.next_vip_id += 1;
+        Ok(self.next_vip_id - 1)
+    }
+
+    fn alloc_backend_id(&mut self, vip: &str, addr: IpAddr) -> Result<u32> {
+        let now = Instant::now();
+        while let Some(&(id, since)) = self.resting_backend_ids.front() {
+            if now.duration_since(since) < GRACE {
+                break;
+            }
+            self.resting_backend_ids.pop_front();
+            self.free_backend_ids.push(id);
+        }
+        if let Some(id) = self.free_backend_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_backend_id >= self.max_backends {
+            if let Some(&(_, since)) = self.resting_backend_ids.front() {
+                std::thread::sleep(GRACE.saturating_sub(since.elapsed()));
+                return self.alloc_backend_id(vip, addr);
+            }
+            bail!(
+                "VIP {vip}: no room for backend {addr}: all {} backend slots are used (raise max_backends)",
+                self.max_backends
+            );
+        }
+        self.next_backend_id += 1;
+        Ok(self.next_backend_id - 1)
+    }
+
+    /// Takes the dataplane to `specs`, writing only what differs.
+    pub fn apply(&mut self, dp: &mut Dataplane, specs: &[VipSpec]) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let mut wanted = BTreeMap::new();
+        for spec in specs {
+            if wanted.insert(spec.key(), spec).is_some() {
+                bail!("VIP {}: {}:{} is declared twice", spec.name, spec.addr, spec.port);
+            }
+        }
+        for (key, spec) in &wanted {
+            self.apply_vip(dp, key, spec, &mut report)?;
+        }
+        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in gone {
+            self.remove_vip(dp, &key)?;
+            report.vips_removed += 1;
+        }
+        Ok(report)
+    }
+
+    fn apply_vip(&mut self, dp: &mut Dataplane, key: &VipKey, spec: &VipSpec, report: &mut ApplyReport) -> Result<()> {
+        if !maglev::is_prime(spec.table_size) {
+            bail!("VIP {}: Maglev table size {} is not prime", spec.name, spec.table_size);
+        }
+        let is_new = !self.vips.contains_key(key);
+        if is_new {
+            let vip_id = self.alloc_vip_id(&spec.name)?;
+            let meta = VipMeta { vip_id, ..Default::default() };
+            self.vips.insert(
+                *key,
+                AppliedVip { meta, addr: spec.addr, backends: BTreeMap::new(), table_members: Vec::new() },
+            );
+            report.vips_added += 1;
+        }
+        let vip_id = self.vips[key].meta.vip_id;
+
+        // Backend ids and values, as they should be.
+        let mut desired: BTreeMap<BackendIdentity, AppliedBackend> = BTreeMap::new();
+        for b in &spec.backends {
+            let ident = (b.addr, b.port);
+            if desired.contains_key(&ident) {
+                bail!("VIP {}: backend {}:{} is listed twice", spec.name, b.addr, b.port);
+            }
+            let existing = self.vips[key].backends.get(&ident).map(|a| (a.id, a.value.generation));
+            let (id, generation) = match existing {
+                Some(found) => found,
+                None => {
+                    let id = self.alloc_backend_id(&spec.name, b.addr)?;
+                    self.next_generation = self.next_generation.wrapping_add(1).max(1);
+                    (id, self.next_generation)
+                }
+            };
+            if addr::family(b.addr) != key.family {
+                bail!("VIP {}: backend {} is not of the VIP's address family", spec.name, b.addr);
+            }
+            let state = match (b.healthy, b.weight) {
+                (false, _) => BACKEND_DOWN,
+                (true, 0) => BACKEND_DRAINING,
+                (true, _) => BACKEND_ACTIVE,
+            };
+            let value = Backend {
+                addr: addr::words(b.addr),
+                mac: b.mac,
+                family: key.family,
+                state,
+                generation,
+                port: b.port.to_be(),
+                _pad: 0,
+                vip_id,
+            };
+            desired.insert(ident, AppliedBackend { id, value });
+        }
+
+        // 1. Backends entering (or staying in) the table, before the table.
+        for (ident, want) in &desired {
+            let have = self.vips[key].backends.get(ident).map(|a| a.value);
+            if want.value.state == BACKEND_ACTIVE && have != Some(want.value) {
+                dp.set_backend(want.id, &want.value)?;
+                report.backends_written += 1;
+            }
+        }
+
+        // 2. The table, if its members changed: new region, then publish.
+        let members: Vec<(u32, u64, u32)> = desired
+            .iter()
+            .filter(|(_, b)| b.value.state == BACKEND_ACTIVE)
+            .map(|((addr, port), b)| (b.id, maglev::backend_key(&addr::words(*addr), *port), spec.backends_weight(*addr, *port)))
+            .collect();
+        let flags = if spec.hash == HashMode::SourceIp { VIP_F_HASH_SOURCE_IP } else { 0 };
+        let forwarding = match spec.forwarding {
+            Forwarding::Dsr => FWD_DSR,
+            Forwarding::Ipip => FWD_IPIP,
+        };
+        let applied = &self.vips[key];
+        let table_changed = is_new || applied.table_members != members || applied.meta.ring_size != spec.table_size;
+        let mut meta = VipMeta { vip_id, forwarding, flags, ..applied.meta };
+        if table_changed {
+            let maglev_backends: Vec<MaglevBackend> =
+                members.iter().map(|&(_, key, weight)| MaglevBackend { key, weight }).collect();
+            let table: Vec<u32> = maglev::build(&maglev_backends, spec.table_size)
+                .into_iter()
+                .map(|pos| if pos == maglev::EMPTY { NO_BACKEND } else { members[pos as usize].0 })
+                .collect();
+            let offset = self.regions.alloc(spec.table_size).with_context(|| {
+                format!(
+                    "VIP {}: the Maglev pool has no free region of {} slots (raise maglev_pool)",
+                    spec.name, spec.table_size
+                )
+            })?;
+            dp.write_pool(offset, &table)?;
+            meta.ring_offset = offset;
+            meta.ring_size = spec.table_size;
+        }
+        if is_new || meta != applied.meta {
+            dp.set_vip(key, &meta)?;
+        }
+        if table_changed {
+            report.tables_swapped += 1;
+            if !is_new {
+                self.regions.retire(applied.meta.ring_offset, applied.meta.ring_size);
+            }
+        }
+        if is_new {
+            self.add_vip_addr(dp, spec.addr)?;
+        }
+
+        // 3. Backends leaving the table change state only now.
+        for (ident, want) in &desired {
+            let have = self.vips[key].backends.get(ident).map(|a| a.value);
+            if want.value.state != BACKEND_ACTIVE && have != Some(want.value) {
+                dp.set_backend(want.id, &want.value)?;
+                report.backends_written += 1;
+            }
+        }
+        let removed: Vec<AppliedBackend> = {
+            let applied = self.vips.get_mut(key).expect("applied above");
+            let gone: Vec<BackendIdentity> =
+                applied.backends.keys().filter(|i| !desired.contains_key(i)).copied().collect();
+            gone.iter().filter_map(|i| applied.backends.remove(i)).collect()
+        };
+        for b in removed {
+            self.release_backend(dp, b)?;
+            report.backends_written += 1;
+        }
+        let applied = self.vips.get_mut(key).expect("applied above");
+        applied.meta = meta;
+        applied.backends = desired;
+        applied.table_members = members;
+        Ok(())
+    }
+
+    fn release_backend(&mut self, dp: &mut Dataplane, b: AppliedBackend) -> Result<()> {
+        let unused = Backend { state: BACKEND_UNUSED, ..b.value };
+        dp.set_backend(b.id, &unused)?;
+        self.resting_backend_ids.push_back((b.id, Instant::now()));
+        Ok(())
+    }
+
+    fn vips_on(&self, ip: IpAddr) -> u32 {
+        self.vips.values().filter(|v| v.addr == ip).count() as u32
+    }
+
+    fn add_vip_addr(&mut self, dp: &mut Dataplane, ip: IpAddr) -> Result<()> {
+        dp.set_vip_addr(&addr::addr_key(ip), self.vips_on(ip))
+    }
+
+    fn remove_vip(&mut self, dp: &mut Dataplane, key: &VipKey) -> Result<()> {
+        let vip = self.vips.remove(key).expect("caller checked");
+        dp.remove_vip(key)?;
+        match self.vips_on(vip.addr) {
+            0 => dp.remove_vip_addr(&addr::addr_key(vip.addr))?,
+            n => dp.set_vip_addr(&addr::addr_key(vip.addr), n)?,
+        }
+        self.regions.retire(vip.meta.ring_offset, vip.meta.ring_size);
+        for (_, b) in vip.backends {
+            self.release_backend(dp, b)?;
+        }
+        self.free_vip_ids.push(vip.meta.vip_id);
+        Ok(())
+    }
+}
+
+impl VipSpec {
+    fn backends_weight(&self, addr: IpAddr, port: u16) -> u32 {
+        self.backends.iter().find(|b| b.addr == addr && b.port == port).map_or(0, |b| b.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_coalesce_and_rest_before_reuse() {
+        let mut r = Regions::new(100);
+        let a = r.alloc(40).unwrap();
+        let b = r.alloc(40).unwrap();
+        assert_eq!((a, b), (0, 40));
+        assert_eq!(r.alloc(40), None, "only 20 slots left and nothing resting");
+        r.retire(a, 40);
+        r.retire(b, 40);
+        // Resting regions are not handed out before the grace period.
+        let start = Instant::now();
+        assert_eq!(r.alloc(100), Some(0), "coalesced into one region again");
+        assert!(start.elapsed() >= GRACE);
+    }
+}

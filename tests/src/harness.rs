@@ -1,0 +1,140 @@
+//! Drives one freshly loaded instance of the real eBPF object through
+//! BPF_PROG_TEST_RUN. Each `Engine` has its own maps, so tests run in
+//! parallel without seeing each other's flows or counters.
+
+use std::net::IpAddr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{
+    flow_hash,
+    maps::{LbConfig, VipKey, programs},
+    reasons,
+};
+use lb_userspace::{
+    addr,
+    dataplane::{Dataplane, MapSizes},
+    reconcile::{BackendSpec, Forwarding, HashMode, Reconciler, VipSpec},
+};
+
+use crate::packets::{L4, LB_MAC};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// The MTU the tests configure on the (virtual) interface.
+pub const MTU: u32 = 1500;
+
+/// MAC the tests give backend `i`.
+pub fn backend_mac(i: usize) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, (i >> 8) as u8, i as u8]
+}
+
+pub fn vip(name: &str, addr: &str, port: u16, l4: L4, forwarding: Forwarding, backends: &[(&str, u32)]) -> VipSpec {
+    VipSpec {
+        name: name.to_string(),
+        addr: addr.parse().expect("test VIP address"),
+        port,
+        protocol: l4.number(),
+        forwarding,
+        hash: HashMode::FiveTuple,
+        table_size: 65_537,
+        backends: backends
+            .iter()
+            .enumerate()
+            .map(|(i, (a, w))| BackendSpec {
+                addr: a.parse().expect("test backend address"),
+                port: 0,
+                weight: *w,
+                mac: backend_mac(i),
+                healthy: true,
+            })
+            .collect(),
+    }
+}
+
+pub struct Outcome {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+pub struct Engine {
+    pub dp: Dataplane,
+    pub reconciler: Reconciler,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        let sizes = MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537 };
+        let mut dp = Dataplane::load(sizes).expect("the eBPF object loads and verifies (run as root)");
+        dp.set_config(&LbConfig {
+            if_mac: LB_MAC,
+            mtu: MTU,
+            // 198.19.0.0/16 and 2001:db8:ffff::/96: outer sources of IP-in-IP.
+            ipip_src_v4: u32::from_ne_bytes([198, 19, 0, 0]),
+            ipip_src_v4_host_mask: u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            ipip_src_v6: addr::words("2001:db8:ffff::".parse().unwrap()),
+            ipip_src_v6_host_mask: u32::MAX,
+            ..Default::default()
+        })
+        .expect("CONFIG is writable");
+        let reconciler = Reconciler::new(&dp);
+        Self { dp, reconciler }
+    }
+
+    pub fn apply(&mut self, specs: &[VipSpec]) {
+        self.reconciler.apply(&mut self.dp, specs).expect("apply succeeds");
+    }
+
+    pub fn run(&mut self, frame: &[u8]) -> Outcome {
+        self.run_program(programs::BALANCER, frame)
+    }
+
+    pub fn run_program(&mut self, name: &str, frame: &[u8]) -> Outcome {
+        let prog = self.dp.program(name).expect("program is loaded");
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN succeeds");
+        out.truncate(result.data_size_out as usize);
+        Outcome { action: result.return_value, frame: out }
+    }
+
+    pub fn reasons(&self) -> [u64; reasons::COUNT as usize] {
+        self.dp.reasons().expect("REASONS readable")
+    }
+
+    /// The backend (its index in `spec.backends`) that Maglev assigns to a new
+    /// flow, computed in userspace from the table in the kernel.
+    pub fn predicted_backend(&self, spec: &VipSpec, src: IpAddr, sport: u16) -> usize {
+        let key: VipKey = spec.key();
+        let meta = self.reconciler.vip_meta(&key).expect("VIP applied");
+        let (s, d) = (addr::words(src), addr::words(spec.addr));
+        let hash = match spec.hash {
+            HashMode::FiveTuple => flow_hash::five_tuple(&s, &d, sport.to_be(), spec.port.to_be(), spec.protocol),
+            HashMode::SourceIp => flow_hash::source_ip(&s),
+        };
+        let slot = meta.ring_offset + hash % meta.ring_size;
+        let id = self.dp.read_pool(slot, 1)[0];
+        self.backend_index(spec, id).expect("slot holds one of the VIP's backends")
+    }
+
+    /// Index in `spec.backends` of backend id `id`.
+    pub fn backend_index(&self, spec: &VipSpec, id: u32) -> Option<usize> {
+        spec.backends
+            .iter()
+            .position(|b| self.reconciler.backend_id(&spec.key(), b.addr, b.port) == Some(id))
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Index of the backend whose MAC a transmitted frame is addressed to.
+pub fn backend_of(frame: &[u8]) -> usize {
+    assert_eq!(frame[0..4], backend_mac(0)[0..4], "destination MAC {:02x?} is not a backend's", &frame[0..6]);
+    ((frame[4] as usize) << 8) | frame[5] as usize
+}

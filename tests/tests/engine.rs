@@ -1,0 +1,506 @@
+//! The XDP forwarding engine, proven packet by packet: the real eBPF object
+//! in the real kernel, driven with BPF_PROG_TEST_RUN; every output frame is
+//! checked byte for byte and its checksums verified independently.
+
+use std::net::IpAddr;
+
+use lb_common::{maps::programs, reasons};
+use lb_userspace::reconcile::{Forwarding, HashMode, VipSpec};
+use tests::{
+    harness::{Engine, MTU, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of, vip},
+    packets::{self, L4, LB_MAC, frame},
+};
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "2001:db8::100";
+const BACKENDS4: [(&str, u32); 3] = [("198.18.1.1", 1), ("198.18.1.2", 1), ("198.18.1.3", 1)];
+const BACKENDS6: [(&str, u32); 3] = [("2001:db8:1::1", 1), ("2001:db8:1::2", 1), ("2001:db8:1::3", 1)];
+
+fn client(v6: bool, i: u32) -> IpAddr {
+    if v6 {
+        format!("2001:db8:c::{:x}", i + 1).parse().unwrap()
+    } else {
+        format!("198.18.{}.{}", 128 + (i >> 8) % 64, i & 0xff).parse().unwrap()
+    }
+}
+
+fn spec(v6: bool, l4: L4, fwd: Forwarding) -> VipSpec {
+    let port = if l4 == L4::Tcp { 80 } else { 53 };
+    if v6 {
+        vip("web6", VIP6, port, l4, fwd, &BACKENDS6)
+    } else {
+        vip("web4", VIP4, port, l4, fwd, &BACKENDS4)
+    }
+}
+
+/// Sends one client frame to the VIP and checks the transmitted frame exactly.
+fn forwards_exactly(v6: bool, l4: L4, fwd: Forwarding) {
+    let mut e = Engine::new();
+    let s = spec(v6, l4, fwd);
+    e.apply(std::slice::from_ref(&s));
+    let src = client(v6, 7);
+    let input = frame(l4, src, 40_000, s.addr, s.port);
+    let out = e.run(&input);
+    assert_eq!(out.action, XDP_TX, "{v6} {l4:?} {fwd:?}: VIP traffic is transmitted");
+    let want = e.predicted_backend(&s, src, 40_000);
+    let backend = &s.backends[want];
+    assert_eq!(backend_of(&out.frame), want, "the backend Maglev predicts in userspace");
+    assert_eq!(out.frame[0..6], backend_mac(want), "destination MAC: the backend's");
+    assert_eq!(out.frame[6..12], LB_MAC, "source MAC: the load balancer's");
+
+    match fwd {
+        Forwarding::Dsr => {
+            // The IP packet is untouched.
+            assert_eq!(out.frame.len(), input.len());
+            assert_eq!(out.frame[12..], input[12..]);
+        }
+        Forwarding::Ipip => {
+            let inner = &input[14..];
+            if v6 {
+                assert_eq!(out.frame[12..14], [0x86, 0xdd]);
+                let outer = &out.frame[14..54];
+                assert_eq!(outer[0] >> 4, 6, "version");
+                assert_eq!(u16::from_be_bytes([outer[4], outer[5]]) as usize, inner.len(), "payload length");
+                assert_eq!(outer[6], 41, "next header: IPv6");
+                assert_eq!(outer[7], 64, "hop limit");
+                assert_eq!(outer[8..20], "2001:db8:ffff::".parse::<std::net::Ipv6Addr>().unwrap().octets()[..12]);
+                let IpAddr::V6(dst) = backend.addr else { unreachable!() };
+                assert_eq!(outer[24..40], dst.octets(), "outer destination: the backend");
+                assert_eq!(&out.frame[54..], inner, "the inner packet is carried whole");
+            } else {
+                assert_eq!(out.frame[12..14], [0x08, 0x00]);
+                let outer = &out.frame[14..34];
+                assert_eq!(outer[0], 0x45);
+                assert_eq!(u16::from_be_bytes([outer[2], outer[3]]) as usize, inner.len() + 20, "total length");
+                assert_eq!(outer[8], 64, "ttl");
+                assert_eq!(outer[9], 4, "protocol: IPIP");
+                assert!(packets::ipv4_header_ok(outer), "outer header checksum");
+                assert_eq!(outer[12..14], [198, 19], "outer source in 198.19.0.0/16");
+                let IpAddr::V4(dst) = backend.addr else { unreachable!() };
+                assert_eq!(outer[16..20], dst.octets(), "outer destination: the backend");
+                assert_eq!(&out.frame[34..], inner, "the inner packet is carried whole");
+            }
+        }
+    }
+    let ip = &out.frame[out.frame.len() - (input.len() - 14)..];
+    if !v6 {
+        assert!(packets::ipv4_header_ok(ip));
+    }
+    assert!(packets::l4_checksum_ok(ip), "inner transport checksum still valid");
+    let r = e.reasons();
+    assert_eq!((r[reasons::TX as usize], r[reasons::CONNTRACK_MISS as usize]), (1, 1));
+}
+
+#[test]
+fn tcp4_dsr() {
+    forwards_exactly(false, L4::Tcp, Forwarding::Dsr);
+}
+#[test]
+fn udp4_dsr() {
+    forwards_exactly(false, L4::Udp, Forwarding::Dsr);
+}
+#[test]
+fn tcp6_dsr() {
+    forwards_exactly(true, L4::Tcp, Forwarding::Dsr);
+}
+#[test]
+fn udp6_dsr() {
+    forwards_exactly(true, L4::Udp, Forwarding::Dsr);
+}
+#[test]
+fn tcp4_ipip() {
+    forwards_exactly(false, L4::Tcp, Forwarding::Ipip);
+}
+#[test]
+fn udp4_ipip() {
+    forwards_exactly(false, L4::Udp, Forwarding::Ipip);
+}
+#[test]
+fn tcp6_ipip() {
+    forwards_exactly(true, L4::Tcp, Forwarding::Ipip);
+}
+#[test]
+fn udp6_ipip() {
+    forwards_exactly(true, L4::Udp, Forwarding::Ipip);
+}
+
+#[test]
+fn ipip_outer_source_follows_the_flow() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Tcp, Forwarding::Ipip);
+    e.apply(std::slice::from_ref(&s));
+    let mut sources = std::collections::HashSet::new();
+    for port in 0..64u16 {
+        let out = e.run(&frame(L4::Tcp, client(false, 1), 30_000 + port, s.addr, 80));
+        assert_eq!(out.action, XDP_TX);
+        sources.insert(out.frame[26..30].to_vec());
+        // The same flow always gets the same outer source.
+        let again = e.run(&frame(L4::Tcp, client(false, 1), 30_000 + port, s.addr, 80));
+        assert_eq!(again.frame[26..30], out.frame[26..30]);
+    }
+    assert!(sources.len() > 56, "64 flows should use (nearly) 64 outer sources, got {}", sources.len());
+}
+
+#[test]
+fn decap_restores_the_original_frame() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = spec(v6, L4::Tcp, Forwarding::Ipip);
+        e.apply(std::slice::from_ref(&s));
+        let input = frame(L4::Tcp, client(v6, 3), 5555, s.addr, 80);
+        let encapsulated = e.run(&input);
+        assert_eq!(encapsulated.action, XDP_TX);
+        let out = e.run_program(programs::DECAP, &encapsulated.frame);
+        assert_eq!(out.action, XDP_PASS);
+        assert_eq!(out.frame[12..], input[12..], "v6={v6}: inner frame restored");
+        assert_eq!(out.frame[0..12], encapsulated.frame[0..12], "MACs as received");
+        // Anything else passes untouched.
+        let plain = e.run_program(programs::DECAP, &input);
+        assert_eq!((plain.action, &plain.frame), (XDP_PASS, &input));
+        assert_eq!(e.dp.decap_counters().unwrap(), (1, 1));
+    }
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Tcp, Forwarding::Dsr);
+    let s6 = spec(true, L4::Tcp, Forwarding::Dsr);
+    e.apply(&[s.clone(), s6.clone()]);
+    let c = client(false, 1);
+    let c6 = client(true, 1);
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&packets::CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0; 18]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("another address", frame(L4::Tcp, c, 1234, "198.18.0.200".parse().unwrap(), 80)),
+        ("the VIP address on another port", frame(L4::Tcp, c, 1234, s.addr, 22)),
+        ("the VIP's port over UDP", frame(L4::Udp, c, 1234, s.addr, 80)),
+        ("IPv6, another address", frame(L4::Tcp, c6, 1234, "2001:db8::200".parse().unwrap(), 80)),
+        ("IPv6, the VIP address on another port", frame(L4::Tcp, c6, 1234, s6.addr, 443)),
+        ("ARP", arp),
+    ];
+    for (what, input) in &cases {
+        let out = e.run(input);
+        assert_eq!(out.action, XDP_PASS, "{what}");
+        assert_eq!(&out.frame, input, "{what}: byte for byte untouched");
+    }
+    let r = e.reasons();
+    assert_eq!(r[reasons::PASS_NOT_VIP as usize], cases.len() as u64);
+    assert_eq!(r.iter().sum::<u64>(), cases.len() as u64, "one reason per packet");
+}
+
+#[test]
+fn icmp_to_a_vip_address_passes_to_the_host() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Tcp, Forwarding::Dsr);
+    e.apply(std::slice::from_ref(&s));
+    let mut ping = Vec::new();
+    let IpAddr::V4(v) = s.addr else { unreachable!() };
+    etherparse::PacketBuilder::ethernet2(packets::CLIENT_MAC, LB_MAC)
+        .ipv4([198, 18, 128, 1], v.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut ping, b"ping")
+        .unwrap();
+    let out = e.run(&ping);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &ping));
+    assert_eq!(e.reasons()[reasons::PASS_VIP_OTHER_PROTO as usize], 1);
+}
+
+/// Every cut inside the Ethernet, IP and transport headers: never forwarded,
+/// each counted once; a cut IP header passes (not recognisably VIP traffic),
+/// a cut transport header to a VIP address is dropped.
+#[test]
+fn truncated_at_every_header_boundary() {
+    for v6 in [false, true] {
+        for l4 in [L4::Tcp, L4::Udp] {
+            let mut e = Engine::new();
+            let s = spec(v6, l4, Forwarding::Dsr);
+            e.apply(std::slice::from_ref(&s));
+            let full = frame(l4, client(v6, 1), 1000, s.addr, s.port);
+            let ip_end = if v6 { 54 } else { 34 };
+            let l4_end = ip_end + if l4 == L4::Tcp { 20 } else { 8 };
+            let (mut passed, mut dropped) = (0u64, 0u64);
+            // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
+            for len in 14..l4_end {
+                let cut = &full[..len];
+                let out = e.run(cut);
+                if len < ip_end {
+                    assert_eq!(out.action, XDP_PASS, "v6={v6} {l4:?} cut at {len}");
+                    assert_eq!(out.frame, cut, "passed untouched");
+                    passed += 1;
+                } else {
+                    assert_eq!(out.action, XDP_DROP, "v6={v6} {l4:?} cut at {len}");
+                    dropped += 1;
+                }
+            }
+            let r = e.reasons();
+            assert_eq!(r[reasons::PASS_MALFORMED_L3 as usize], passed);
+            assert_eq!(r[reasons::DROP_MALFORMED_L4 as usize], dropped);
+            assert_eq!(r[reasons::TX as usize], 0);
+            // The whole transport header is enough.
+            assert_eq!(e.run(&full[..l4_end]).action, XDP_TX);
+        }
+    }
+}
+
+#[test]
+fn malformed_ipv4_headers_pass_untouched() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Tcp, Forwarding::Dsr);
+    e.apply(std::slice::from_ref(&s));
+    let good = frame(L4::Tcp, client(false, 1), 1000, s.addr, 80);
+    for (what, len, value) in [("IHL 4", good.len(), 0x44u8), ("version 5", good.len(), 0x55), ("IHL 15 beyond the frame", 60, 0x4f)] {
+        let mut bad = good[..len].to_vec();
+        bad[14] = value;
+        let out = e.run(&bad);
+        assert_eq!((out.action, &out.frame), (XDP_PASS, &bad), "{what}");
+    }
+    assert_eq!(e.reasons()[reasons::PASS_MALFORMED_L3 as usize], 3);
+}
+
+#[test]
+fn ipv4_options_are_skipped() {
+    for fwd in [Forwarding::Dsr, Forwarding::Ipip] {
+        let mut e = Engine::new();
+        let s = spec(false, L4::Tcp, fwd);
+        e.apply(std::slice::from_ref(&s));
+        // Router alert (4 bytes), then 36 more bytes of NOPs + EOL: IHL 5..15.
+        for extra_words in 1..=10usize {
+            let mut opts = vec![0x94, 0x04, 0, 0];
+            opts.resize(extra_words * 4, 1);
+            *opts.last_mut().unwrap() = 0;
+            let sport = 2000 + extra_words as u16;
+            let input = packets::with_ipv4_options(&frame(L4::Tcp, client(false, 2), sport, s.addr, 80), &opts);
+            let out = e.run(&input);
+            assert_eq!(out.action, XDP_TX, "{} option words", extra_words);
+            assert_eq!(backend_of(&out.frame), e.predicted_backend(&s, client(false, 2), sport));
+            assert_eq!(out.frame[out.frame.len() - (input.len() - 14)..], input[14..], "inner packet intact");
+            if fwd == Forwarding::Ipip {
+                assert!(packets::ipv4_header_ok(&out.frame[14..]));
+                assert_eq!(u16::from_be_bytes([out.frame[16], out.frame[17]]) as usize, input.len() - 14 + 20);
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let mut e = Engine::new();
+    let s = spec(true, L4::Tcp, Forwarding::Dsr);
+    e.apply(std::slice::from_ref(&s));
+    let base = frame(L4::Tcp, client(true, 4), 4444, s.addr, 80);
+    let hop = packets::with_ipv6_ext(&base, 0);
+    let hop_dst = packets::with_ipv6_ext(&hop, 60);
+    for input in [hop, hop_dst] {
+        assert!(packets::l4_checksum_ok(&input[14..]));
+        let out = e.run(&input);
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(backend_of(&out.frame), e.predicted_backend(&s, client(true, 4), 4444));
+        assert_eq!(out.frame[12..], input[12..]);
+    }
+    // Five extension headers: more than the dataplane walks, dropped.
+    let mut long = base.clone();
+    for _ in 0..5 {
+        long = packets::with_ipv6_ext(&long, 60);
+    }
+    assert_eq!(e.run(&long).action, XDP_DROP);
+    assert_eq!(e.reasons()[reasons::DROP_MALFORMED_L4 as usize], 1);
+}
+
+#[test]
+fn fragments_to_a_vip_are_dropped_and_counted() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Udp, Forwarding::Dsr);
+    let s6 = spec(true, L4::Udp, Forwarding::Dsr);
+    e.apply(&[s.clone(), s6.clone()]);
+    let f = frame(L4::Udp, client(false, 1), 1000, s.addr, 53);
+    let first = packets::as_ipv4_fragment(&f, 0x2000); // more fragments, offset 0
+    let later = packets::as_ipv4_fragment(&f, 0x00b9); // offset 185 * 8, last
+    let f6 = packets::with_ipv6_ext(&frame(L4::Udp, client(true, 1), 1000, s6.addr, 53), 44);
+    for input in [&first, &later, &f6] {
+        assert_eq!(e.run(input).action, XDP_DROP);
+    }
+    assert_eq!(e.reasons()[reasons::DROP_FRAGMENT as usize], 3);
+    // Fragments to other hosts are not ours to judge.
+    let other = packets::as_ipv4_fragment(&frame(L4::Udp, client(false, 1), 1000, "198.18.0.9".parse().unwrap(), 53), 0x2000);
+    let out = e.run(&other);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &other));
+}
+
+#[test]
+fn source_ip_hashing_keeps_a_client_on_one_backend() {
+    let mut e = Engine::new();
+    let mut s = spec(false, L4::Tcp, Forwarding::Dsr);
+    s.hash = HashMode::SourceIp;
+    e.apply(std::slice::from_ref(&s));
+    let mut seen_for_clients = std::collections::HashSet::new();
+    for c in 0..60 {
+        let src = client(false, c);
+        let want = e.predicted_backend(&s, src, 0);
+        for port in 0..20u16 {
+            let out = e.run(&frame(L4::Tcp, src, 10_000 + port * 7, s.addr, 80));
+            assert_eq!(backend_of(&out.frame), want, "client {src} port {port}");
+        }
+        seen_for_clients.insert(want);
+    }
+    assert_eq!(seen_for_clients.len(), 3, "clients spread over all backends");
+}
+
+#[test]
+fn conntrack_keeps_flows_across_table_changes() {
+    let mut e = Engine::new();
+    let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4[..2]);
+    e.apply(std::slice::from_ref(&s));
+    let flows: Vec<(IpAddr, u16)> = (0..300).map(|i| (client(false, i), 20_000 + i as u16)).collect();
+    let first: Vec<usize> = flows
+        .iter()
+        .map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame))
+        .collect();
+
+    // Add a third backend: Maglev would move about a third of new flows to it.
+    let grown = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(std::slice::from_ref(&grown));
+    let mut would_move = 0;
+    for (i, &(c, p)) in flows.iter().enumerate() {
+        let out = e.run(&frame(L4::Tcp, c, p, s.addr, 80));
+        assert_eq!(backend_of(&out.frame), first[i], "flow {i} keeps its backend");
+        would_move += usize::from(e.predicted_backend(&grown, c, p) != first[i]);
+    }
+    assert!(would_move > 50, "the table change must matter for the test to mean anything ({would_move})");
+    let r = e.reasons();
+    assert_eq!(r[reasons::CONNTRACK_HIT as usize], 300);
+    assert_eq!(r[reasons::CONNTRACK_MISS as usize], 300);
+}
+
+#[test]
+fn a_removed_backend_never_gets_a_packet_again() {
+    let mut e = Engine::new();
+    let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(std::slice::from_ref(&s));
+    let flows: Vec<(IpAddr, u16)> = (0..300).map(|i| (client(false, i), 20_000 + i as u16)).collect();
+    let first: Vec<usize> = flows
+        .iter()
+        .map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame))
+        .collect();
+    // Remove backend 1 (198.18.1.2): its flows are re-chosen among the rest;
+    // the others keep theirs. The remaining backends keep their MACs.
+    let shrunk = VipSpec { backends: vec![s.backends[0].clone(), s.backends[2].clone()], ..s.clone() };
+    e.apply(std::slice::from_ref(&shrunk));
+    let mut moved = 0;
+    for (i, &(c, p)) in flows.iter().enumerate() {
+        let got = backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame);
+        assert_ne!(got, 1, "flow {i} reached the removed backend");
+        if first[i] == 1 {
+            moved += 1;
+        } else {
+            assert_eq!(got, first[i], "flow {i} on a surviving backend keeps it");
+        }
+    }
+    assert!(moved > 50);
+    assert_eq!(e.reasons()[reasons::CONNTRACK_STALE as usize], moved as u64);
+}
+
+#[test]
+fn drain_keeps_established_flows_and_down_moves_them() {
+    let mut e = Engine::new();
+    let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(std::slice::from_ref(&s));
+    let send = |e: &mut Engine, i: u32| backend_of(&e.run(&frame(L4::Tcp, client(false, i), 9000, s.addr, 80)).frame);
+    let first: Vec<usize> = (0..200).map(|i| send(&mut e, i)).collect();
+
+    let mut drained = s.clone();
+    drained.backends[0].weight = 0;
+    e.apply(std::slice::from_ref(&drained));
+    for i in 0..200 {
+        assert_eq!(send(&mut e, i), first[i as usize], "draining keeps flow {i}");
+    }
+    for i in 1000..1200 {
+        assert_ne!(send(&mut e, i), 0, "no new flow to a draining backend");
+    }
+
+    let mut down = s.clone();
+    down.backends[0].healthy = false;
+    e.apply(std::slice::from_ref(&down));
+    for i in 0..200 {
+        let got = send(&mut e, i);
+        assert_ne!(got, 0, "a down backend's flow {i} is re-steered");
+        if first[i as usize] != 0 {
+            assert_eq!(got, first[i as usize]);
+        }
+    }
+}
+
+#[test]
+fn no_backend_drops_and_counts() {
+    let mut e = Engine::new();
+    let mut s = spec(false, L4::Tcp, Forwarding::Dsr);
+    for b in &mut s.backends {
+        b.healthy = false;
+    }
+    e.apply(std::slice::from_ref(&s));
+    assert_eq!(e.run(&frame(L4::Tcp, client(false, 1), 1, s.addr, 80)).action, XDP_DROP);
+    assert_eq!(e.reasons()[reasons::DROP_NO_BACKEND as usize], 1);
+}
+
+#[test]
+fn ipip_beyond_the_mtu_is_dropped_and_counted() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Udp, Forwarding::Ipip);
+    e.apply(std::slice::from_ref(&s));
+    let big = |payload: usize| {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2(packets::CLIENT_MAC, LB_MAC)
+            .ipv4([198, 18, 128, 1], [198, 18, 0, 100], 64)
+            .udp(1000, 53)
+            .write(&mut out, &vec![7u8; payload])
+            .unwrap();
+        out
+    };
+    // IP length 1480 + 20 = 1500 fits; 1481 + 20 does not.
+    assert_eq!(e.run(&big(MTU as usize - 20 - 28)).action, XDP_TX);
+    assert_eq!(e.run(&big(MTU as usize - 20 - 28 + 1)).action, XDP_DROP);
+    assert_eq!(e.reasons()[reasons::DROP_TOO_BIG as usize], 1);
+}
+
+#[test]
+fn ten_thousand_flows_follow_the_weights() {
+    for weights in [[1u32, 1, 1, 1], [2, 3, 5, 10]] {
+        let mut e = Engine::new();
+        let backends: Vec<(String, u32)> = (0..4).map(|i| (format!("198.18.1.{}", i + 1), weights[i])).collect();
+        let refs: Vec<(&str, u32)> = backends.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &refs);
+        e.apply(std::slice::from_ref(&s));
+        let mut per_backend = [0u64; 4];
+        let mut bytes = [0u64; 4];
+        for i in 0..10_000u32 {
+            let input = frame(L4::Tcp, client(false, i % 4000), 1024 + (i / 4000) as u16 * 7, s.addr, 80);
+            let out = e.run(&input);
+            assert_eq!(out.action, XDP_TX);
+            let b = backend_of(&out.frame);
+            per_backend[b] += 1;
+            bytes[b] += input.len() as u64;
+        }
+        let total: u32 = weights.iter().sum();
+        for (i, &w) in weights.iter().enumerate() {
+            let want = 10_000.0 * w as f64 / total as f64;
+            let got = per_backend[i] as f64;
+            assert!((got - want).abs() / want <= 0.05, "weights {weights:?}: backend {i} got {got}, want {want}");
+        }
+        // Counters match what was sent.
+        let key = s.key();
+        let vip_id = e.reconciler.vip_meta(&key).unwrap().vip_id;
+        let vc = e.dp.vip_counter(vip_id).unwrap();
+        assert_eq!((vc.packets, vc.bytes), (10_000, bytes.iter().sum()));
+        for (i, b) in s.backends.iter().enumerate() {
+            let id = e.reconciler.backend_id(&key, b.addr, b.port).unwrap();
+            let bc = e.dp.backend_counter(id).unwrap();
+            assert_eq!((bc.packets, bc.bytes), (per_backend[i], bytes[i]), "backend {i} counters");
+        }
+        let r = e.reasons();
+        assert_eq!(r[reasons::TX as usize], 10_000);
+        assert_eq!(r[reasons::CONNTRACK_MISS as usize], 10_000);
+        assert_eq!(e.dp.flow_count(), 10_000);
+    }
+}
