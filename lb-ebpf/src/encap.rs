@@ -40,7 +40,14 @@ fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
 /// Prepends an outer IPv4 header toward `backend` and a fresh Ethernet header.
 /// `l3_len` is the inner packet's length, `hash` the flow hash.
 #[inline(always)]
-pub fn ipip4(ctx: &XdpContext, backend: &Backend, cfg: &LbConfig, l3_len: u32, tos: u8, hash: u32) -> Result<(), EncapError> {
+pub fn ipip4(
+    ctx: &XdpContext,
+    backend: &Backend,
+    cfg: &LbConfig,
+    l3_len: u32,
+    tos: u8,
+    hash: u32,
+) -> Result<(), EncapError> {
     let grow = core::mem::size_of::<Ipv4Hdr>();
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return Err(EncapError::AdjustHead);
@@ -73,7 +80,14 @@ pub fn ipip4(ctx: &XdpContext, backend: &Backend, cfg: &LbConfig, l3_len: u32, t
 /// Prepends an outer IPv6 header toward `backend` and a fresh Ethernet header.
 /// The flow label carries the flow hash, so ECMP and RSS spread flows.
 #[inline(always)]
-pub fn ipip6(ctx: &XdpContext, backend: &Backend, cfg: &LbConfig, l3_len: u32, tclass: u8, hash: u32) -> Result<(), EncapError> {
+pub fn ipip6(
+    ctx: &XdpContext,
+    backend: &Backend,
+    cfg: &LbConfig,
+    l3_len: u32,
+    tclass: u8,
+    hash: u32,
+) -> Result<(), EncapError> {
     let grow = core::mem::size_of::<Ipv6Hdr>();
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return Err(EncapError::AdjustHead);

@@ -30,7 +30,9 @@ use lb_common::{
 
 use crate::{
     encap::EncapError,
-    maps::{BACKEND_STATS, BACKENDS, CONFIG, FLOWS, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, count_bytes, count_reason},
+    maps::{
+        BACKEND_STATS, BACKENDS, CONFIG, FLOWS, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, count_bytes, count_reason,
+    },
     parse::{Packet, Parsed},
 };
 
@@ -62,12 +64,8 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
         Parsed::OtherProto(dst) => return for_vip_address(&dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO),
         Parsed::MalformedL4(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_MALFORMED_L4),
     };
-    let vip_key = VipKey {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        protocol: pkt.flow.protocol,
-        family: pkt.flow.family,
-    };
+    let vip_key =
+        VipKey { addr: pkt.flow.dst, port: pkt.flow.dport, protocol: pkt.flow.protocol, family: pkt.flow.family };
     let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
         return (XDP_PASS, reasons::PASS_NOT_VIP);
     };
@@ -93,11 +91,7 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
 /// a VIP address, passed untouched otherwise.
 #[inline(always)]
 fn for_vip_address(dst: &AddrKey, action: u32, reason: u32) -> (u32, u32) {
-    if unsafe { VIP_ADDRS.get(dst) }.is_some() {
-        (action, reason)
-    } else {
-        (XDP_PASS, reasons::PASS_NOT_VIP)
-    }
+    if unsafe { VIP_ADDRS.get(dst) }.is_some() { (action, reason) } else { (XDP_PASS, reasons::PASS_NOT_VIP) }
 }
 
 /// Connection tracking first, so an established flow keeps its backend when

@@ -129,7 +129,9 @@ impl Dataplane {
             .map_max_entries(names::FLOWS, sizes.conntrack)
             .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
             .load(crate::EBPF_OBJECT)
-            .context("loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)")?;
+            .context(
+                "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)",
+            )?;
         for name in [programs::BALANCER, programs::DECAP, programs::PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -165,11 +167,7 @@ impl Dataplane {
 
     /// One of the object's XDP programs (see `lb_common::maps::programs`).
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object has no program {name}"))?
-            .try_into()?)
+        Ok(self.ebpf.program_mut(name).with_context(|| format!("the eBPF object has no program {name}"))?.try_into()?)
     }
 
     pub fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
@@ -195,15 +193,11 @@ impl Dataplane {
     }
 
     pub fn remove_vip_addr(&mut self, key: &AddrKey) -> Result<()> {
-        self.vip_addrs
-            .remove(key)
-            .with_context(|| format!("removing address {key:?} from the VIP_ADDRS map failed"))
+        self.vip_addrs.remove(key).with_context(|| format!("removing address {key:?} from the VIP_ADDRS map failed"))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends
-            .set(id, backend, 0)
-            .with_context(|| format!("writing backend id {id} to the BACKENDS map failed"))
+        self.backends.set(id, backend, 0).with_context(|| format!("writing backend id {id} to the BACKENDS map failed"))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -277,8 +271,7 @@ impl Dataplane {
 
 fn sum_counters(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {
     let per_cpu = map.get(&index, 0)?;
-    Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    }))
+    Ok(per_cpu
+        .iter()
+        .fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes }))
 }

@@ -2,6 +2,7 @@
 //! tests drive the dataplane through these modules.
 
 pub mod addr;
+pub mod config;
 pub mod dataplane;
 pub mod reconcile;
 

@@ -328,7 +328,9 @@ impl Reconciler {
         let members: Vec<(u32, u64, u32)> = desired
             .iter()
             .filter(|(_, b)| b.value.state == BACKEND_ACTIVE)
-            .map(|((addr, port), b)| (b.id, maglev::backend_key(&addr::words(*addr), *port), spec.backends_weight(*addr, *port)))
+            .map(|((addr, port), b)| {
+                (b.id, maglev::backend_key(&addr::words(*addr), *port), spec.backends_weight(*addr, *port))
+            })
             .collect();
         let flags = if spec.hash == HashMode::SourceIp { VIP_F_HASH_SOURCE_IP } else { 0 };
         let forwarding = match spec.forwarding {

@@ -121,9 +121,7 @@ impl Engine {
 
     /// Index in `spec.backends` of backend id `id`.
     pub fn backend_index(&self, spec: &VipSpec, id: u32) -> Option<usize> {
-        spec.backends
-            .iter()
-            .position(|b| self.reconciler.backend_id(&spec.key(), b.addr, b.port) == Some(id))
+        spec.backends.iter().position(|b| self.reconciler.backend_id(&spec.key(), b.addr, b.port) == Some(id))
     }
 }
 

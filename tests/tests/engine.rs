@@ -26,11 +26,7 @@ fn client(v6: bool, i: u32) -> IpAddr {
 
 fn spec(v6: bool, l4: L4, fwd: Forwarding) -> VipSpec {
     let port = if l4 == L4::Tcp { 80 } else { 53 };
-    if v6 {
-        vip("web6", VIP6, port, l4, fwd, &BACKENDS6)
-    } else {
-        vip("web4", VIP4, port, l4, fwd, &BACKENDS4)
-    }
+    if v6 { vip("web6", VIP6, port, l4, fwd, &BACKENDS6) } else { vip("web4", VIP4, port, l4, fwd, &BACKENDS4) }
 }
 
 /// Sends one client frame to the VIP and checks the transmitted frame exactly.
@@ -251,7 +247,9 @@ fn malformed_ipv4_headers_pass_untouched() {
     let s = spec(false, L4::Tcp, Forwarding::Dsr);
     e.apply(std::slice::from_ref(&s));
     let good = frame(L4::Tcp, client(false, 1), 1000, s.addr, 80);
-    for (what, len, value) in [("IHL 4", good.len(), 0x44u8), ("version 5", good.len(), 0x55), ("IHL 15 beyond the frame", 60, 0x4f)] {
+    for (what, len, value) in
+        [("IHL 4", good.len(), 0x44u8), ("version 5", good.len(), 0x55), ("IHL 15 beyond the frame", 60, 0x4f)]
+    {
         let mut bad = good[..len].to_vec();
         bad[14] = value;
         let out = e.run(&bad);
@@ -324,7 +322,8 @@ fn fragments_to_a_vip_are_dropped_and_counted() {
     }
     assert_eq!(e.reasons()[reasons::DROP_FRAGMENT as usize], 3);
     // Fragments to other hosts are not ours to judge.
-    let other = packets::as_ipv4_fragment(&frame(L4::Udp, client(false, 1), 1000, "198.18.0.9".parse().unwrap(), 53), 0x2000);
+    let other =
+        packets::as_ipv4_fragment(&frame(L4::Udp, client(false, 1), 1000, "198.18.0.9".parse().unwrap(), 53), 0x2000);
     let out = e.run(&other);
     assert_eq!((out.action, &out.frame), (XDP_PASS, &other));
 }
@@ -354,10 +353,8 @@ fn conntrack_keeps_flows_across_table_changes() {
     let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4[..2]);
     e.apply(std::slice::from_ref(&s));
     let flows: Vec<(IpAddr, u16)> = (0..300).map(|i| (client(false, i), 20_000 + i as u16)).collect();
-    let first: Vec<usize> = flows
-        .iter()
-        .map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame))
-        .collect();
+    let first: Vec<usize> =
+        flows.iter().map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame)).collect();
 
     // Add a third backend: Maglev would move about a third of new flows to it.
     let grown = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
@@ -380,10 +377,8 @@ fn a_removed_backend_never_gets_a_packet_again() {
     let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
     e.apply(std::slice::from_ref(&s));
     let flows: Vec<(IpAddr, u16)> = (0..300).map(|i| (client(false, i), 20_000 + i as u16)).collect();
-    let first: Vec<usize> = flows
-        .iter()
-        .map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame))
-        .collect();
+    let first: Vec<usize> =
+        flows.iter().map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame)).collect();
     // Remove backend 1 (198.18.1.2): its flows are re-chosen among the rest;
     // the others keep theirs. The remaining backends keep their MACs.
     let shrunk = VipSpec { backends: vec![s.backends[0].clone(), s.backends[2].clone()], ..s.clone() };

@@ -1,1 +1,73 @@
-fn main(){}
+//! `cargo xtask`: the project's one entry point for setup, build, demo, test
+//! and bench. Every command first makes sure the machine has what it needs
+//! (idempotent: a second run costs nothing).
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, set up, demo, test and benchmark xdplb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: apt packages, bpf-linker, nightly rust-src.
+    Setup,
+    /// Set up, then build the eBPF object and the `xdplb` binary (release).
+    Build,
+    /// Set up, build, check formatting and lints, and run every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            cargo(&["build", "--release", "--bin", "xdplb"])
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            setup::require_root("the tests load eBPF programs and create network namespaces")?;
+            step("checking formatting (cargo fmt --check)");
+            cargo(&["fmt", "--all", "--check"])?;
+            step("checking lints (cargo clippy --all-targets -- -D warnings)");
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            step("building the xdplb binary the integration tests run");
+            cargo(&["build", "--bin", "xdplb"])?;
+            step("running all tests");
+            let mut test = vec!["test", "--workspace"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+    }
+}
+
+/// One line per step, so a log shows where time goes.
+pub fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    exec(Command::new(cargo).args(args))
+}
+
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,517 @@
+//! Walks the positioned YAML tree into the model, collecting every error
+//! with the position and path of the field it concerns.
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use lb_common::maglev;
+
+use super::{
+    BackendConfig, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
+    InitialState, OnAllDown, Pos, Prefix, Protocol, StatusMatch, VipConfig, XdpModeSetting,
+    yaml::{Node, Value},
+};
+use crate::reconcile::{Forwarding, HashMode};
+
+pub struct Fields<'f> {
+    file: &'f str,
+    pub errors: Vec<ConfigError>,
+}
+
+/// A mapping's entries, after unknown keys were reported.
+struct Map<'a> {
+    entries: &'a [(String, Pos, Node)],
+    path: String,
+}
+
+impl<'a> Map<'a> {
+    fn get(&self, key: &str) -> Option<&'a Node> {
+        self.entries.iter().find(|(k, _, _)| k == key).map(|(_, _, n)| n)
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) }
+    }
+}
+
+fn scalar(node: &Node) -> Option<&str> {
+    match &node.value {
+        Value::Scalar(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `1m`: a number and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (write e.g. 500ms, 2s, 1m)"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "" => return Err(format!("`{s}` needs a unit: ms, s or m (e.g. {s}s)")),
+        other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s or m)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!("`{s}` is out of range (more than 0, at most a day)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_prefix(s: &str) -> Result<Prefix, String> {
+    let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a prefix (write e.g. 198.18.255.0/24)"))?;
+    let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = l.parse().ok().filter(|&n| n <= max).ok_or_else(|| format!("prefix length `{l}` is not 0..={max}"))?;
+    Ok(Prefix { addr, len })
+}
+
+fn parse_status(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
+impl<'f> Fields<'f> {
+    pub fn new(file: &'f str) -> Self {
+        Self { file, errors: Vec::new() }
+    }
+
+    fn error(&mut self, pos: Pos, field: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError { file: self.file.into(), pos, field: field.into(), message: message.into() });
+    }
+
+    fn map<'a>(&mut self, node: &'a Node, path: &str, known: &[&str]) -> Option<Map<'a>> {
+        let Value::Map(entries) = &node.value else {
+            let what = if path.is_empty() { "the document" } else { path };
+            self.error(node.pos, what, format!("must be a mapping, not {}", node.kind()));
+            return None;
+        };
+        for (key, pos, _) in entries {
+            if !known.contains(&key.as_str()) {
+                let field = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                self.error(*pos, &field, format!("unknown key (known here: {})", known.join(", ")));
+            }
+        }
+        Some(Map { entries, path: path.to_string() })
+    }
+
+    /// A scalar field parsed by `parse`; errors name the field.
+    fn value<T>(&mut self, m: &Map, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let node = m.get(key)?;
+        let path = m.path(key);
+        let Some(s) = scalar(node) else {
+            self.error(node.pos, &path, format!("must be a single value, not {}", node.kind()));
+            return None;
+        };
+        match parse(s) {
+            Ok(v) => Some(v),
+            Err(msg) => {
+                self.error(node.pos, &path, msg);
+                None
+            }
+        }
+    }
+
+    fn required<T>(
+        &mut self,
+        m: &Map,
+        at: Pos,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        if m.get(key).is_none() {
+            self.error(at, &m.path(key), "is required");
+            return None;
+        }
+        self.value(m, key, parse)
+    }
+
+    fn list<'a>(&mut self, m: &Map<'a>, key: &str) -> Option<&'a [Node]> {
+        let node = m.get(key)?;
+        match &node.value {
+            Value::Seq(items) => Some(items),
+            _ => {
+                self.error(node.pos, &m.path(key), format!("must be a list, not {}", node.kind()));
+                None
+            }
+        }
+    }
+
+    pub fn config(&mut self, root: &Node) -> Option<Config> {
+        const KEYS: &[&str] =
+            &["interface", "xdp_mode", "metrics_listen", "ipip_source_v4", "ipip_source_v6", "conntrack_size", "vips"];
+        let m = self.map(root, "", KEYS)?;
+        let interface = self.value(&m, "interface", |s| {
+            if s.is_empty() || s.len() > 15 || s.contains(['/', ' ']) {
+                Err(format!("`{s}` is not an interface name"))
+            } else {
+                Ok(s.to_string())
+            }
+        });
+        let xdp_mode = self
+            .value(&m, "xdp_mode", |s| match s {
+                "auto" => Ok(XdpModeSetting::Auto),
+                "driver" => Ok(XdpModeSetting::Driver),
+                "skb" => Ok(XdpModeSetting::Skb),
+                _ => Err(format!("`{s}` is not one of auto, driver, skb")),
+            })
+            .unwrap_or_default();
+        let metrics_listen = self.value(&m, "metrics_listen", |s| {
+            s.parse().map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9464)"))
+        });
+        let ipip_source_v4 = self
+            .value(&m, "ipip_source_v4", |s| {
+                parse_prefix(s).and_then(|p| if p.addr.is_ipv4() { Ok(p) } else { Err("must be an IPv4 prefix".into()) })
+            })
+            .unwrap_or(DEFAULT_IPIP_SOURCE_V4);
+        let ipip_source_v6 = self
+            .value(&m, "ipip_source_v6", |s| {
+                parse_prefix(s).and_then(|p| {
+                    if p.addr.is_ipv6() && p.len >= 96 - 32 { Ok(p) } else { Err("must be an IPv6 prefix of /64 or longer".into()) }
+                })
+            })
+            .unwrap_or(DEFAULT_IPIP_SOURCE_V6);
+        let conntrack_size = self
+            .value(&m, "conntrack_size", |s| match s.parse::<u32>() {
+                Ok(n) if (1024..=1 << 27).contains(&n) => Ok(n),
+                _ => Err(format!("`{s}` is not a number of flows from 1024 to 134217728")),
+            })
+            .unwrap_or(lb_common::maps::DEFAULT_CONNTRACK_SIZE);
+
+        let mut vips = Vec::new();
+        if let Some(items) = self.list(&m, "vips") {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(v) = self.vip(item, &format!("vips[{i}]")) {
+                    vips.push(v);
+                }
+            }
+        }
+        self.cross_check(&vips);
+        Some(Config { interface, xdp_mode, metrics_listen, ipip_source_v4, ipip_source_v6, conntrack_size, vips })
+    }
+
+    /// Errors that involve more than one VIP.
+    fn cross_check(&mut self, vips: &[VipConfig]) {
+        let mut names: HashMap<&str, Pos> = HashMap::new();
+        let mut keys: HashMap<(IpAddr, u16, Protocol), &str> = HashMap::new();
+        for (i, v) in vips.iter().enumerate() {
+            if let Some(first) = names.insert(&v.name, v.pos) {
+                self.error(
+                    v.pos,
+                    &format!("vips[{i}].name"),
+                    format!("`{}` is already the name of the VIP at line {}", v.name, first.line),
+                );
+            }
+            if let Some(other) = keys.insert((v.address, v.port, v.protocol), &v.name) {
+                self.error(
+                    v.pos,
+                    &format!("vips[{i}].address"),
+                    format!("{}:{}/{} is already used by VIP `{other}`", v.address, v.port, v.protocol.name()),
+                );
+            }
+        }
+    }
+
+    fn vip(&mut self, node: &Node, path: &str) -> Option<VipConfig> {
+        const KEYS: &[&str] = &[
+            "name",
+            "address",
+            "port",
+            "protocol",
+            "forwarding",
+            "hash",
+            "table_size",
+            "backends",
+            "health_check",
+            "on_all_down",
+            "sorry_server",
+        ];
+        let m = self.map(node, path, KEYS)?;
+        let at = node.pos;
+        let name = self.required(&m, at, "name", |s| {
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                Err(format!("`{s}` must be letters, digits, '-', '_' or '.'"))
+            } else {
+                Ok(s.to_string())
+            }
+        });
+        let address = self.required(&m, at, "address", |s| {
+            s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))
+        });
+        let port = self.required(&m, at, "port", parse_port);
+        let protocol = self
+            .value(&m, "protocol", |s| match s {
+                "tcp" => Ok(Protocol::Tcp),
+                "udp" => Ok(Protocol::Udp),
+                _ => Err(format!("`{s}` is not one of tcp, udp")),
+            })
+            .unwrap_or(Protocol::Tcp);
+        let forwarding = self
+            .value(&m, "forwarding", |s| match s {
+                "dsr" => Ok(Forwarding::Dsr),
+                "ipip" => Ok(Forwarding::Ipip),
+                "nat" => Err("`nat` forwarding is not available in this version of xdplb; use dsr or ipip".into()),
+                _ => Err(format!("`{s}` is not one of dsr, ipip, nat")),
+            })
+            .unwrap_or(Forwarding::Dsr);
+        let hash = self
+            .value(&m, "hash", |s| match s {
+                "five-tuple" => Ok(HashMode::FiveTuple),
+                "source-ip" => Ok(HashMode::SourceIp),
+                _ => Err(format!("`{s}` is not one of five-tuple, source-ip")),
+            })
+            .unwrap_or(HashMode::FiveTuple);
+        let table_size = self
+            .value(&m, "table_size", |s| match s.parse::<u32>() {
+                Ok(n) if maglev::is_prime(n) && (251..=4_194_301).contains(&n) => Ok(n),
+                Ok(n) if (251..=4_194_301).contains(&n) => {
+                    let mut p = n;
+                    while !maglev::is_prime(p) {
+                        p += 1;
+                    }
+                    Err(format!("{n} is not prime (Maglev needs a prime; the next one is {p})"))
+                }
+                _ => Err(format!("`{s}` is not a prime from 251 to 4194301")),
+            })
+            .unwrap_or(maglev::DEFAULT_TABLE_SIZE);
+
+        let mut backends = Vec::new();
+        match self.list(&m, "backends") {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(b) = self.backend(item, &format!("{path}.backends[{i}]"), forwarding) {
+                        backends.push(b);
+                    }
+                }
+            }
+            None if m.get("backends").is_none() => self.error(at, &format!("{path}.backends"), "is required"),
+            None => {}
+        }
+        if let Some(address) = address {
+            for (i, b) in backends.iter().enumerate() {
+                if b.address.is_ipv4() != address.is_ipv4() {
+                    self.error(
+                        b.pos,
+                        &format!("{path}.backends[{i}].address"),
+                        format!("{} is not of the VIP's address family ({address})", b.address),
+                    );
+                }
+                if backends[..i].iter().any(|o| o.address == b.address && o.port == b.port) {
+                    self.error(b.pos, &format!("{path}.backends[{i}].address"), format!("{} is listed twice", b.address));
+                }
+            }
+        }
+        let health_check = match m.get("health_check") {
+            Some(n) => self.health_check(n, &m.path("health_check")).unwrap_or_default(),
+            None => HealthCheck::default(),
+        };
+        let on_all_down = self.on_all_down(&m, address);
+        Some(VipConfig {
+            name: name?,
+            address: address?,
+            port: port?,
+            protocol,
+            forwarding,
+            hash,
+            table_size,
+            backends,
+            health_check,
+            on_all_down,
+            pos: at,
+        })
+    }
+
+    fn on_all_down(&mut self, m: &Map, vip: Option<IpAddr>) -> OnAllDown {
+        let mode = self.value(m, "on_all_down", |s| match s {
+            "drop" | "pass" | "sorry_server" => Ok(s.to_string()),
+            _ => Err(format!("`{s}` is not one of drop, pass, sorry_server")),
+        });
+        let server = m.get("sorry_server").and_then(|n| {
+            let path = m.path("sorry_server");
+            let sm = self.map(n, &path, &["address", "port"])?;
+            let address = self.required(&sm, n.pos, "address", |s| {
+                let a = s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address"))?;
+                match vip {
+                    Some(v) if v.is_ipv4() != a.is_ipv4() => Err(format!("{a} is not of the VIP's address family")),
+                    _ => Ok(a),
+                }
+            })?;
+            Some((address, self.value(&sm, "port", parse_port), n.pos))
+        });
+        match (mode.as_deref(), server) {
+            (Some("sorry_server"), Some((address, port, _))) => OnAllDown::SorryServer { address, port },
+            (Some("sorry_server"), None) => {
+                if m.get("sorry_server").is_none() {
+                    let pos = m.get("on_all_down").map(|n| n.pos).unwrap_or_default();
+                    self.error(pos, &m.path("sorry_server"), "is required when on_all_down is sorry_server");
+                }
+                OnAllDown::Drop
+            }
+            (Some("pass"), _) => OnAllDown::Pass,
+            (_, Some((_, _, pos))) if mode.as_deref() != Some("sorry_server") => {
+                self.error(pos, &m.path("sorry_server"), "is only used with `on_all_down: sorry_server`");
+                OnAllDown::Drop
+            }
+            _ => OnAllDown::Drop,
+        }
+    }
+
+    fn backend(&mut self, node: &Node, path: &str, forwarding: Forwarding) -> Option<BackendConfig> {
+        let m = self.map(node, path, &["address", "port", "weight"])?;
+        let address = self.required(&m, node.pos, "address", |s| {
+            s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))
+        });
+        let port = self.value(&m, "port", parse_port);
+        if let (Some(_), Some(n)) = (port, m.get("port")) {
+            // dsr and ipip deliver the packet as the client sent it.
+            self.error(
+                n.pos,
+                &m.path("port"),
+                format!(
+                    "a backend port only applies to nat forwarding ({forwarding:?} keeps the VIP's port); \
+                     use health_check.port to check another port"
+                ),
+            );
+        }
+        let weight = self
+            .value(&m, "weight", |s| match s.parse::<u32>() {
+                Ok(w) if w <= 65_535 => Ok(w),
+                _ => Err(format!("`{s}` is not a weight from 0 (drain) to 65535")),
+            })
+            .unwrap_or(1);
+        Some(BackendConfig { address: address?, port, weight, pos: node.pos })
+    }
+
+    fn health_check(&mut self, node: &Node, path: &str) -> Option<HealthCheck> {
+        const KEYS: &[&str] = &[
+            "type",
+            "port",
+            "path",
+            "host",
+            "expect_status",
+            "expect_body",
+            "command",
+            "interval",
+            "timeout",
+            "rise",
+            "fall",
+            "source",
+            "initial_state",
+        ];
+        let m = self.map(node, path, KEYS)?;
+        let d = HealthCheck::default();
+        let kind = self
+            .value(&m, "type", |s| match s {
+                "tcp" | "http" | "exec" | "none" => Ok(s.to_string()),
+                _ => Err(format!("`{s}` is not one of tcp, http, exec, none")),
+            })
+            .unwrap_or_else(|| "tcp".into());
+        let only_for = |me: &mut Self, key: &str, kinds: &str| {
+            if let Some(n) = m.get(key) {
+                me.error(n.pos, &m.path(key), format!("only applies to checks of type {kinds}"));
+            }
+        };
+        let kind = match kind.as_str() {
+            "http" => {
+                let path_value = self
+                    .value(&m, "path", |s| {
+                        if s.starts_with('/') && !s.contains([' ', '\r', '\n']) {
+                            Ok(s.to_string())
+                        } else {
+                            Err(format!("`{s}` must start with / and contain no spaces"))
+                        }
+                    })
+                    .unwrap_or_else(|| "/".into());
+                let host = self.value(&m, "host", |s| {
+                    if s.is_empty() || s.contains([' ', '\r', '\n']) { Err(format!("`{s}` is not a host name")) } else { Ok(s.to_string()) }
+                });
+                let expect_status = self.expect_status(&m).unwrap_or(StatusMatch(vec![(200, 399)]));
+                let expect_body = self.value(&m, "expect_body", |s| Ok(s.to_string()));
+                only_for(self, "command", "exec");
+                CheckKind::Http { path: path_value, host, expect_status, expect_body }
+            }
+            "exec" => {
+                for key in ["path", "host", "expect_status", "expect_body"] {
+                    only_for(self, key, "http");
+                }
+                let command = match m.get("command") {
+                    None => {
+                        self.error(node.pos, &m.path("command"), "is required for exec checks (a list: [program, args...])");
+                        Vec::new()
+                    }
+                    Some(n) => match &n.value {
+                        Value::Seq(items) if !items.is_empty() => {
+                            items.iter().filter_map(scalar).map(str::to_string).collect()
+                        }
+                        _ => {
+                            self.error(n.pos, &m.path("command"), "must be a non-empty list: [program, args...]");
+                            Vec::new()
+                        }
+                    },
+                };
+                CheckKind::Exec { command }
+            }
+            other => {
+                for key in ["path", "host", "expect_status", "expect_body"] {
+                    only_for(self, key, "http");
+                }
+                only_for(self, "command", "exec");
+                if other == "none" { CheckKind::None } else { CheckKind::Tcp }
+            }
+        };
+        let interval = self.value(&m, "interval", parse_duration).unwrap_or(d.interval);
+        let timeout = self.value(&m, "timeout", parse_duration).unwrap_or(d.timeout);
+        if timeout > interval
+            && let Some(n) = m.get("timeout")
+        {
+            self.error(n.pos, &m.path("timeout"), "must not be longer than interval");
+        }
+        let count = |s: &str| match s.parse::<u32>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(n),
+            _ => Err(format!("`{s}` is not a count from 1 to 100")),
+        };
+        let rise = self.value(&m, "rise", count).unwrap_or(d.rise);
+        let fall = self.value(&m, "fall", count).unwrap_or(d.fall);
+        let port = self.value(&m, "port", parse_port);
+        let source = self.value(&m, "source", |s| s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address")));
+        let initial_state = self
+            .value(&m, "initial_state", |s| match s {
+                "down" => Ok(InitialState::Down),
+                "up" => Ok(InitialState::Up),
+                _ => Err(format!("`{s}` is not one of down, up")),
+            })
+            .unwrap_or_default();
+        Some(HealthCheck { kind, port, interval, timeout, rise, fall, source, initial_state })
+    }
+
+    fn expect_status(&mut self, m: &Map) -> Option<StatusMatch> {
+        let node = m.get("expect_status")?;
+        let path = m.path("expect_status");
+        let items: Vec<&Node> = match &node.value {
+            Value::Seq(items) => items.iter().collect(),
+            _ => vec![node],
+        };
+        let mut ranges = Vec::new();
+        for item in items {
+            match scalar(item).and_then(parse_status) {
+                Some(r) => ranges.push(r),
+                None => self.error(item.pos, &path, "must be a status code, a list of them, or a range such as 200-399"),
+            }
+        }
+        (!ranges.is_empty()).then_some(StatusMatch(ranges))
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("`{s}` is not a port from 1 to 65535")),
+    }
+}

@@ -1,0 +1,235 @@
+//! The YAML configuration: file → validated model, with every error located.
+//!
+//! `load` reads and validates the whole file and either returns a `Config`
+//! or every problem found, each as `FILE:LINE:COL: field: what is wrong`.
+//! Nothing here touches the kernel.
+
+mod fields;
+pub mod yaml;
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use fields::Fields;
+pub use yaml::Pos;
+
+use crate::reconcile::{Forwarding, HashMode};
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub pos: Pos,
+    /// Path of the field, e.g. `vips[0].backends[1].address`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}: {}", self.file, self.pos.line, self.pos.col, self.field, self.message)
+    }
+}
+
+/// Every error of one file; displays one per line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic (skb) mode with a log line.
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::maps::PROTO_TCP,
+            Protocol::Udp => lb_common::maps::PROTO_UDP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Which HTTP status codes an `http` check accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusMatch(pub Vec<(u16, u16)>);
+
+impl StatusMatch {
+    pub fn matches(&self, status: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Connect to the port.
+    Tcp,
+    /// HTTP/1.1 GET.
+    Http { path: String, host: Option<String>, expect_status: StatusMatch, expect_body: Option<String> },
+    /// Run a command; exit 0 is healthy.
+    Exec { command: Vec<String> },
+    /// Always healthy.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InitialState {
+    /// Down until `rise` checks pass: a restart never sends traffic to a dead server.
+    #[default]
+    Down,
+    Up,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port to check; default the backend's port.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes to go up.
+    pub rise: u32,
+    /// Consecutive failures to go down.
+    pub fall: u32,
+    /// Source address to check from.
+    pub source: Option<IpAddr>,
+    pub initial_state: InitialState,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            source: None,
+            initial_state: InitialState::Down,
+        }
+    }
+}
+
+/// What a VIP does when none of its backends is up.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum OnAllDown {
+    /// Drop the VIP's new flows (counted as drop_no_backend).
+    #[default]
+    Drop,
+    /// Pass them to the load balancer's own stack.
+    Pass,
+    /// Send them to a fallback server, as keepalived's sorry_server.
+    SorryServer { address: IpAddr, port: Option<u16> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub pos: Pos,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub table_size: u32,
+    pub backends: Vec<BackendConfig>,
+    pub health_check: HealthCheck,
+    pub on_all_down: OnAllDown,
+    pub pos: Pos,
+}
+
+/// An address prefix, for the IP-in-IP outer sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub interface: Option<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Outer sources of IPv4-in-IPv4 packets: the flow hash fills the host bits.
+    pub ipip_source_v4: Prefix,
+    pub ipip_source_v6: Prefix,
+    pub conntrack_size: u32,
+    pub vips: Vec<VipConfig>,
+}
+
+pub const DEFAULT_IPIP_SOURCE_V4: Prefix = Prefix { addr: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 0)), len: 16 };
+/// 100::/64 is the discard-only prefix (RFC 6666): never a real source.
+pub const DEFAULT_IPIP_SOURCE_V6: Prefix =
+    Prefix { addr: IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0)), len: 64 };
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            pos: Pos { line: 0, col: 0 },
+            field: "file".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&file, &text)
+}
+
+/// Validates configuration text; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let root = yaml::parse(text).map_err(|(pos, message)| {
+        ConfigErrors(vec![ConfigError { file: file.into(), pos, field: "yaml".into(), message }])
+    })?;
+    let mut f = Fields::new(file);
+    let config = f.config(&root);
+    match config {
+        Some(c) if f.errors.is_empty() => Ok(c),
+        _ => Err(ConfigErrors(f.errors)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use super::*;
+
+const GOOD: &str = r#"
+interface: eth0
+xdp_mode: auto
+metrics_listen: 127.0.0.1:9464
+vips:
+  - name: web
+    address: 198.18.0.100
+    port: 80
+    protocol: tcp
+    forwarding: dsr
+    hash: five-tuple
+    backends:
+      - address: 198.18.0.11
+        weight: 1
+      - address: 198.18.0.12
+        weight: 0
+    health_check:
+      type: http
+      path: /
+      expect_status: 200
+      interval: 1s
+      timeout: 500ms
+      rise: 2
+      fall: 3
+  - name: dns6
+    address: 2001:db8::53
+    port: 53
+    protocol: udp
+    forwarding: ipip
+    hash: source-ip
+    table_size: 4099
+    backends:
+      - address: 2001:db8::1
+"#;
+
+#[test]
+fn the_issue_example_parses() {
+    let c = parse("cluster.yaml", GOOD).unwrap();
+    assert_eq!(c.interface.as_deref(), Some("eth0"));
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(c.vips.len(), 2);
+    let web = &c.vips[0];
+    assert_eq!((web.port, web.protocol, web.forwarding), (80, Protocol::Tcp, Forwarding::Dsr));
+    assert_eq!(web.backends[1].weight, 0);
+    assert_eq!(web.health_check.timeout, Duration::from_millis(500));
+    assert_eq!(web.table_size, 65_537);
+    let CheckKind::Http { expect_status, .. } = &web.health_check.kind else { panic!() };
+    assert!(expect_status.matches(200) && !expect_status.matches(201));
+    let dns = &c.vips[1];
+    assert_eq!((dns.hash, dns.table_size, dns.protocol), (HashMode::SourceIp, 4099, Protocol::Udp));
+    assert_eq!(dns.health_check, HealthCheck::default());
+}
+
+#[test]
+fn every_error_is_reported_with_file_line_column_and_field() {
+    let bad = r#"
+interfce: eth0
+vips:
+  - name: web
+    address: 198.18.0.300
+    port: 80
+    forwarding: magic
+    backends:
+      - address: 198.18.0.11
+        weight: -1
+    health_check:
+      interval: 5
+      timeout: 2x
+  - name: web
+    address: 198.18.0.100
+    port: 80
+    table_size: 65536
+    backends: []
+"#;
+    let errs = parse("c.yaml", bad).unwrap_err();
+    let text = errs.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "c.yaml:2:1: interfce: unknown key",
+        "c.yaml:5:14: vips[0].address: `198.18.0.300` is not an IPv4 or IPv6 address",
+        "c.yaml:7:17: vips[0].forwarding: `magic` is not one of dsr, ipip, nat",
+        "c.yaml:10:17: vips[0].backends[0].weight: `-1` is not a weight",
+        "c.yaml:12:17: vips[0].health_check.interval: `5` needs a unit",
+        "c.yaml:13:16: vips[0].health_check.timeout: unknown unit `x`",
+        "c.yaml:17:17: vips[1].table_size: 65536 is not prime (Maglev needs a prime; the next one is 65537)",
+    ] {
+        assert!(lines.iter().any(|l| l.contains(want)), "missing `{want}` in:\n{text}");
+    }
+}
+
+#[test]
+fn required_fields_and_shapes() {
+    let errs = parse("c.yaml", "vips:\n  - name: x\n    port: 0\n    backends: {}\n").unwrap_err().to_string();
+    assert!(errs.contains("c.yaml:2:5: vips[0].address: is required"), "{errs}");
+    assert!(errs.contains("vips[0].port: `0` is not a port"), "{errs}");
+    assert!(errs.contains("vips[0].backends: must be a list, not a mapping"), "{errs}");
+    let errs = parse("c.yaml", "vips: [\n").unwrap_err().to_string();
+    assert!(errs.starts_with("c.yaml:"), "{errs}");
+}
+
+#[test]
+fn same_address_port_protocol_twice_is_an_error() {
+    let t = "vips:\n  - {name: a, address: 198.18.0.1, port: 80, backends: []}\n  - {name: b, address: 198.18.0.1, port: 80, backends: []}\n";
+    let names = t.replace("name: b", "name: a").replace("port: 80, backends: []}\n", "port: 81, backends: []}\n");
+    let errs = parse("c.yaml", &names).unwrap_err().to_string();
+    assert!(errs.contains("c.yaml:3:6: vips[1].name: `a` is already the name of the VIP at line 2"), "{errs}");
+    let errs = parse("c.yaml", t).unwrap_err().to_string();
+    assert!(errs.contains("vips[1].address: 198.18.0.1:80/tcp is already used by VIP `a`"), "{errs}");
+    // Another protocol on the same address and port is a different VIP.
+    let ok = t.replace("port: 80, backends: []}\n  - {name: b", "port: 80, backends: []}\n  - {protocol: udp, name: b");
+    parse("c.yaml", &ok).unwrap();
+}
+
+#[test]
+fn families_must_match() {
+    let t = "vips:\n  - name: a\n    address: 198.18.0.1\n    port: 80\n    backends:\n      - address: 2001:db8::1\n";
+    let errs = parse("c.yaml", t).unwrap_err().to_string();
+    assert!(errs.contains("c.yaml:6:9: vips[0].backends[0].address: 2001:db8::1 is not of the VIP's address family"), "{errs}");
+}
+
+#[test]
+fn health_check_variants() {
+    let t = r#"
+vips:
+  - name: a
+    address: 198.18.0.1
+    port: 80
+    backends: [{address: 198.18.0.2}]
+    health_check:
+      type: exec
+      command: [/bin/true, --fast]
+      port: 8080
+      source: 198.18.0.9
+      initial_state: up
+  - name: b
+    address: 198.18.0.1
+    port: 81
+    backends: [{address: 198.18.0.2}]
+    health_check:
+      type: http
+      expect_status: [200, "300-399"]
+      expect_body: ok
+      host: www.example
+"#;
+    let c = parse("c.yaml", t).unwrap();
+    assert_eq!(c.vips[0].health_check.kind, CheckKind::Exec { command: vec!["/bin/true".into(), "--fast".into()] });
+    assert_eq!(c.vips[0].health_check.initial_state, InitialState::Up);
+    let CheckKind::Http { expect_status, host, expect_body, .. } = &c.vips[1].health_check.kind else { panic!() };
+    assert!(expect_status.matches(200) && expect_status.matches(302) && !expect_status.matches(204));
+    assert_eq!((host.as_deref(), expect_body.as_deref()), (Some("www.example"), Some("ok")));
+    let errs = parse("c.yaml", &t.replace("type: exec", "type: tcp")).unwrap_err().to_string();
+    assert!(errs.contains("vips[0].health_check.command: only applies to checks of type exec"), "{errs}");
+}
+
+#[test]
+fn durations() {
+    use fields::parse_duration as d;
+    assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(d("2s"), Ok(Duration::from_secs(2)));
+    assert_eq!(d("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(d("1m"), Ok(Duration::from_secs(60)));
+    assert!(d("0s").is_err() && d("5").is_err() && d("fast").is_err());
+}

@@ -1,0 +1,108 @@
+//! Idempotent machine setup: each step checks first and says what it does.
+//! The steps and versions are the verified ones in ../shared/TOOLCHAIN.md.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{exec, step};
+
+/// Debian packages: LLVM for bpf-linker, then the tools tests, demo and
+/// benchmarks drive (iproute2 for namespaces, nginx as demo web servers,
+/// haproxy/nftables/wrk/iperf3 as the alternatives benchmarked).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "tcpdump",
+    "curl",
+    "nginx",
+    "haproxy",
+    "nftables",
+    "wrk",
+    "iperf3",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    bpf_linker()?;
+    rust_src()?;
+    Ok(())
+}
+
+pub fn require_root(why: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run this as root: {why}");
+    }
+    Ok(())
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("setup: apt packages present");
+        return Ok(());
+    }
+    require_root("installing apt packages")?;
+    step(&format!("setup: installing apt packages: {}", missing.join(" ")));
+    exec(Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null()),
+    )
+    .context("apt-get install failed")
+}
+
+fn bpf_linker() -> Result<()> {
+    let have = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = have
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        step(&format!("setup: bpf-linker {BPF_LINKER_VERSION} present"));
+        return Ok(());
+    }
+    step(&format!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    exec(
+        Command::new(cargo)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+    .context("installing bpf-linker failed (is llvm-22-dev installed?)")
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup is needed to build the eBPF program with the nightly toolchain")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        step("setup: nightly rust-src present");
+        return Ok(());
+    }
+    step("setup: adding rust-src to the nightly toolchain");
+    if !quiet(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])) {
+        bail!("`rustup component add rust-src --toolchain nightly` failed");
+    }
+    Ok(())
+}
