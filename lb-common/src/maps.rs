@@ -39,6 +39,7 @@ pub mod names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
 }
 
 /// Program names in the object file.
@@ -69,6 +70,8 @@ pub const FWD_IPIP: u32 = 1;
 /// VIP feature flags (`VipMeta::flags`).
 /// Hash the client address only (session affinity) instead of the 5-tuple.
 pub const VIP_F_HASH_SOURCE_IP: u32 = 1 << 0;
+/// With no backend up, pass new flows to the local stack (`on_all_down: pass`).
+pub const VIP_F_PASS_WHEN_EMPTY: u32 = 1 << 1;
 
 /// Value of `VIPS`.
 #[repr(C)]

@@ -34,8 +34,11 @@ pub const CONNTRACK_INSERT_FAILED: u32 = 12;
 /// The backend's slot in the backend table was invalid (controller bug guard): XDP_DROP.
 pub const DROP_BAD_BACKEND: u32 = 13;
 
+/// The VIP has no backend up and is configured `on_all_down: pass`: XDP_PASS.
+pub const PASS_ALL_DOWN: u32 = 14;
+
 /// Number of reasons; the size of the reasons counter map.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 15;
 
 /// Names for logs, `status` and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -53,4 +56,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "conntrack_stale",
     "conntrack_insert_failed",
     "drop_bad_backend",
+    "pass_all_down",
 ];

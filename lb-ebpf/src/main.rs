@@ -23,7 +23,7 @@ use lb_common::{
     flow_hash,
     maps::{
         AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FWD_IPIP, FlowKey, FlowValue, NO_BACKEND,
-        VIP_F_HASH_SOURCE_IP, VipKey, VipMeta,
+        VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
     reasons,
 };
@@ -81,6 +81,9 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
     };
     let (backend_id, backend) = match choose_backend(&pkt.flow, &vip, hash) {
         Ok(b) => b,
+        Err(reasons::DROP_NO_BACKEND) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
+            return (XDP_PASS, reasons::PASS_ALL_DOWN);
+        }
         Err(reason) => return (XDP_DROP, reason),
     };
     count_bytes(&BACKEND_STATS, backend_id, frame_len);

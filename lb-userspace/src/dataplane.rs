@@ -11,6 +11,7 @@
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
     ptr::NonNull,
 };
 
@@ -112,6 +113,50 @@ pub struct Dataplane {
     decap_stats: PerCpuArray<MapData, u64>,
 }
 
+const ALL_MAPS: &[&str] = &[
+    names::VIPS,
+    names::VIP_ADDRS,
+    names::BACKENDS,
+    names::MAGLEV_POOL,
+    names::FLOWS,
+    names::CONFIG,
+    names::VIP_STATS,
+    names::BACKEND_STATS,
+    names::REASONS,
+    names::DECAP_STATS,
+];
+
+/// Sizes of maps already pinned in `dir`, if there are any.
+fn pinned_sizes(dir: &Path) -> Option<MapSizes> {
+    let size =
+        |name: &str| -> Option<u32> { MapData::from_pin(dir.join(name)).ok()?.info().ok().map(|i| i.max_entries()) };
+    Some(MapSizes {
+        max_vips: size(names::VIPS)?,
+        max_backends: size(names::BACKENDS)?,
+        conntrack: size(names::FLOWS)?,
+        maglev_pool: size(names::MAGLEV_POOL)?,
+    })
+}
+
+/// Whether `dir` holds a pinned dataplane to adopt.
+pub fn has_pinned_state(dir: &Path) -> bool {
+    pinned_sizes(dir).is_some()
+}
+
+/// Writes the verifier's log to a file an operator can read, and says where.
+fn verifier_error(program: &str, e: aya::programs::ProgramError) -> anyhow::Error {
+    let log = format!("{e:#?}");
+    let path = std::env::temp_dir().join(format!("xdplb-verifier-{program}.log"));
+    match std::fs::write(&path, &log) {
+        Ok(()) => anyhow::anyhow!(
+            "the kernel's verifier rejected XDP program {program}; its log is in {} \
+             (report it with your kernel version: `uname -r`)",
+            path.display()
+        ),
+        Err(_) => anyhow::anyhow!("the kernel's verifier rejected XDP program {program}: {log}"),
+    }
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))
 }
@@ -120,7 +165,27 @@ impl Dataplane {
     /// Loads the embedded eBPF object with maps of the given sizes, and its
     /// programs into the kernel (verifying them), without attaching anything.
     pub fn load(sizes: MapSizes) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::open(sizes, None)
+    }
+
+    /// Like `load`, but with every map pinned in `pin_dir`: maps already
+    /// pinned there are reused (their contents and sizes win, which is how a
+    /// restarted controller adopts a running dataplane), the others are
+    /// created and pinned.
+    pub fn open(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
+        let sizes = match pin_dir {
+            Some(dir) => pinned_sizes(dir).unwrap_or(sizes),
+            None => sizes,
+        };
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(names::VIPS, sizes.max_vips)
             .map_max_entries(names::VIP_ADDRS, sizes.max_vips)
             .map_max_entries(names::VIP_STATS, sizes.max_vips)
@@ -130,7 +195,8 @@ impl Dataplane {
             .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
             .load(crate::EBPF_OBJECT)
             .context(
-                "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)",
+                "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN? \
+                 if pinned maps from an older xdplb are in the way, run `xdplb detach --iface IF` first)",
             )?;
         for name in [programs::BALANCER, programs::DECAP, programs::PASS] {
             let prog: &mut Xdp = ebpf
@@ -138,7 +204,9 @@ impl Dataplane {
                 .with_context(|| format!("the eBPF object has no program {name}"))?
                 .try_into()
                 .with_context(|| format!("program {name} is not an XDP program"))?;
-            prog.load().with_context(|| format!("the kernel rejected XDP program {name}"))?;
+            if let Err(e) = prog.load() {
+                return Err(verifier_error(name, e));
+            }
         }
         let pool = match take(&mut ebpf, names::MAGLEV_POOL)? {
             Map::Array(data) => PoolMapping::new(data, sizes.maglev_pool)?,
@@ -154,7 +222,7 @@ impl Dataplane {
             vip_stats: PerCpuArray::try_from(take(m, names::VIP_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(m, names::BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(take(m, names::REASONS)?)?,
-            decap_stats: PerCpuArray::try_from(take(m, "DECAP_STATS")?)?,
+            decap_stats: PerCpuArray::try_from(take(m, names::DECAP_STATS)?)?,
             pool,
             sizes,
             ebpf,
@@ -184,6 +252,11 @@ impl Dataplane {
 
     pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {
         self.vips.get(key, 0).ok()
+    }
+
+    /// Every VIP in the map (for adopting a running dataplane).
+    pub fn vips(&self) -> Vec<(VipKey, VipMeta)> {
+        self.vips.iter().filter_map(|kv| kv.ok()).collect()
     }
 
     pub fn set_vip_addr(&mut self, key: &AddrKey, vips_on_it: u32) -> Result<()> {

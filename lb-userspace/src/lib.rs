@@ -2,9 +2,16 @@
 //! tests drive the dataplane through these modules.
 
 pub mod addr;
+pub mod attach;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod desired;
+pub mod health;
+pub mod metrics;
+pub mod neighbours;
 pub mod reconcile;
+pub mod status;
 
 /// The dataplane's eBPF object, built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -1,1 +1,244 @@
-fn main() {}
+//! `xdplb`: an XDP layer-4 load balancer for highly available web clusters.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::maps::programs;
+use lb_userspace::{
+    attach, config,
+    config::XdpModeSetting,
+    daemon::{self, RunOptions},
+    dataplane::{Dataplane, MapSizes},
+    status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "xdplb",
+    version,
+    about = "XDP layer-4 load balancer: VIPs from a YAML file, Maglev hashing, health checks, DSR and IP-in-IP",
+    long_about = "xdplb attaches an XDP program to a network interface and forwards packets for virtual IPs (VIPs) \
+to real servers, choosing them with Maglev consistent hashing and keeping established flows on their server. \
+A controller (`xdplb run`) fills the dataplane from a YAML file, health-checks the servers and reloads on SIGHUP \
+or when the file changes.\n\nTypical use:\n  xdplb check --config /etc/xdplb.yaml\n  xdplb run --config /etc/xdplb.yaml\n  \
+xdplb status\n  kill -HUP $(pidof xdplb)     # reload"
+)]
+struct Cli {
+    /// Directory on a BPF filesystem where maps and links are pinned, one
+    /// subdirectory per interface (mounted at /sys/fs/bpf if missing).
+    #[arg(long, global = true, env = "XDPLB_PIN_ROOT", default_value = "/sys/fs/bpf/xdplb")]
+    pin_root: PathBuf,
+    /// Where the running controller publishes its status (IFACE.json).
+    #[arg(long, global = true, env = "XDPLB_STATE_DIR", default_value = "/run/xdplb")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Native (driver) mode if the driver supports it, else generic (skb) mode.
+    Auto,
+    /// Native mode only: fail if the driver cannot run XDP.
+    Driver,
+    /// Generic mode: works everywhere, slower.
+    Skb,
+}
+
+impl From<Mode> for XdpModeSetting {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => XdpModeSetting::Auto,
+            Mode::Driver => XdpModeSetting::Driver,
+            Mode::Skb => XdpModeSetting::Skb,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the load balancer, serve the VIPs of FILE, health-check
+    /// the backends; reload on SIGHUP or when FILE changes. A restarted
+    /// controller adopts the running dataplane without dropping a flow.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Interface to attach to (overrides `interface:` in the file).
+        #[arg(long)]
+        iface: Option<String>,
+        /// XDP attach mode (overrides `xdp_mode:` in the file).
+        #[arg(long, value_enum)]
+        xdp_mode: Option<Mode>,
+        /// On SIGTERM/SIGINT also detach the XDP program and remove the pinned
+        /// maps. Without it the dataplane keeps forwarding with its last state,
+        /// so an upgrade or restart loses no traffic.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Validate FILE: exit 0, or print every error as FILE:LINE:COL: field: problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show VIPs, backends (health, weight, state), counters, rates and drop reasons.
+    Status {
+        /// Interface of the controller to ask (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach the IP-in-IP decapsulation program on a backend's interface
+    /// (for `forwarding: ipip`; this replaces a kernel ipip device).
+    Decap {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: Mode,
+    },
+    /// Attach a pass-everything XDP program: needed on the peer of a veth that
+    /// xdplb transmits on, or the veth drops XDP_TX frames.
+    Pass {
+        #[arg(long)]
+        iface: String,
+    },
+    /// Detach xdplb programs from IFACE and remove its pinned maps.
+    Detach {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xdplb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Check { config: path } => match config::load(&path) {
+            Ok(c) => {
+                let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
+                println!("{}: ok ({} VIPs, {backends} backends)", path.display(), c.vips.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errs) => {
+                println!("{errs}");
+                eprintln!("{}: {} error(s)", path.display(), errs.0.len());
+                Ok(ExitCode::from(2))
+            }
+        },
+        Cmd::Run { config, iface, xdp_mode, detach_on_exit } => {
+            require_root("load and attach eBPF programs")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(daemon::run(RunOptions {
+                config,
+                iface,
+                xdp_mode: xdp_mode.map(Into::into),
+                pin_root: cli.pin_root,
+                state_dir: cli.state_dir,
+                detach_on_exit,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { iface, json } => {
+            let iface = match iface {
+                Some(i) => i,
+                None => only_running(&cli.state_dir)?,
+            };
+            let s = status::read(&cli.state_dir, &iface)?;
+            if !pid_alive(s.pid) {
+                bail!(
+                    "the controller for {iface} (pid {}) is not running; its last status is in {}",
+                    s.pid,
+                    status::path(&cli.state_dir, &iface).display()
+                );
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Decap { iface, xdp_mode } => {
+            attach_helper(&cli.pin_root, &iface, programs::DECAP, xdp_mode.into(), "decap_link")
+        }
+        Cmd::Pass { iface } => attach_helper(&cli.pin_root, &iface, programs::PASS, XdpModeSetting::Auto, "pass_link"),
+        Cmd::Detach { iface } => {
+            require_root("detach eBPF programs")?;
+            if let Ok(s) = status::read(&cli.state_dir, &iface)
+                && pid_alive(s.pid)
+            {
+                bail!("xdplb run (pid {}) is serving {iface}; stop it first (kill {}), then detach", s.pid, s.pid);
+            }
+            let dir = cli.pin_root.join(&iface);
+            let mut any = false;
+            for link in ["link", "decap_link", "pass_link"] {
+                any |= attach::detach(&dir.join(link))?;
+            }
+            daemon::remove_pins(&dir);
+            println!("{iface}: {}", if any { "xdplb detached" } else { "nothing of xdplb was attached" });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn attach_helper(
+    pin_root: &std::path::Path,
+    iface: &str,
+    program: &str,
+    mode: XdpModeSetting,
+    pin: &str,
+) -> Result<ExitCode> {
+    require_root("attach eBPF programs")?;
+    attach::ensure_bpffs(pin_root)?;
+    let dir = pin_root.join(iface);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {} failed", dir.display()))?;
+    // Small maps: only the program's counters matter here.
+    let sizes = MapSizes { max_vips: 1, max_backends: 1, conntrack: 1, maglev_pool: 1024 };
+    let mut dp = Dataplane::load(sizes)?;
+    let how = attach::attach(&mut dp, program, iface, mode, &dir.join(pin))?;
+    println!("{iface}: {program} attached ({how:?})");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("xdplb needs root (or CAP_BPF and CAP_NET_ADMIN) to {what}; run it with sudo");
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+fn only_running(state_dir: &std::path::Path) -> Result<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(iface) = name.strip_suffix(".json") {
+                found.push(iface.to_string());
+            }
+        }
+    }
+    match found.len() {
+        0 => bail!("no xdplb controller is running (no status in {})", state_dir.display()),
+        1 => Ok(found.remove(0)),
+        _ => bail!("controllers run on {}: pick one with --iface", found.join(", ")),
+    }
+}

@@ -23,7 +23,7 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
         BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, NO_BACKEND,
-        VIP_F_HASH_SOURCE_IP, VipKey, VipMeta,
+        VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
 };
 
@@ -69,6 +69,8 @@ pub struct VipSpec {
     /// Maglev table size, a prime.
     pub table_size: u32,
     pub backends: Vec<BackendSpec>,
+    /// With no backend up, pass new flows to the local stack instead of dropping them.
+    pub pass_when_empty: bool,
 }
 
 impl VipSpec {
@@ -150,6 +152,22 @@ impl Regions {
         }
     }
 
+    /// Marks a region as in use (when adopting a running dataplane).
+    fn reserve(&mut self, start: u32, len: u32) -> bool {
+        let Some(i) = self.free.iter().position(|&(s, l)| s <= start && start + len <= s + l) else {
+            return false;
+        };
+        let (s, l) = self.free.remove(i);
+        if start > s {
+            self.free.insert(i, (s, start - s));
+        }
+        if start + len < s + l {
+            let at = self.free.partition_point(|&(fs, _)| fs < start + len);
+            self.free.insert(at, (start + len, s + l - start - len));
+        }
+        true
+    }
+
     fn retire(&mut self, start: u32, len: u32) {
         self.resting.push_back((start, len, Instant::now()));
     }
@@ -167,6 +185,15 @@ pub struct Reconciler {
     max_backends: u32,
     next_generation: u32,
     regions: Regions,
+}
+
+/// A backend found in a pinned dataplane.
+#[derive(Debug, Clone)]
+pub struct AdoptedBackend {
+    pub vip: VipKey,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub value: Backend,
 }
 
 /// What one `apply` changed.
@@ -193,6 +220,54 @@ impl Reconciler {
             next_generation: 1,
             regions: Regions::new(sizes.maglev_pool),
         }
+    }
+
+    /// Rebuilds what a previous controller wrote from the maps themselves,
+    /// so that the next `apply` changes only what differs. Tables are
+    /// rebuilt on that first apply (weights are not in the maps); Maglev is
+    /// deterministic, so an unchanged configuration rebuilds the same table.
+    pub fn adopt(dp: &Dataplane) -> Result<(Self, Vec<AdoptedBackend>)> {
+        let mut r = Self::new(dp);
+        let mut vip_ids = Vec::new();
+        let mut by_id: BTreeMap<u32, VipKey> = BTreeMap::new();
+        for (key, meta) in dp.vips() {
+            if !r.regions.reserve(meta.ring_offset, meta.ring_size) {
+                bail!(
+                    "the pinned VIP {key:?} has a Maglev region that overlaps another; run `xdplb detach` and start again"
+                );
+            }
+            vip_ids.push(meta.vip_id);
+            by_id.insert(meta.vip_id, key);
+            let addr = addr::from_words(&key.addr, key.family);
+            r.vips.insert(key, AppliedVip { meta, addr, backends: BTreeMap::new(), table_members: Vec::new() });
+        }
+        r.next_vip_id = vip_ids.iter().max().map_or(0, |m| m + 1);
+        r.free_vip_ids = (0..r.next_vip_id).filter(|i| !vip_ids.contains(i)).collect();
+
+        let mut adopted = Vec::new();
+        let mut used_ids = Vec::new();
+        for id in 0..r.max_backends {
+            let b = dp.backend(id)?;
+            if b.generation == 0 {
+                continue;
+            }
+            r.next_generation = r.next_generation.max(b.generation);
+            let Some(key) = by_id.get(&b.vip_id).filter(|_| b.state != BACKEND_UNUSED) else {
+                continue;
+            };
+            used_ids.push(id);
+            let ident = (addr::from_words(&b.addr, b.family), u16::from_be(b.port));
+            adopted.push(AdoptedBackend { vip: *key, addr: ident.0, port: ident.1, value: b });
+            r.vips.get_mut(key).expect("indexed above").backends.insert(ident, AppliedBackend { id, value: b });
+        }
+        r.next_backend_id = used_ids.iter().max().map_or(0, |m| m + 1);
+        r.free_backend_ids = (0..r.next_backend_id).filter(|i| !used_ids.contains(i)).rev().collect();
+        Ok((r, adopted))
+    }
+
+    /// Number of VIPs applied.
+    pub fn vip_count(&self) -> usize {
+        self.vips.len()
     }
 
     /// The VIP id (index of its counters) of an applied VIP.
@@ -332,7 +407,10 @@ impl Reconciler {
                 (b.id, maglev::backend_key(&addr::words(*addr), *port), spec.backends_weight(*addr, *port))
             })
             .collect();
-        let flags = if spec.hash == HashMode::SourceIp { VIP_F_HASH_SOURCE_IP } else { 0 };
+        let mut flags = if spec.hash == HashMode::SourceIp { VIP_F_HASH_SOURCE_IP } else { 0 };
+        if spec.pass_when_empty {
+            flags |= VIP_F_PASS_WHEN_EMPTY;
+        }
         let forwarding = match spec.forwarding {
             Forwarding::Dsr => FWD_DSR,
             Forwarding::Ipip => FWD_IPIP,
@@ -435,6 +513,15 @@ impl VipSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserve_carves_a_region_out() {
+        let mut r = Regions::new(100);
+        assert!(r.reserve(30, 20));
+        assert_eq!(r.free, vec![(0, 30), (50, 50)]);
+        assert!(!r.reserve(40, 20), "already in use");
+        assert_eq!(r.alloc(50), Some(50));
+    }
 
     #[test]
     fn regions_coalesce_and_rest_before_reuse() {

@@ -63,7 +63,8 @@ fn parse_prefix(s: &str) -> Result<Prefix, String> {
     let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a prefix (write e.g. 198.18.255.0/24)"))?;
     let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u8 = l.parse().ok().filter(|&n| n <= max).ok_or_else(|| format!("prefix length `{l}` is not 0..={max}"))?;
+    let len: u8 =
+        l.parse().ok().filter(|&n| n <= max).ok_or_else(|| format!("prefix length `{l}` is not 0..={max}"))?;
     Ok(Prefix { addr, len })
 }
 
@@ -119,13 +120,7 @@ impl<'f> Fields<'f> {
         }
     }
 
-    fn required<T>(
-        &mut self,
-        m: &Map,
-        at: Pos,
-        key: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
+    fn required<T>(&mut self, m: &Map, at: Pos, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         if m.get(key).is_none() {
             self.error(at, &m.path(key), "is required");
             return None;
@@ -168,13 +163,18 @@ impl<'f> Fields<'f> {
         });
         let ipip_source_v4 = self
             .value(&m, "ipip_source_v4", |s| {
-                parse_prefix(s).and_then(|p| if p.addr.is_ipv4() { Ok(p) } else { Err("must be an IPv4 prefix".into()) })
+                parse_prefix(s)
+                    .and_then(|p| if p.addr.is_ipv4() { Ok(p) } else { Err("must be an IPv4 prefix".into()) })
             })
             .unwrap_or(DEFAULT_IPIP_SOURCE_V4);
         let ipip_source_v6 = self
             .value(&m, "ipip_source_v6", |s| {
                 parse_prefix(s).and_then(|p| {
-                    if p.addr.is_ipv6() && p.len >= 96 - 32 { Ok(p) } else { Err("must be an IPv6 prefix of /64 or longer".into()) }
+                    if p.addr.is_ipv6() && p.len >= 96 - 32 {
+                        Ok(p)
+                    } else {
+                        Err("must be an IPv6 prefix of /64 or longer".into())
+                    }
                 })
             })
             .unwrap_or(DEFAULT_IPIP_SOURCE_V6);
@@ -304,7 +304,11 @@ impl<'f> Fields<'f> {
                     );
                 }
                 if backends[..i].iter().any(|o| o.address == b.address && o.port == b.port) {
-                    self.error(b.pos, &format!("{path}.backends[{i}].address"), format!("{} is listed twice", b.address));
+                    self.error(
+                        b.pos,
+                        &format!("{path}.backends[{i}].address"),
+                        format!("{} is listed twice", b.address),
+                    );
                 }
             }
         }
@@ -430,7 +434,11 @@ impl<'f> Fields<'f> {
                     })
                     .unwrap_or_else(|| "/".into());
                 let host = self.value(&m, "host", |s| {
-                    if s.is_empty() || s.contains([' ', '\r', '\n']) { Err(format!("`{s}` is not a host name")) } else { Ok(s.to_string()) }
+                    if s.is_empty() || s.contains([' ', '\r', '\n']) {
+                        Err(format!("`{s}` is not a host name"))
+                    } else {
+                        Ok(s.to_string())
+                    }
                 });
                 let expect_status = self.expect_status(&m).unwrap_or(StatusMatch(vec![(200, 399)]));
                 let expect_body = self.value(&m, "expect_body", |s| Ok(s.to_string()));
@@ -443,7 +451,11 @@ impl<'f> Fields<'f> {
                 }
                 let command = match m.get("command") {
                     None => {
-                        self.error(node.pos, &m.path("command"), "is required for exec checks (a list: [program, args...])");
+                        self.error(
+                            node.pos,
+                            &m.path("command"),
+                            "is required for exec checks (a list: [program, args...])",
+                        );
                         Vec::new()
                     }
                     Some(n) => match &n.value {
@@ -480,7 +492,8 @@ impl<'f> Fields<'f> {
         let rise = self.value(&m, "rise", count).unwrap_or(d.rise);
         let fall = self.value(&m, "fall", count).unwrap_or(d.fall);
         let port = self.value(&m, "port", parse_port);
-        let source = self.value(&m, "source", |s| s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address")));
+        let source =
+            self.value(&m, "source", |s| s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address")));
         let initial_state = self
             .value(&m, "initial_state", |s| match s {
                 "down" => Ok(InitialState::Down),
@@ -502,7 +515,9 @@ impl<'f> Fields<'f> {
         for item in items {
             match scalar(item).and_then(parse_status) {
                 Some(r) => ranges.push(r),
-                None => self.error(item.pos, &path, "must be a status code, a list of them, or a range such as 200-399"),
+                None => {
+                    self.error(item.pos, &path, "must be a status code, a list of them, or a range such as 200-399")
+                }
             }
         }
         (!ranges.is_empty()).then_some(StatusMatch(ranges))

@@ -117,7 +117,10 @@ fn same_address_port_protocol_twice_is_an_error() {
 fn families_must_match() {
     let t = "vips:\n  - name: a\n    address: 198.18.0.1\n    port: 80\n    backends:\n      - address: 2001:db8::1\n";
     let errs = parse("c.yaml", t).unwrap_err().to_string();
-    assert!(errs.contains("c.yaml:6:9: vips[0].backends[0].address: 2001:db8::1 is not of the VIP's address family"), "{errs}");
+    assert!(
+        errs.contains("c.yaml:6:9: vips[0].backends[0].address: 2001:db8::1 is not of the VIP's address family"),
+        "{errs}"
+    );
 }
 
 #[test]

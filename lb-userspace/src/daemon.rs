@@ -1,0 +1,546 @@
+//! `xdplb run`: load (or adopt) the dataplane, attach it, and keep it equal
+//! to configuration + health + neighbours until stopped.
+//!
+//! Every change — a health transition, a next-hop MAC, a reload — goes
+//! through the same path: `desired::vip_specs` computes what the maps should
+//! hold and `Reconciler::apply` writes the difference.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_common::{
+    maps::{BACKEND_ACTIVE, BACKEND_DRAINING, DEFAULT_MAGLEV_POOL, LbConfig, programs},
+    reasons,
+};
+use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tracing::{error, info, warn};
+
+use crate::{
+    addr,
+    attach::{self, Attached},
+    config::{self, CheckKind, Config, InitialState, XdpModeSetting},
+    dataplane::{self, Dataplane, MapSizes},
+    desired::{self, BackendRef, Observed},
+    health::{self, Checker, Target},
+    metrics,
+    neighbours::{Neighbours, Resolution},
+    reconcile::{AdoptedBackend, Forwarding, Reconciler},
+    status::{self, BackendStatus, Status, VipStatus},
+};
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub iface: Option<String>,
+    pub xdp_mode: Option<XdpModeSetting>,
+    pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub detach_on_exit: bool,
+}
+
+/// Interface facts the dataplane needs.
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+pub fn link(name: &str) -> Result<Link> {
+    let c = std::ffi::CString::new(name).context("interface names have no NUL byte")?;
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        bail!("interface {name} not found in this network namespace (see `ip link show`)");
+    }
+    let sys = PathBuf::from("/sys/class/net").join(name);
+    let read = |f: &str| std::fs::read_to_string(sys.join(f)).map(|s| s.trim().to_string());
+    let mac_text = read("address").with_context(|| format!("cannot read the MAC address of {name}"))?;
+    let mut mac = [0u8; 6];
+    for (i, part) in mac_text.split(':').take(6).enumerate() {
+        mac[i] =
+            u8::from_str_radix(part, 16).with_context(|| format!("{name} has no Ethernet address ({mac_text})"))?;
+    }
+    let mtu = read("mtu").ok().and_then(|m| m.parse().ok()).unwrap_or(1500);
+    Ok(Link { name: name.to_string(), index, mac, mtu })
+}
+
+/// The CONFIG map entry for an interface and configuration.
+pub fn lb_config(link: &Link, config: &Config) -> LbConfig {
+    let v4 = config.ipip_source_v4;
+    let v4_mask: u32 = if v4.len == 0 { 0 } else { u32::MAX << (32 - v4.len) };
+    let v4_base = addr::words(v4.addr)[0] & v4_mask.to_be();
+    let v6 = config.ipip_source_v6;
+    let host_bits = 128 - v6.len as u32;
+    let v6_last_mask: u32 = if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
+    let mut v6_base = addr::words(v6.addr);
+    v6_base[3] &= (!v6_last_mask).to_be();
+    LbConfig {
+        if_mac: link.mac,
+        _pad: [0; 2],
+        mtu: link.mtu,
+        ipip_src_v4: v4_base,
+        ipip_src_v4_host_mask: (!v4_mask).to_be(),
+        ipip_src_v6: v6_base,
+        ipip_src_v6_host_mask: v6_last_mask.to_be(),
+    }
+}
+
+/// Pool slots for a configuration: every table twice (the live one and its
+/// replacement during a swap), and never less than the default.
+fn pool_size(config: &Config) -> u32 {
+    let tables: u64 = config.vips.iter().map(|v| v.table_size as u64).sum();
+    (2 * tables + 2 * 65_537).clamp(DEFAULT_MAGLEV_POOL as u64, u32::MAX as u64 / 2) as u32
+}
+
+fn health_targets(config: &Config) -> Vec<Target> {
+    config
+        .vips
+        .iter()
+        .flat_map(|v| {
+            v.backends.iter().map(move |b| Target {
+                backend: BackendRef::of(v, b.address, b.port),
+                addr: b.address,
+                port: v.health_check.port.or(b.port).unwrap_or(v.port),
+                vip: v.address,
+                check: v.health_check.clone(),
+            })
+        })
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Daemon {
+    opts: RunOptions,
+    link: Link,
+    config: Config,
+    config_text: String,
+    /// The last file content seen, applied or not, so a rejected file is reported once.
+    seen_text: String,
+    dp: Dataplane,
+    reconciler: Reconciler,
+    checker: Checker,
+    neighbours: Neighbours,
+    observed: Observed,
+    resolution: HashMap<IpAddr, Resolution>,
+    status: Arc<Mutex<Status>>,
+    previous: HashMap<(String, String, u16), (u64, u64)>,
+    previous_at: Instant,
+    flows_by_backend: HashMap<u32, u64>,
+    ticks: u64,
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let config = config::load(&opts.config)
+        .map_err(|e| anyhow!("{e}\n{}: {} error(s); nothing was started", opts.config.display(), e.0.len()))?;
+    let config_text = std::fs::read_to_string(&opts.config)?;
+    let iface = opts
+        .iface
+        .clone()
+        .or_else(|| config.interface.clone())
+        .context("no interface: set `interface:` in the configuration or pass --iface")?;
+    let link = link(&iface)?;
+    let mode = opts.xdp_mode.unwrap_or(config.xdp_mode);
+    attach::ensure_bpffs(&opts.pin_root)?;
+    let pin_dir = opts.pin_root.join(&iface);
+    std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {} failed", pin_dir.display()))?;
+    let adopting = dataplane::has_pinned_state(&pin_dir);
+    let sizes = MapSizes { conntrack: config.conntrack_size, maglev_pool: pool_size(&config), ..MapSizes::default() };
+    let mut dp = Dataplane::open(sizes, Some(&pin_dir))?;
+    if adopting && dp.sizes() != sizes {
+        warn!(
+            interface = iface,
+            "keeping the map sizes of the running dataplane {:?} (restart with `xdplb detach` first to resize)",
+            dp.sizes()
+        );
+    }
+    dp.set_config(&lb_config(&link, &config))?;
+    let (reconciler, adopted) = if adopting {
+        let (r, a) = Reconciler::adopt(&dp)?;
+        info!(
+            interface = iface,
+            "adopting the running dataplane: {} VIPs, {} backends, flows kept",
+            r.vip_count(),
+            a.len()
+        );
+        (r, a)
+    } else {
+        (Reconciler::new(&dp), Vec::new())
+    };
+
+    let (tx, mut transitions) = mpsc::unbounded_channel();
+    let neighbours = Neighbours::new(&iface, link.index)?;
+    let mut d = Daemon {
+        link,
+        seen_text: config_text.clone(),
+        config_text,
+        dp,
+        reconciler,
+        checker: Checker::new(tx),
+        neighbours,
+        observed: Observed::default(),
+        resolution: HashMap::new(),
+        status: Arc::new(Mutex::new(Status::default())),
+        previous: HashMap::new(),
+        previous_at: Instant::now(),
+        flows_by_backend: HashMap::new(),
+        ticks: 0,
+        config,
+        opts,
+    };
+    d.seed_from_adopted(&adopted);
+    d.start_checks(&adopted);
+    d.refresh_neighbours().await;
+    d.apply().context("filling the maps failed")?;
+
+    // Maps are full before the program sees a packet.
+    let attached = attach::attach(&mut d.dp, programs::BALANCER, &iface, mode, &pin_dir.join("link"))?;
+    let mode_text = match attached {
+        Attached::New(m) => {
+            info!(interface = iface, "XDP program attached in {m} mode");
+            m.to_string()
+        }
+        Attached::Replaced => {
+            info!(interface = iface, "XDP program replaced atomically in the running link");
+            "adopted".to_string()
+        }
+    };
+    {
+        let mut s = d.status.lock().unwrap();
+        s.pid = std::process::id();
+        s.interface = iface.clone();
+        s.config_file = d.opts.config.display().to_string();
+        s.xdp_mode = mode_text;
+        s.config_generation = 1;
+    }
+    if let Some(listen) = d.config.metrics_listen {
+        metrics::serve(listen, d.status.clone()).await?;
+        info!("serving Prometheus metrics on http://{listen}/metrics");
+    }
+    d.publish_status();
+    info!(interface = iface, "serving {} VIPs from {}", d.config.vips.len(), d.opts.config.display());
+
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some(t) = transitions.recv() => d.on_transition(t),
+            _ = hup.recv() => d.reload("SIGHUP"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => d.on_tick().await,
+        }
+    }
+    d.shutdown(&pin_dir)
+}
+
+impl Daemon {
+    fn vip_name(&self, key: &lb_common::maps::VipKey) -> Option<String> {
+        let a = addr::from_words(&key.addr, key.family);
+        self.config
+            .vips
+            .iter()
+            .find(|v| v.address == a && v.port == u16::from_be(key.port) && v.protocol.number() == key.protocol)
+            .map(|v| v.name.clone())
+    }
+
+    /// A restarted controller starts from what the dataplane was doing:
+    /// known MACs and health, so nothing changes until checks say so.
+    fn seed_from_adopted(&mut self, adopted: &[AdoptedBackend]) {
+        for a in adopted {
+            self.observed.next_hop_mac.insert(a.addr, a.value.mac);
+        }
+    }
+
+    fn start_checks(&mut self, adopted: &[AdoptedBackend]) {
+        let mut known: HashMap<BackendRef, bool> = HashMap::new();
+        for a in adopted {
+            if let Some(vip) = self.vip_name(&a.vip) {
+                let up = a.value.state == BACKEND_ACTIVE || a.value.state == BACKEND_DRAINING;
+                known.insert(BackendRef { vip, addr: a.addr, port: a.port }, up);
+            }
+        }
+        self.checker.sync(health_targets(&self.config), |t| {
+            known
+                .get(&t.backend)
+                .copied()
+                .unwrap_or(t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None)
+        });
+        self.sync_health();
+    }
+
+    fn sync_health(&mut self) {
+        let table = self.checker.table.lock().unwrap();
+        self.observed.healthy = table.iter().map(|(b, h)| (b.clone(), h.up)).collect();
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        let specs = desired::vip_specs(&self.config, &self.observed);
+        self.reconciler.apply(&mut self.dp, &specs)?;
+        Ok(())
+    }
+
+    fn apply_logged(&mut self, why: &str) {
+        if let Err(e) = self.apply() {
+            error!("updating the dataplane after {why} failed: {e:#}");
+        }
+    }
+
+    fn on_transition(&mut self, t: health::Transition) {
+        let b = &t.backend;
+        if t.up {
+            info!(vip = b.vip, backend = %b.addr, "backend UP: {}", t.reason);
+        } else {
+            warn!(vip = b.vip, backend = %b.addr, "backend DOWN: {}", t.reason);
+        }
+        self.observed.healthy.insert(t.backend.clone(), t.up);
+        self.apply_logged("a health change");
+    }
+
+    async fn refresh_neighbours(&mut self) -> bool {
+        let addrs = desired::addresses_to_resolve(&self.config);
+        let resolved = self.neighbours.resolve(&addrs).await;
+        let mut changed = false;
+        for (addr, r) in &resolved {
+            let before = self.observed.next_hop_mac.get(addr).copied();
+            let now = match r {
+                Resolution::Resolved { mac, .. } => Some(*mac),
+                // Waiting on a solicitation: keep a MAC we already had.
+                Resolution::Unresolved(why) if why.starts_with("waiting") => before,
+                Resolution::Unresolved(_) => None,
+            };
+            if before != now {
+                changed = true;
+                match (before, now, r) {
+                    (_, Some(mac), Resolution::Resolved { next_hop, .. }) => {
+                        info!(backend = %addr, "next hop {next_hop} is at {}", fmt_mac(&mac))
+                    }
+                    (Some(_), None, Resolution::Unresolved(why)) => warn!(backend = %addr, "backend not used: {why}"),
+                    _ => {}
+                }
+                match now {
+                    Some(m) => self.observed.next_hop_mac.insert(*addr, m),
+                    None => self.observed.next_hop_mac.remove(addr),
+                };
+            }
+        }
+        self.observed.next_hop_mac.retain(|a, _| addrs.contains(a));
+        self.resolution = resolved;
+        changed
+    }
+
+    async fn on_tick(&mut self) {
+        self.ticks += 1;
+        match std::fs::read_to_string(&self.opts.config) {
+            Ok(text) if text != self.seen_text => {
+                self.seen_text = text;
+                self.reload("the file changed");
+            }
+            _ => {}
+        }
+        if self.refresh_neighbours().await {
+            self.apply_logged("a next-hop change");
+        }
+        self.publish_status();
+    }
+
+    fn reload(&mut self, why: &str) {
+        let path = self.opts.config.display().to_string();
+        let generation = self.status.lock().unwrap().config_generation;
+        let new = match config::load(&self.opts.config) {
+            Ok(c) => c,
+            Err(errs) => {
+                for e in &errs.0 {
+                    error!("{e}");
+                }
+                error!(
+                    "reload ({why}) rejected: {} error(s) in {path}; still running generation {generation}",
+                    errs.0.len()
+                );
+                self.reject(errs.0.iter().map(ToString::to_string).collect());
+                return;
+            }
+        };
+        if new.interface.as_deref().is_some_and(|i| i != self.link.name) && self.opts.iface.is_none() {
+            let msg = format!("{path}: interface: changing the interface needs a restart of xdplb");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        let old = std::mem::replace(&mut self.config, new);
+        self.checker.sync(health_targets(&self.config), |t| {
+            t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
+        });
+        self.sync_health();
+        if let Err(e) = self.apply() {
+            error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");
+            self.config = old;
+            self.checker.sync(health_targets(&self.config), |_| false);
+            self.sync_health();
+            self.apply_logged("restoring the previous configuration");
+            self.reject(vec![format!("{path}: {e:#}")]);
+            return;
+        }
+        self.config_text = self.seen_text.clone();
+        let mut s = self.status.lock().unwrap();
+        s.config_generation += 1;
+        s.reloads_ok += 1;
+        s.last_reload_errors.clear();
+        info!("reload ({why}) applied: generation {}, {} VIPs", s.config_generation, self.config.vips.len());
+    }
+
+    fn reject(&mut self, errors: Vec<String>) {
+        let mut s = self.status.lock().unwrap();
+        s.reloads_failed += 1;
+        s.last_reload_errors = errors;
+    }
+
+    fn publish_status(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.previous_at).as_secs_f64().max(0.001);
+        self.previous_at = now;
+        // Walking the connection table costs a syscall per flow: every 5 s.
+        if self.ticks % 5 == 1 {
+            self.flows_by_backend.clear();
+            for (_, v) in self.dp.flows().into_iter().take(4_000_000) {
+                *self.flows_by_backend.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        let mut vips = Vec::new();
+        for v in &self.config.vips {
+            let spec_key = crate::reconcile::VipSpec {
+                name: v.name.clone(),
+                addr: v.address,
+                port: v.port,
+                protocol: v.protocol.number(),
+                forwarding: v.forwarding,
+                hash: v.hash,
+                table_size: v.table_size,
+                backends: Vec::new(),
+                pass_when_empty: false,
+            }
+            .key();
+            let Some(meta) = self.reconciler.vip_meta(&spec_key) else { continue };
+            let vc = self.dp.vip_counter(meta.vip_id).unwrap_or_default();
+            let mut rate = |k: (String, String, u16), packets: u64, bytes: u64| -> (f64, f64) {
+                let (pp, pb) = self.previous.insert(k, (packets, bytes)).unwrap_or((packets, bytes));
+                (packets.saturating_sub(pp) as f64 / dt, bytes.saturating_sub(pb) as f64 * 8.0 / dt)
+            };
+            let (pps, bps) = rate((v.name.clone(), String::new(), 0), vc.packets, vc.bytes);
+            let mut backends = Vec::new();
+            let mut listed: Vec<(IpAddr, u16, u32, bool)> =
+                v.backends.iter().map(|b| (b.address, b.port.unwrap_or(0), b.weight, false)).collect();
+            if let config::OnAllDown::SorryServer { address, port } = v.on_all_down {
+                listed.push((address, port.unwrap_or(0), 1, true));
+            }
+            for (address, port, weight, sorry) in listed {
+                let id = self.reconciler.backend_id(&spec_key, address, port);
+                if sorry && id.is_none() {
+                    continue;
+                }
+                let bref = BackendRef { vip: v.name.clone(), addr: address, port };
+                let health = self.checker.table.lock().unwrap().get(&bref).cloned();
+                let value = id.and_then(|i| self.dp.backend(i).ok());
+                let c = id.and_then(|i| self.dp.backend_counter(i).ok()).unwrap_or_default();
+                let (bpps, _) = rate((v.name.clone(), address.to_string(), port), c.packets, c.bytes);
+                let mac = self.observed.next_hop_mac.get(&address);
+                let state = match (sorry, value.map(|b| b.state), mac) {
+                    (true, _, _) => "sorry",
+                    (_, _, None) => "unresolved",
+                    (_, Some(BACKEND_ACTIVE), _) => "active",
+                    (_, Some(BACKEND_DRAINING), _) => "draining",
+                    _ => "down",
+                };
+                let last_check = match (&health, self.resolution.get(&address)) {
+                    (_, Some(Resolution::Unresolved(why))) if mac.is_none() => why.clone(),
+                    (Some(h), _) => h.last_result.clone(),
+                    (None, _) => String::new(),
+                };
+                backends.push(BackendStatus {
+                    address: address.to_string(),
+                    port,
+                    weight,
+                    health: if sorry || health.is_some_and(|h| h.up) { "up".into() } else { "down".into() },
+                    state: state.into(),
+                    last_check,
+                    next_hop_mac: mac.map(fmt_mac).unwrap_or_default(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    packets_per_second: bpps,
+                    flows: id.and_then(|i| self.flows_by_backend.get(&i)).copied().unwrap_or(0),
+                });
+            }
+            vips.push(VipStatus {
+                name: v.name.clone(),
+                address: v.address.to_string(),
+                port: v.port,
+                protocol: v.protocol.name().into(),
+                forwarding: match v.forwarding {
+                    Forwarding::Dsr => "dsr".into(),
+                    Forwarding::Ipip => "ipip".into(),
+                },
+                packets: vc.packets,
+                bytes: vc.bytes,
+                packets_per_second: pps,
+                bits_per_second: bps,
+                backends,
+            });
+        }
+        let reason_counts = self.dp.reasons().unwrap_or([0; reasons::COUNT as usize]);
+        let snapshot = {
+            let mut s = self.status.lock().unwrap();
+            s.updated_unix_ms = unix_ms();
+            s.vips = vips;
+            s.flows_tracked = self.flows_by_backend.values().sum();
+            s.reasons = reasons::NAMES.iter().zip(reason_counts).map(|(n, c)| (n.to_string(), c)).collect();
+            s.clone()
+        };
+        if let Err(e) = status::write(&self.opts.state_dir, &snapshot) {
+            warn!("cannot write the status file: {e:#}");
+        }
+    }
+
+    fn shutdown(self, pin_dir: &std::path::Path) -> Result<()> {
+        let iface = self.link.name.clone();
+        std::fs::remove_file(status::path(&self.opts.state_dir, &iface)).ok();
+        if self.opts.detach_on_exit {
+            drop(self.dp);
+            attach::detach(&pin_dir.join("link"))?;
+            remove_pins(pin_dir);
+            info!(interface = iface, "stopped; XDP program detached and pinned maps removed");
+        } else {
+            info!(
+                interface = iface,
+                "stopped; the dataplane keeps forwarding with the last state (`xdplb run` adopts it, `xdplb detach --iface {iface}` removes it)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Removes the pinned maps of a dataplane (not its links).
+pub fn remove_pins(pin_dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if !name.to_string_lossy().ends_with("link") {
+                std::fs::remove_file(e.path()).ok();
+            }
+        }
+    }
+    std::fs::remove_dir(pin_dir).ok();
+}
+
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,135 @@
+//! Configuration + what the controller observes (health, next-hop MACs) →
+//! the VIPs the dataplane should have. A pure function: the daemon calls it
+//! after every change and hands the result to the reconciler.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use crate::{
+    config::{Config, OnAllDown, VipConfig},
+    reconcile::{BackendSpec, VipSpec},
+};
+
+/// A backend as the health checker and status know it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendRef {
+    pub vip: String,
+    pub addr: IpAddr,
+    /// 0 when the backend has no port of its own.
+    pub port: u16,
+}
+
+impl BackendRef {
+    pub fn of(vip: &VipConfig, addr: IpAddr, port: Option<u16>) -> Self {
+        Self { vip: vip.name.clone(), addr, port: port.unwrap_or(0) }
+    }
+}
+
+/// What the controller knows beyond the file.
+#[derive(Default, Clone, Debug)]
+pub struct Observed {
+    /// Health by backend; absent means down.
+    pub healthy: HashMap<BackendRef, bool>,
+    /// MAC of the next hop toward each backend address; absent = unresolved.
+    pub next_hop_mac: HashMap<IpAddr, [u8; 6]>,
+}
+
+/// Every address the controller must resolve a next hop for.
+pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = config
+        .vips
+        .iter()
+        .flat_map(|v| {
+            let sorry = match v.on_all_down {
+                OnAllDown::SorryServer { address, .. } => Some(address),
+                _ => None,
+            };
+            v.backends.iter().map(|b| b.address).chain(sorry)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub fn vip_specs(config: &Config, observed: &Observed) -> Vec<VipSpec> {
+    config.vips.iter().map(|v| vip_spec(v, observed)).collect()
+}
+
+fn vip_spec(v: &VipConfig, observed: &Observed) -> VipSpec {
+    let mut backends: Vec<BackendSpec> = v
+        .backends
+        .iter()
+        .map(|b| {
+            let mac = observed.next_hop_mac.get(&b.address).copied();
+            let healthy = observed.healthy.get(&BackendRef::of(v, b.address, b.port)).copied().unwrap_or(false);
+            BackendSpec {
+                addr: b.address,
+                port: b.port.unwrap_or(0),
+                weight: b.weight,
+                mac: mac.unwrap_or_default(),
+                // A backend we cannot reach at layer 2 gets no traffic.
+                healthy: healthy && mac.is_some(),
+            }
+        })
+        .collect();
+    let any_up = backends.iter().any(|b| b.healthy && b.weight > 0);
+    if let (false, OnAllDown::SorryServer { address, port }) = (any_up, &v.on_all_down) {
+        let mac = observed.next_hop_mac.get(address).copied();
+        backends.push(BackendSpec {
+            addr: *address,
+            port: port.unwrap_or(0),
+            weight: 1,
+            mac: mac.unwrap_or_default(),
+            healthy: mac.is_some(),
+        });
+    }
+    VipSpec {
+        name: v.name.clone(),
+        addr: v.address,
+        port: v.port,
+        protocol: v.protocol.number(),
+        forwarding: v.forwarding,
+        hash: v.hash,
+        table_size: v.table_size,
+        backends,
+        pass_when_empty: v.on_all_down == OnAllDown::Pass,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const CONFIG: &str = "vips:\n  - name: web\n    address: 198.18.0.100\n    port: 80\n    on_all_down: sorry_server\n    sorry_server: {address: 198.18.0.99}\n    backends:\n      - address: 198.18.0.11\n      - address: 198.18.0.12\n        weight: 0\n";
+
+    fn observed(up: &[&str], resolved: &[&str]) -> Observed {
+        let mut o = Observed::default();
+        for a in up {
+            o.healthy.insert(BackendRef { vip: "web".into(), addr: a.parse().unwrap(), port: 0 }, true);
+        }
+        for a in resolved {
+            o.next_hop_mac.insert(a.parse().unwrap(), [2, 0, 0, 0, 0, 1]);
+        }
+        o
+    }
+
+    #[test]
+    fn health_and_resolution_decide_who_is_up() {
+        let c = config::parse("c.yaml", CONFIG).unwrap();
+        let all = ["198.18.0.11", "198.18.0.12", "198.18.0.99"];
+        let specs = vip_specs(&c, &observed(&["198.18.0.11", "198.18.0.12"], &all));
+        let b = &specs[0].backends;
+        assert_eq!(b.len(), 2, "no sorry server while a backend is up");
+        assert!(b[0].healthy && b[0].weight == 1 && b[1].healthy && b[1].weight == 0);
+        // Healthy but unresolved: not used.
+        let specs = vip_specs(&c, &observed(&["198.18.0.11"], &["198.18.0.99"]));
+        assert!(!specs[0].backends[0].healthy);
+        assert_eq!(specs[0].backends.len(), 3, "no backend up: the sorry server joins");
+        assert!(specs[0].backends[2].healthy && specs[0].backends[2].addr.to_string() == "198.18.0.99");
+        // A draining backend being up does not keep the sorry server away.
+        let specs = vip_specs(&c, &observed(&["198.18.0.12"], &all));
+        assert_eq!(specs[0].backends.len(), 3);
+        assert_eq!(addresses_to_resolve(&c).len(), 3);
+    }
+}

@@ -1,0 +1,122 @@
+//! Prometheus text exposition of the status snapshot, served over a minimal
+//! HTTP/1.1 endpoint (GET /metrics).
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+use tracing::warn;
+
+use crate::status::Status;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let vip = |f: &dyn Fn(&crate::status::VipStatus) -> f64| -> Vec<(String, f64)> {
+        s.vips.iter().map(|v| (format!("{{vip=\"{}\"}}", esc(&v.name)), f(v))).collect()
+    };
+    let backend = |f: &dyn Fn(&crate::status::BackendStatus) -> f64| -> Vec<(String, f64)> {
+        s.vips
+            .iter()
+            .flat_map(|v| {
+                v.backends.iter().map(move |b| {
+                    (format!("{{vip=\"{}\",backend=\"{}\",port=\"{}\"}}", esc(&v.name), esc(&b.address), b.port), f(b))
+                })
+            })
+            .collect()
+    };
+    family("xdplb_vip_packets_total", "counter", "Packets received for the VIP.", vip(&|v| v.packets as f64));
+    family("xdplb_vip_bytes_total", "counter", "Bytes received for the VIP.", vip(&|v| v.bytes as f64));
+    family("xdplb_backend_packets_total", "counter", "Packets sent to the backend.", backend(&|b| b.packets as f64));
+    family("xdplb_backend_bytes_total", "counter", "Bytes sent to the backend.", backend(&|b| b.bytes as f64));
+    family(
+        "xdplb_backend_up",
+        "gauge",
+        "1 if the backend passes its health check.",
+        backend(&|b| f64::from(u8::from(b.health == "up"))),
+    );
+    family("xdplb_backend_weight", "gauge", "Configured weight (0 = draining).", backend(&|b| b.weight as f64));
+    family("xdplb_backend_flows", "gauge", "Tracked flows pointing to the backend.", backend(&|b| b.flows as f64));
+    family(
+        "xdplb_flows_tracked",
+        "gauge",
+        "Flows in the connection table.",
+        vec![(String::new(), s.flows_tracked as f64)],
+    );
+    family(
+        "xdplb_packets_total",
+        "counter",
+        "Packets by what the dataplane did with them.",
+        s.reasons.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v as f64)).collect(),
+    );
+    family(
+        "xdplb_config_reloads_total",
+        "counter",
+        "Configuration reloads by result.",
+        vec![
+            ("{result=\"success\"}".into(), s.reloads_ok as f64),
+            ("{result=\"failure\"}".into(), s.reloads_failed as f64),
+        ],
+    );
+    family(
+        "xdplb_config_generation",
+        "gauge",
+        "Generation of the configuration in effect.",
+        vec![(String::new(), s.config_generation as f64)],
+    );
+    family(
+        "xdplb_config_last_reload_failed",
+        "gauge",
+        "1 if the last reload was rejected (the previous configuration stays in effect).",
+        vec![(String::new(), f64::from(u8::from(!s.last_reload_errors.is_empty())))],
+    );
+    o
+}
+
+/// Serves `/metrics` from the shared snapshot until the task is dropped.
+pub async fn serve(listen: SocketAddr, status: Arc<Mutex<Status>>) -> Result<()> {
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen for metrics on {listen}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, peer)) = listener.accept().await else { continue };
+            let status = status.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let (code, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+                    ("200 OK", render(&status.lock().unwrap()))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
+                let response = format!(
+                    "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if let Err(e) = conn.write_all(response.as_bytes()).await {
+                    warn!("metrics: writing to {peer} failed: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! What `xdplb status` shows and `/metrics` exports: a snapshot the running
+//! controller refreshes every second and writes, atomically, to
+//! `STATE_DIR/IFACE.json`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub pid: u32,
+    pub interface: String,
+    pub config_file: String,
+    /// How the program is attached: driver, skb, or adopted from a previous run.
+    pub xdp_mode: String,
+    pub updated_unix_ms: u64,
+    /// Incremented by every configuration that was applied.
+    pub config_generation: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// The errors of the last rejected configuration, if the last reload failed.
+    pub last_reload_errors: Vec<String>,
+    pub flows_tracked: u64,
+    /// Packets by reason (see lb_common::reasons), since the dataplane was loaded.
+    pub reasons: BTreeMap<String, u64>,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub forwarding: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub packets_per_second: f64,
+    pub bits_per_second: f64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+    /// up or down, from the health checker.
+    pub health: String,
+    /// active (new and existing flows), draining (existing only), down, or
+    /// unresolved (no next-hop MAC), sorry (the fallback server).
+    pub state: String,
+    pub last_check: String,
+    pub next_hop_mac: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub packets_per_second: f64,
+    /// Flows in the connection table that point to this backend.
+    pub flows: u64,
+}
+
+pub fn path(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.json"))
+}
+
+pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {} failed", state_dir.display()))?;
+    let dest = path(state_dir, &status.interface);
+    let tmp = dest.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)
+        .with_context(|| format!("writing {} failed", tmp.display()))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {} failed", dest.display()))
+}
+
+pub fn read(state_dir: &Path, iface: &str) -> Result<Status> {
+    let p = path(state_dir, iface);
+    let text = std::fs::read(&p)
+        .with_context(|| format!("no status at {}: is `xdplb run` running for interface {iface}?", p.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{} is not a status file", p.display()))
+}
+
+fn si(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+/// The table `xdplb status` prints.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "xdplb on {} ({} mode), pid {}, config {} generation {} ({} reloads ok, {} failed), {} flows tracked",
+        s.interface,
+        s.xdp_mode,
+        s.pid,
+        s.config_file,
+        s.config_generation,
+        s.reloads_ok,
+        s.reloads_failed,
+        s.flows_tracked
+    );
+    if !s.last_reload_errors.is_empty() {
+        let _ = writeln!(o, "LAST RELOAD REJECTED, still running generation {}:", s.config_generation);
+        for e in &s.last_reload_errors {
+            let _ = writeln!(o, "  {e}");
+        }
+    }
+    for v in &s.vips {
+        let _ = writeln!(
+            o,
+            "\nVIP {} {}:{}/{} {}  {} pkts {} bytes  {} pkt/s {}bit/s",
+            v.name,
+            v.address,
+            v.port,
+            v.protocol,
+            v.forwarding,
+            v.packets,
+            v.bytes,
+            si(v.packets_per_second),
+            si(v.bits_per_second)
+        );
+        let _ = writeln!(
+            o,
+            "  {:<28} {:>6} {:<6} {:<10} {:>12} {:>14} {:>9} {:>7}  last check",
+            "backend", "weight", "health", "state", "packets", "bytes", "pkt/s", "flows"
+        );
+        for b in &v.backends {
+            let addr = if b.port != 0 { format!("{}:{}", b.address, b.port) } else { b.address.clone() };
+            let _ = writeln!(
+                o,
+                "  {:<28} {:>6} {:<6} {:<10} {:>12} {:>14} {:>9} {:>7}  {}",
+                addr,
+                b.weight,
+                b.health,
+                b.state,
+                b.packets,
+                b.bytes,
+                si(b.packets_per_second),
+                b.flows,
+                b.last_check
+            );
+        }
+    }
+    let _ = writeln!(o, "\npackets by reason:");
+    for (k, v) in &s.reasons {
+        let _ = writeln!(o, "  {k:<26} {v}");
+    }
+    o
+}

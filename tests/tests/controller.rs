@@ -1,0 +1,237 @@
+//! The controller end to end: `xdplb run` in a network-namespace cluster with
+//! real HTTP servers and clients; reloads, restarts and counters.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use tests::topology::{
+    self, Cluster, ClusterSpec, KeepAlive, RequestStream, Servers, VIP4, VIP6, backend_states, http_get,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn cluster(backends: usize) -> Cluster {
+    let c = Cluster::new(ClusterSpec { backends, servers: Servers::Builtin, bin_dir: topology::bin_dir() });
+    for i in 0..backends {
+        c.start_server(i, 80);
+    }
+    c
+}
+
+/// A configuration with one VIP per entry of `vips` (name, address,
+/// forwarding), each over backends 0..n, fast health checks.
+fn config(vips: &[(&str, &str, &str)], n: usize, extra: &str) -> String {
+    let mut y = format!(
+        "interface: lb0\nmetrics_listen: 127.0.0.1:9464\nipip_source_v4: {}\nipip_source_v6: {}\n{extra}vips:\n",
+        topology::IPIP_SOURCE_V4,
+        topology::IPIP_SOURCE_V6
+    );
+    for (name, addr, fwd) in vips {
+        let v6 = addr.contains(':');
+        y += &format!("  - name: {name}\n    address: {addr}\n    port: 80\n    forwarding: {fwd}\n    backends:\n");
+        for i in 0..n {
+            let b = if v6 { topology::backend6(i) } else { topology::backend4(i) };
+            y += &format!("      - address: {b}\n");
+        }
+        y += "    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}\n";
+    }
+    y
+}
+
+fn vip(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse().unwrap(), port)
+}
+
+/// `n` GETs on new connections from the client; returns the server names.
+fn requests(c: &Cluster, target: SocketAddr, n: usize) -> Vec<String> {
+    c.client.enter(move || {
+        (0..n)
+            .map(|i| match http_get(target, "/", Duration::from_secs(3)) {
+                Ok((200, b)) => b,
+                other => panic!("request {i} to {target}: {other:?}"),
+            })
+            .collect()
+    })
+}
+
+fn spread(names: &[String], backends: usize) {
+    for i in 1..=backends {
+        let b = format!("b{i}");
+        assert!(names.contains(&b), "backend {b} served none of {} requests: {names:?}", names.len());
+    }
+}
+
+fn serves_http(forwarding: &str) {
+    let c = cluster(3);
+    if forwarding == "ipip" {
+        c.enable_decap();
+    }
+    let yaml = config(&[("web4", VIP4, forwarding), ("web6", VIP6, forwarding)], 3, "");
+    let path = c.write_config("xdplb.yaml", &yaml);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web4", &["active"; 3], WAIT);
+    c.wait_backend_states("web6", &["active"; 3], WAIT);
+    for target in [vip(VIP4, 80), vip(VIP6, 80)] {
+        let names = requests(&c, target, 60);
+        spread(&names, 3);
+    }
+    // The status is refreshed every second.
+    let s = c.wait_status(WAIT, "counters of both VIPs", |s| {
+        s["vips"].as_array().is_some_and(|vs| vs.iter().all(|v| v["packets"].as_u64() >= Some(60 * 3)))
+    });
+    for v in s["vips"].as_array().unwrap() {
+        let packets = v["packets"].as_u64().unwrap();
+        assert!(packets >= 60 * 3, "{}: {packets} packets for 60 connections", v["name"]);
+        let to_backends: u64 = v["backends"].as_array().unwrap().iter().map(|b| b["packets"].as_u64().unwrap()).sum();
+        assert_eq!(to_backends, packets, "every VIP packet went to a backend");
+    }
+}
+
+#[test]
+fn dsr_serves_http_over_ipv4_and_ipv6() {
+    serves_http("dsr");
+}
+
+#[test]
+fn ipip_serves_http_over_ipv4_and_ipv6() {
+    serves_http("ipip");
+}
+
+#[test]
+fn status_and_metrics_count_exactly_what_was_sent() {
+    let c = cluster(2);
+    let mut yaml = config(&[], 2, "");
+    yaml += &format!(
+        "  - name: echo\n    address: {VIP4}\n    port: 80\n    protocol: udp\n    backends:\n      - address: {}\n      - address: {}\n    health_check: {{type: tcp, port: 80, interval: 200ms, timeout: 150ms, rise: 1}}\n",
+        topology::backend4(0),
+        topology::backend4(1)
+    );
+    let path = c.write_config("xdplb.yaml", &yaml);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("echo", &["active", "active"], WAIT);
+    const N: usize = 200;
+    const PAYLOAD: usize = 100;
+    let replies = c.client.enter(|| {
+        let mut replies = Vec::new();
+        for i in 0..N {
+            // A new source port per datagram: a new flow each, spread over the backends.
+            let s = UdpSocket::bind("198.18.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(&[i as u8; PAYLOAD], vip(VIP4, 80)).unwrap();
+            let mut buf = [0u8; 512];
+            let (n, _) = s.recv_from(&mut buf).expect("echo reply");
+            replies.push(String::from_utf8_lossy(&buf[..3.min(n)]).to_string());
+        }
+        replies
+    });
+    assert!(replies.iter().any(|r| r == "b1:") && replies.iter().any(|r| r == "b2:"), "{replies:?}");
+    let frame = 14 + 20 + 8 + PAYLOAD as u64;
+    let s = c.wait_status(WAIT, "the VIP counters", |s| s["vips"][0]["packets"] == N as u64);
+    let v = &s["vips"][0];
+    assert_eq!(v["bytes"].as_u64().unwrap(), N as u64 * frame);
+    let b1 = v["backends"][0]["packets"].as_u64().unwrap();
+    let b2 = v["backends"][1]["packets"].as_u64().unwrap();
+    assert_eq!(b1 + b2, N as u64);
+    assert_eq!(b1, replies.iter().filter(|r| *r == "b1:").count() as u64, "b1's counter = replies from b1");
+
+    let metrics = c.lb.enter(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
+        use std::io::{Read as _, Write as _};
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(metrics.contains(&format!("xdplb_vip_packets_total{{vip=\"echo\"}} {N}\n")), "{metrics}");
+    assert!(metrics.contains(&format!("xdplb_vip_bytes_total{{vip=\"echo\"}} {}\n", N as u64 * frame)));
+    assert!(
+        metrics.contains(&format!(
+            "xdplb_backend_packets_total{{vip=\"echo\",backend=\"198.18.0.11\",port=\"0\"}} {b1}\n"
+        ))
+    );
+    assert!(metrics.contains("xdplb_backend_up{vip=\"echo\",backend=\"198.18.0.12\",port=\"0\"} 1\n"));
+    assert!(metrics.contains("xdplb_config_generation 1\n"));
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing() {
+    let c = cluster(2);
+    let good = config(&[("web", VIP4, "dsr")], 2, "");
+    let path = c.write_config("xdplb.yaml", &good);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    let stream = RequestStream::start(&c.client, vip(VIP4, 80), Duration::from_millis(20), 10_000);
+    std::thread::sleep(Duration::from_millis(500));
+    // An unknown key and a bad address: the whole file is rejected.
+    let bad =
+        good.replace("forwarding: dsr", "forwarding: dsr\n    colour: blue").replace("198.18.0.12", "198.18.0.999");
+    c.write_config("xdplb.yaml", &bad);
+    let s = c.wait_status(WAIT, "the rejected reload", |s| s["reloads_failed"] == 1);
+    assert_eq!(s["config_generation"], 1);
+    let errors: Vec<String> = s["last_reload_errors"].as_array().unwrap().iter().map(|e| e.to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("xdplb.yaml:10:5: vips[0].colour: unknown key")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("vips[0].backends[1].address: `198.18.0.999`")), "{errors:?}");
+    assert_eq!(backend_states(&s, "web"), ["active", "active"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = stream.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    assert!(samples.len() > 30 && failed.is_empty(), "{} requests, failures: {failed:?}", samples.len());
+    assert!(c.log("xdplb").contains("reload (the file changed) rejected"));
+}
+
+#[test]
+fn a_reload_that_adds_a_backend_keeps_a_keepalive_connection_on_its_backend() {
+    let c = cluster(3);
+    let path = c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 2, ""));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    let mut conns: Vec<(KeepAlive, String)> = (0..12)
+        .map(|_| {
+            let mut k = KeepAlive::open(&c.client, vip(VIP4, 80));
+            let (_, b) = k.get("/").unwrap();
+            (k, b)
+        })
+        .collect();
+    c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 3, ""));
+    c.wait_backend_states("web", &["active", "active", "active"], WAIT);
+    assert_eq!(c.status().unwrap()["config_generation"], 2);
+    for (k, first) in &mut conns {
+        for _ in 0..5 {
+            let (code, b) = k.get("/").expect("the keep-alive connection survives the reload");
+            assert_eq!((code, &b), (200, &*first), "a keep-alive connection changed backend");
+        }
+    }
+    // New connections reach the new backend.
+    spread(&requests(&c, vip(VIP4, 80), 60), 3);
+}
+
+#[test]
+fn kill_9_and_restart_lose_no_request() {
+    let c = cluster(3);
+    let path = c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr"), ("web6", VIP6, "dsr")], 3, ""));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active"; 3], WAIT);
+    c.wait_backend_states("web6", &["active"; 3], WAIT);
+    let v4 = RequestStream::start(&c.client, vip(VIP4, 80), Duration::from_millis(10), 100_000);
+    let v6 = RequestStream::start(&c.client, vip(VIP6, 80), Duration::from_millis(10), 100_000);
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill("xdplb");
+    // Nobody is steering now: the pinned dataplane forwards alone.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.status().is_none(), "the controller is gone");
+    c.start_xdplb("xdplb2", &path, &[]);
+    c.wait_status(WAIT, "the restarted controller", |s| {
+        s["xdp_mode"] == "adopted" && backend_states(s, "web") == ["active"; 3]
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (s4, s6) = (v4.stop(), v6.stop());
+    for (family, samples) in [("IPv4", s4), ("IPv6", s6)] {
+        let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+        assert!(samples.len() > 100, "{family}: only {} requests", samples.len());
+        assert!(failed.is_empty(), "{family}: {} of {} requests failed: {:?}", failed.len(), samples.len(), failed);
+    }
+    let log = c.log("xdplb2");
+    assert!(log.contains("adopting the running dataplane") && log.contains("replaced atomically"), "{log}");
+}
