@@ -52,6 +52,8 @@ pub struct BackendHealth {
     pub since: SystemTime,
     pub checks: u64,
     pub failures: u64,
+    /// Up/down changes since the checker started.
+    pub transitions: u64,
 }
 
 pub type HealthTable = Arc<Mutex<HashMap<BackendRef, BackendHealth>>>;
@@ -97,6 +99,7 @@ impl Checker {
                     since: SystemTime::now(),
                     checks: 0,
                     failures: 0,
+                    transitions: 0,
                 },
             );
             let handle = tokio::spawn(run(target.clone(), up, self.events.clone(), self.table.clone()));
@@ -168,10 +171,16 @@ async fn run(target: Target, mut up: bool, events: mpsc::UnboundedSender<Transit
                 if changed {
                     h.up = up;
                     h.since = SystemTime::now();
+                    h.transitions += 1;
                 }
             }
         }
-        if changed && events.send(Transition { backend: target.backend.clone(), up, reason: text }).is_err() {
+        let reason = if ok {
+            format!("{passes} consecutive checks passed")
+        } else {
+            format!("{fails} consecutive checks failed, last: {text}")
+        };
+        if changed && events.send(Transition { backend: target.backend.clone(), up, reason }).is_err() {
             return;
         }
         // ±5% around the interval, measured from the start of this check.

@@ -51,6 +51,12 @@ pub fn render(s: &Status) -> String {
         "1 if the backend passes its health check.",
         backend(&|b| f64::from(u8::from(b.health == "up"))),
     );
+    family(
+        "xdplb_backend_health_transitions_total",
+        "counter",
+        "Up/down changes of the backend's health.",
+        backend(&|b| b.transitions as f64),
+    );
     family("xdplb_backend_weight", "gauge", "Configured weight (0 = draining).", backend(&|b| b.weight as f64));
     family("xdplb_backend_flows", "gauge", "Tracked flows pointing to the backend.", backend(&|b| b.flows as f64));
     family(

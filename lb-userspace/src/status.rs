@@ -56,6 +56,8 @@ pub struct BackendStatus {
     /// unresolved (no next-hop MAC), sorry (the fallback server).
     pub state: String,
     pub last_check: String,
+    /// Health changes seen by the checker.
+    pub transitions: u64,
     pub next_hop_mac: String,
     pub packets: u64,
     pub bytes: u64,

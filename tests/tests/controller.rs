@@ -235,3 +235,47 @@ fn kill_9_and_restart_lose_no_request() {
     let log = c.log("xdplb2");
     assert!(log.contains("adopting the running dataplane") && log.contains("replaced atomically"), "{log}");
 }
+
+#[test]
+fn a_backend_whose_mac_changes_keeps_receiving_traffic() {
+    let c = cluster(2);
+    let path = c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 2, ""));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    let old = c.status().unwrap()["vips"][0]["backends"][0]["next_hop_mac"].as_str().unwrap().to_string();
+    // The new NIC announces itself (gratuitous ARP), as a replaced server would.
+    c.backends[0].sysctl("net.ipv4.conf.b1.arp_notify", "1");
+    c.backends[0].ip("link set b1 address 02:00:5e:10:00:01");
+    let s = c.wait_status(WAIT, "the new MAC", |s| s["vips"][0]["backends"][0]["next_hop_mac"] == "02:00:5e:10:00:01");
+    assert_ne!(old, "02:00:5e:10:00:01");
+    assert_eq!(backend_states(&s, "web"), ["active", "active"]);
+    spread(&requests(&c, vip(VIP4, 80), 40), 2);
+    assert!(c.log("xdplb").contains("next hop 198.18.0.11 is at 02:00:5e:10:00:01"));
+}
+
+#[test]
+fn sigterm_keeps_the_dataplane_unless_asked_to_detach() {
+    let c = cluster(2);
+    let path = c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 2, ""));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    c.signal("xdplb", libc::SIGTERM);
+    assert!(c.wait_exit("xdplb", WAIT).is_some_and(|s| s.success()), "clean exit on SIGTERM");
+    spread(&requests(&c, vip(VIP4, 80), 30), 2);
+    assert!(c.pin_root.join("lb0/link").exists());
+
+    c.start_xdplb("xdplb2", &path, &["--detach-on-exit"]);
+    c.wait_status(WAIT, "the second controller", |s| s["xdp_mode"] == "adopted");
+    c.signal("xdplb2", libc::SIGINT);
+    assert!(c.wait_exit("xdplb2", WAIT).is_some_and(|s| s.success()));
+    assert!(!c.pin_root.join("lb0").exists(), "pins removed");
+    let link = c.lb.ip("link show lb0");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains(" xdp "),
+        "program detached: {}\n{}",
+        String::from_utf8_lossy(&link.stdout),
+        c.log("xdplb2")
+    );
+    let r = c.client.enter(|| http_get(vip(VIP4, 80), "/", Duration::from_millis(1000)));
+    assert!(r.is_err(), "nothing balances the VIP any more: {r:?}");
+}

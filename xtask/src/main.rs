@@ -44,6 +44,7 @@ fn main() -> Result<()> {
             cargo(&["fmt", "--all", "--check"])?;
             step("checking lints (cargo clippy --all-targets -- -D warnings)");
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            setup::remove_test_leftovers();
             step("building the xdplb binary the integration tests run");
             cargo(&["build", "--bin", "xdplb"])?;
             step("running all tests");

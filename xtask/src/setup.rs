@@ -106,3 +106,40 @@ fn rust_src() -> Result<()> {
     }
     Ok(())
 }
+
+/// Namespaces and BPF filesystems of test runs that were killed before they
+/// could clean up (every test removes its own otherwise). Only names the
+/// tests create are touched: namespaces `xdplbt-*`, mounts under
+/// /tmp/xdplb-test-*.
+pub fn remove_test_leftovers() {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let names: Vec<String> = out
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let stale: Vec<&String> = names.iter().filter(|n| n.starts_with("xdplbt-")).collect();
+    let tmp = std::env::temp_dir();
+    let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&tmp)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("xdplb-test-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    if stale.is_empty() && dirs.is_empty() {
+        return;
+    }
+    step(&format!("removing {} namespaces and {} directories left by interrupted test runs", stale.len(), dirs.len()));
+    for n in stale {
+        quiet(Command::new("ip").args(["netns", "del", n]));
+    }
+    for d in dirs {
+        quiet(Command::new("umount").arg("-l").arg(d.join("bpffs")));
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
