@@ -48,7 +48,7 @@ fn main() -> Result<()> {
             step("building the xdplb binary the integration tests run");
             cargo(&["build", "--bin", "xdplb"])?;
             step("running all tests");
-            let mut test = vec!["test", "--workspace"];
+            let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
         }
