@@ -37,8 +37,14 @@ pub const DROP_BAD_BACKEND: u32 = 13;
 /// The VIP has no backend up and is configured `on_all_down: pass`: XDP_PASS.
 pub const PASS_ALL_DOWN: u32 = 14;
 
+/// A TCP SYN (a new connection reusing the 5-tuple of a tracked flow) whose
+/// tracked backend is draining: chosen again, so a drained server gets no
+/// new connection even when a client reuses a source port (as IPVS's
+/// conn_reuse_mode).
+pub const CONNTRACK_SYN_RESCHEDULED: u32 = 15;
+
 /// Number of reasons; the size of the reasons counter map.
-pub const COUNT: u32 = 15;
+pub const COUNT: u32 = 16;
 
 /// Names for logs, `status` and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -57,4 +63,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "conntrack_insert_failed",
     "drop_bad_backend",
     "pass_all_down",
+    "conntrack_syn_rescheduled",
 ];

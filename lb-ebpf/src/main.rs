@@ -79,7 +79,8 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
     } else {
         flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
     };
-    let (backend_id, backend) = match choose_backend(&pkt.flow, &vip, hash) {
+    let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+    let (backend_id, backend) = match choose_backend(&pkt.flow, &vip, hash, new_connection) {
         Ok(b) => b,
         Err(reasons::DROP_NO_BACKEND) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
             return (XDP_PASS, reasons::PASS_ALL_DOWN);
@@ -101,16 +102,19 @@ fn for_vip_address(dst: &AddrKey, action: u32, reason: u32) -> (u32, u32) {
 /// the table changes; Maglev for new flows and for flows whose backend went
 /// down or away. Counts the conntrack outcome itself.
 #[inline(always)]
-fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32) -> Result<(u32, Backend), u32> {
+fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32, new_connection: bool) -> Result<(u32, Backend), u32> {
     if let Some(tracked) = unsafe { FLOWS.get(flow) } {
         let tracked = *tracked;
-        if let Some(b) = BACKENDS.get(tracked.backend_id) {
-            if b.generation == tracked.generation && (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING) {
+        let backend = BACKENDS.get(tracked.backend_id).filter(|b| b.generation == tracked.generation);
+        match backend {
+            Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
                 count_reason(reasons::CONNTRACK_HIT);
                 return Ok((tracked.backend_id, *b));
             }
+            // A client reusing a source port opens a new connection: not to a draining server.
+            Some(b) if b.state == BACKEND_DRAINING => count_reason(reasons::CONNTRACK_SYN_RESCHEDULED),
+            _ => count_reason(reasons::CONNTRACK_STALE),
         }
-        count_reason(reasons::CONNTRACK_STALE);
     } else {
         count_reason(reasons::CONNTRACK_MISS);
     }

@@ -51,13 +51,18 @@ pub struct Ipv6Hdr {
     pub dst: [u8; 16],
 }
 
-/// The minimum TCP header; only the ports are read.
+/// The minimum TCP header; the ports and flags are read.
 #[repr(C)]
 struct TcpHdr {
     sport: u16,
     dport: u16,
-    _rest: [u8; 16],
+    _seq_ack_off: [u8; 9],
+    flags: u8,
+    _rest: [u8; 6],
 }
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 struct UdpHdr {
@@ -107,6 +112,8 @@ pub struct Packet {
     pub l3_len: u32,
     /// IPv4 TOS / IPv6 traffic class, copied to an outer header.
     pub tos: u8,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 pub enum Parsed {
@@ -151,8 +158,8 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
         return Parsed::Fragment(dst);
     }
-    let (sport, dport) = match ports(ctx, ip.protocol, ETH_LEN + ihl) {
-        Ports::Found(s, d) => (s, d),
+    let (sport, dport, tcp_flags) = match ports(ctx, ip.protocol, ETH_LEN + ihl) {
+        Ports::Found(s, d, f) => (s, d, f),
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
     };
@@ -168,6 +175,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
         },
         l3_len: tot_len as u32,
         tos: ip.tos,
+        tcp_flags,
     })
 }
 
@@ -209,8 +217,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
             return Parsed::MalformedL4(dst);
         }
     }
-    let (sport, dport) = match ports(ctx, next, off) {
-        Ports::Found(s, d) => (s, d),
+    let (sport, dport, tcp_flags) = match ports(ctx, next, off) {
+        Ports::Found(s, d, f) => (s, d, f),
         Ports::NotTcpUdp if matches!(next, 0 | 43 | 60 | 51) => return Parsed::MalformedL4(dst),
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
@@ -227,11 +235,13 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         },
         l3_len: u16::from_be(ip.payload_len) as u32 + core::mem::size_of::<Ipv6Hdr>() as u32,
         tos: (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4),
+        tcp_flags,
     })
 }
 
 enum Ports {
-    Found(u16, u16),
+    /// Source port, destination port, TCP flags.
+    Found(u16, u16, u8),
     NotTcpUdp,
     Truncated,
 }
@@ -240,11 +250,11 @@ enum Ports {
 fn ports(ctx: &XdpContext, protocol: u8, off: usize) -> Ports {
     match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(ctx, off) {
-            Some(t) => unsafe { Ports::Found((*t).sport, (*t).dport) },
+            Some(t) => unsafe { Ports::Found((*t).sport, (*t).dport, (*t).flags) },
             None => Ports::Truncated,
         },
         PROTO_UDP => match ptr_at::<UdpHdr>(ctx, off) {
-            Some(u) => unsafe { Ports::Found((*u).sport, (*u).dport) },
+            Some(u) => unsafe { Ports::Found((*u).sport, (*u).dport, 0) },
             None => Ports::Truncated,
         },
         _ => Ports::NotTcpUdp,

@@ -42,6 +42,18 @@ pub fn frame(l4: L4, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8
     out
 }
 
+/// Like `frame`, but a TCP SYN: the first packet of a connection.
+pub fn syn(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    let mut f = frame(L4::Tcp, src, sport, dst, dport);
+    let l4 = if src.is_ipv4() { 34 } else { 54 };
+    f[l4 + 13] = 0x02;
+    // The flags are covered by the checksum: fix it up (RFC 1624).
+    let old = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    let sum = fold(!old as u32 + 0x0002);
+    f[l4 + 16..l4 + 18].copy_from_slice(&(!sum).to_be_bytes());
+    f
+}
+
 /// Ones' complement sum of `data` (odd trailing byte padded), unfolded.
 fn sum16(data: &[u8]) -> u32 {
     let mut sum = 0u32;
@@ -162,6 +174,8 @@ mod tests {
         let mut bad = f.clone();
         bad[40] ^= 1;
         assert!(!l4_checksum_ok(&bad[14..]), "the verifier must catch a flipped bit");
+        let s = syn("198.18.1.1".parse().unwrap(), 4000, "198.18.0.100".parse().unwrap(), 80);
+        assert!(l4_checksum_ok(&s[14..]) && s[34 + 13] == 0x02);
         let g = frame(L4::Udp, "2001:db8::1".parse().unwrap(), 4000, "2001:db8::100".parse().unwrap(), 53);
         assert!(l4_checksum_ok(&g[14..]));
         assert!(l4_checksum_ok(&with_ipv6_ext(&g, 0)[14..]));

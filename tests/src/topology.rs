@@ -585,9 +585,12 @@ impl Drop for RequestStream {
     }
 }
 
-/// Directory of the binaries next to the running test executable
-/// (target/debug for target/debug/deps/TEST).
+/// Directory of the binaries: $XDPLB_BIN_DIR, or the one next to the running
+/// executable (target/debug for target/debug/deps/TEST).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDPLB_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
     let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };

@@ -428,6 +428,28 @@ fn drain_keeps_established_flows_and_down_moves_them() {
 }
 
 #[test]
+fn a_syn_reusing_a_drained_flow_is_rescheduled() {
+    let mut e = Engine::new();
+    let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(std::slice::from_ref(&s));
+    // Flows that landed on backend 0, established.
+    let on_0: Vec<u32> = (0..300).filter(|&i| e.predicted_backend(&s, client(false, i), 7000) == 0).take(20).collect();
+    for &i in &on_0 {
+        assert_eq!(backend_of(&e.run(&packets::syn(client(false, i), 7000, s.addr, 80)).frame), 0);
+    }
+    let mut drained = s.clone();
+    drained.backends[0].weight = 0;
+    e.apply(std::slice::from_ref(&drained));
+    for &i in &on_0 {
+        // Packets of the established connection still reach it...
+        assert_eq!(backend_of(&e.run(&frame(L4::Tcp, client(false, i), 7000, s.addr, 80)).frame), 0);
+        // ...but a new connection from a reused port does not.
+        assert_ne!(backend_of(&e.run(&packets::syn(client(false, i), 7000, s.addr, 80)).frame), 0);
+    }
+    assert_eq!(e.reasons()[reasons::CONNTRACK_SYN_RESCHEDULED as usize], on_0.len() as u64);
+}
+
+#[test]
 fn no_backend_drops_and_counts() {
     let mut e = Engine::new();
     let mut s = spec(false, L4::Tcp, Forwarding::Dsr);

@@ -22,6 +22,19 @@ enum Cmd {
     Setup,
     /// Set up, then build the eBPF object and the `xdplb` binary (release).
     Build,
+    /// Set up, build, and run the demo: a web cluster in network namespaces,
+    /// balanced by xdplb, with a live view and a scripted failure story.
+    Demo {
+        /// Leave the cluster running afterwards and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+        /// No live table: one line per step and a final SUMMARY line.
+        #[arg(long)]
+        non_interactive: bool,
+        /// Only remove a cluster left by `--keep` (or an interrupted run).
+        #[arg(long)]
+        clean: bool,
+    },
     /// Set up, build, check formatting and lints, and run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -36,6 +49,25 @@ fn main() -> Result<()> {
         Cmd::Build => {
             setup::run()?;
             cargo(&["build", "--release", "--bin", "xdplb"])
+        }
+        Cmd::Demo { keep, non_interactive, clean } => {
+            setup::require_root("the demo creates network namespaces and loads eBPF programs")?;
+            if clean {
+                setup::remove_test_leftovers();
+                return Ok(());
+            }
+            setup::run()?;
+            setup::remove_test_leftovers();
+            step("building xdplb and the demo (release)");
+            cargo(&["build", "--release", "--bin", "xdplb", "--bin", "xdplb-demo"])?;
+            let mut demo = Command::new("target/release/xdplb-demo");
+            if keep {
+                demo.arg("--keep");
+            }
+            if non_interactive {
+                demo.arg("--non-interactive");
+            }
+            exec(&mut demo)
         }
         Cmd::Test { args } => {
             setup::run()?;

@@ -136,6 +136,12 @@ pub fn remove_test_leftovers() {
     }
     step(&format!("removing {} namespaces and {} directories left by interrupted test runs", stale.len(), dirs.len()));
     for n in stale {
+        // Servers and controllers still running in the namespace go first.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", n]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         quiet(Command::new("ip").args(["netns", "del", n]));
     }
     for d in dirs {
