@@ -50,6 +50,8 @@ pub mod programs {
     pub const DECAP: &str = "xdplb_decap";
     /// Plain XDP_PASS, for the peer of a veth the balancer transmits on.
     pub const PASS: &str = "xdplb_pass";
+    /// Parse + MAC swap + XDP_TX: the benchmarks' floor, never attached.
+    pub const BENCH_FLOOR: &str = "xdplb_bench_floor";
 }
 
 /// A VIP: address, port and protocol. Key of `VIPS`.

@@ -97,6 +97,18 @@ fn pool_size(config: &Config) -> u32 {
     (2 * tables + 2 * 65_537).clamp(DEFAULT_MAGLEV_POOL as u64, u32::MAX as u64 / 2) as u32
 }
 
+/// Map capacities for a configuration, with room to grow by reloads.
+fn map_sizes(config: &Config) -> MapSizes {
+    let d = MapSizes::default();
+    let backends: usize = config.vips.iter().map(|v| v.backends.len() + 1).sum();
+    MapSizes {
+        max_vips: d.max_vips.max((config.vips.len() * 2).next_power_of_two() as u32),
+        max_backends: d.max_backends.max((backends * 2).next_power_of_two() as u32),
+        conntrack: config.conntrack_size,
+        maglev_pool: pool_size(config),
+    }
+}
+
 fn health_targets(config: &Config) -> Vec<Target> {
     config
         .vips
@@ -135,9 +147,11 @@ struct Daemon {
     previous_at: Instant,
     flows_by_backend: HashMap<u32, u64>,
     ticks: u64,
+    publish_cost: Duration,
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let started = Instant::now();
     let config = config::load(&opts.config)
         .map_err(|e| anyhow!("{e}\n{}: {} error(s); nothing was started", opts.config.display(), e.0.len()))?;
     let config_text = std::fs::read_to_string(&opts.config)?;
@@ -152,7 +166,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let pin_dir = opts.pin_root.join(&iface);
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {} failed", pin_dir.display()))?;
     let adopting = dataplane::has_pinned_state(&pin_dir);
-    let sizes = MapSizes { conntrack: config.conntrack_size, maglev_pool: pool_size(&config), ..MapSizes::default() };
+    let sizes = map_sizes(&config);
     let mut dp = Dataplane::open(sizes, Some(&pin_dir))?;
     if adopting && dp.sizes() != sizes {
         warn!(
@@ -192,6 +206,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         previous_at: Instant::now(),
         flows_by_backend: HashMap::new(),
         ticks: 0,
+        publish_cost: Duration::ZERO,
         config,
         opts,
     };
@@ -225,7 +240,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         info!("serving Prometheus metrics on http://{listen}/metrics");
     }
     d.publish_status();
-    info!(interface = iface, "serving {} VIPs from {}", d.config.vips.len(), d.opts.config.display());
+    let backends: usize = d.config.vips.iter().map(|v| v.backends.len()).sum();
+    info!(
+        interface = iface,
+        "serving {} VIPs, {backends} backends from {} (ready in {} ms)",
+        d.config.vips.len(),
+        d.opts.config.display(),
+        started.elapsed().as_millis()
+    );
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -234,7 +256,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            Some(t) = transitions.recv() => d.on_transition(t),
+            Some(t) = transitions.recv() => {
+                // One apply for every transition already queued.
+                let mut batch = vec![t];
+                while let Ok(more) = transitions.try_recv() {
+                    batch.push(more);
+                }
+                d.on_transitions(batch);
+            }
             _ = hup.recv() => d.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -296,14 +325,16 @@ impl Daemon {
         }
     }
 
-    fn on_transition(&mut self, t: health::Transition) {
-        let b = &t.backend;
-        if t.up {
-            info!(vip = b.vip, backend = %b.addr, "backend UP: {}", t.reason);
-        } else {
-            warn!(vip = b.vip, backend = %b.addr, "backend DOWN: {}", t.reason);
+    fn on_transitions(&mut self, batch: Vec<health::Transition>) {
+        for t in batch {
+            let b = &t.backend;
+            if t.up {
+                info!(vip = b.vip, backend = %b.addr, "backend UP: {}", t.reason);
+            } else {
+                warn!(vip = b.vip, backend = %b.addr, "backend DOWN: {}", t.reason);
+            }
+            self.observed.healthy.insert(t.backend.clone(), t.up);
         }
-        self.observed.healthy.insert(t.backend.clone(), t.up);
         self.apply_logged("a health change");
     }
 
@@ -351,10 +382,16 @@ impl Daemon {
         if self.refresh_neighbours().await {
             self.apply_logged("a next-hop change");
         }
-        self.publish_status();
+        // With very many backends a status costs real time: keep it under 10%.
+        if self.previous_at.elapsed() >= self.publish_cost * 10 {
+            let started = Instant::now();
+            self.publish_status();
+            self.publish_cost = started.elapsed();
+        }
     }
 
     fn reload(&mut self, why: &str) {
+        let started = Instant::now();
         let path = self.opts.config.display().to_string();
         let generation = self.status.lock().unwrap().config_generation;
         let new = match config::load(&self.opts.config) {
@@ -396,7 +433,12 @@ impl Daemon {
         s.config_generation += 1;
         s.reloads_ok += 1;
         s.last_reload_errors.clear();
-        info!("reload ({why}) applied: generation {}, {} VIPs", s.config_generation, self.config.vips.len());
+        info!(
+            "reload ({why}) applied: generation {}, {} VIPs, in {} ms",
+            s.config_generation,
+            self.config.vips.len(),
+            started.elapsed().as_millis()
+        );
     }
 
     fn reject(&mut self, errors: Vec<String>) {

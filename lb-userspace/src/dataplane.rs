@@ -198,7 +198,7 @@ impl Dataplane {
                 "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN? \
                  if pinned maps from an older xdplb are in the way, run `xdplb detach --iface IF` first)",
             )?;
-        for name in [programs::BALANCER, programs::DECAP, programs::PASS] {
+        for name in [programs::BALANCER, programs::DECAP, programs::PASS, programs::BENCH_FLOOR] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the eBPF object has no program {name}"))?
@@ -300,6 +300,10 @@ impl Dataplane {
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.flows.get(key, 0).ok()
+    }
+
+    pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.flows.insert(key, value, 0).context("writing a flow to the FLOWS map failed")
     }
 
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {

@@ -102,7 +102,13 @@ impl Checker {
                     transitions: 0,
                 },
             );
-            let handle = tokio::spawn(run(target.clone(), up, self.events.clone(), self.table.clone()));
+            // `none` is always healthy: no task, no timer.
+            let handle = if target.check.kind == CheckKind::None {
+                table.get_mut(&backend).expect("inserted above").up = true;
+                tokio::spawn(async {})
+            } else {
+                tokio::spawn(run(target.clone(), up, self.events.clone(), self.table.clone()))
+            };
             self.tasks.insert(backend, (target, handle));
         }
     }
@@ -215,7 +221,8 @@ pub async fn check_once(target: &Target) -> Result<(), String> {
             // Bounded: the status line and, if asked for, 64 KiB of body.
             let limit = if expect_body.is_some() { 65_536 } else { 1024 };
             let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 4096];
+            // On the heap: a future per backend stays small with thousands of backends.
+            let mut chunk = vec![0u8; 4096];
             while buf.len() < limit {
                 let n = stream.read(&mut chunk).await.map_err(|e| format!("reading the response: {e}"))?;
                 if n == 0 {

@@ -1,9 +1,10 @@
 //! Next hops and their MAC addresses, from the kernel over netlink.
 //!
-//! For each backend: ask the routing table for the route to it (the gateway,
-//! or the backend itself on a connected subnet), check it leaves through the
-//! balanced interface (XDP_TX can only send there), and read the next hop's
-//! MAC from the neighbour table. A missing entry is solicited by sending an
+//! For each backend: find its route in the main routing table (the gateway,
+//! or the backend itself on a connected subnet; one dump per refresh, matched
+//! locally, so 100,000 backends cost two netlink dumps), check it leaves
+//! through the balanced interface (XDP_TX can only send there), and read the
+//! next hop's MAC from the neighbour table. A missing entry is solicited by sending an
 //! empty UDP datagram to the next hop's discard port, which makes the kernel
 //! resolve it (ARP or neighbour discovery).
 
@@ -16,9 +17,31 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::{RouteAddress, RouteAttribute},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
+
+struct Route {
+    dst: Option<IpAddr>,
+    len: u8,
+    gateway: Option<IpAddr>,
+    oif: Option<u32>,
+}
+
+/// Whether `prefix/len` contains `addr`.
+fn contains(prefix: IpAddr, len: u8, addr: IpAddr) -> bool {
+    match (prefix, addr) {
+        (IpAddr::V4(p), IpAddr::V4(a)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+            u32::from(p) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(p), IpAddr::V6(a)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len.min(128)) };
+            u128::from(p) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
 
 /// How a backend is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,10 +60,6 @@ pub struct Neighbours {
     iface: String,
 }
 
-fn full_prefix(a: IpAddr) -> u8 {
-    if a.is_ipv4() { 32 } else { 128 }
-}
-
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
@@ -57,38 +76,56 @@ impl Neighbours {
         Ok(Self { handle, ifindex, iface: iface.to_string() })
     }
 
-    /// The next hop toward `dst`.
-    async fn next_hop(&self, dst: IpAddr) -> Result<IpAddr> {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, full_prefix(dst))
-            .map_err(|e| anyhow!("{e:?}"))?
-            .build();
-        let route = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_next()
-            .await
-            .map_err(|e| anyhow!("no route to {dst}: {e}"))?
-            .ok_or_else(|| anyhow!("no route to {dst}"))?;
-        let mut gateway = None;
-        let mut oif = None;
-        for attr in &route.attributes {
-            match attr {
-                RouteAttribute::Gateway(g) => gateway = route_addr(g),
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                _ => {}
+    /// The main routing table, both families: one dump, however many backends.
+    async fn routes(&self) -> Result<Vec<Route>> {
+        let mut out = Vec::new();
+        for msg in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut dump = self.handle.route().get(msg).execute();
+            while let Some(r) = dump.try_next().await.context("dumping the routing table failed")? {
+                if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let mut route = Route { dst: None, len: r.header.destination_prefix_length, gateway: None, oif: None };
+                for attr in &r.attributes {
+                    match attr {
+                        RouteAttribute::Destination(d) => route.dst = route_addr(d),
+                        RouteAttribute::Gateway(g) => route.gateway = route_addr(g),
+                        RouteAttribute::Oif(i) => route.oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                if route.dst.is_none() {
+                    // The default route.
+                    route.dst = Some(match r.header.address_family {
+                        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                        _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    });
+                }
+                out.push(route);
             }
         }
-        if oif != Some(self.ifindex) {
-            let other = oif.map_or("no interface".to_string(), |i| format!("interface index {i}"));
+        Ok(out)
+    }
+
+    /// The next hop toward `dst`: longest-prefix match over the main table
+    /// (policy routing is not consulted).
+    fn next_hop(&self, routes: &[Route], dst: IpAddr) -> Result<IpAddr> {
+        let route = routes
+            .iter()
+            .filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst)))
+            .max_by_key(|r| r.len)
+            .ok_or_else(|| anyhow!("no route to {dst}"))?;
+        if route.oif != Some(self.ifindex) {
+            let other = route.oif.map_or("no interface".to_string(), |i| format!("interface index {i}"));
             bail!(
                 "the route to {dst} leaves through {other}, not {}: xdplb can only send to backends reachable through the interface it is attached to",
                 self.iface
             );
         }
-        Ok(gateway.unwrap_or(dst))
+        Ok(route.gateway.unwrap_or(dst))
     }
 
     /// The interface's neighbour table: address → MAC, for usable entries.
@@ -125,7 +162,11 @@ impl Neighbours {
 
     /// Resolves every address; solicits the next hops not yet in the table.
     pub async fn resolve(&self, addrs: &[IpAddr]) -> HashMap<IpAddr, Resolution> {
-        let table = match self.table().await {
+        let tables = match self.routes().await {
+            Ok(routes) => self.table().await.map(|t| (routes, t)),
+            Err(e) => Err(e),
+        };
+        let (routes, table) = match tables {
             Ok(t) => t,
             Err(e) => {
                 let why = format!("{e:#}");
@@ -134,7 +175,7 @@ impl Neighbours {
         };
         let mut out = HashMap::new();
         for &addr in addrs {
-            let r = match self.next_hop(addr).await {
+            let r = match self.next_hop(&routes, addr) {
                 Err(e) => Resolution::Unresolved(format!("{e:#}")),
                 Ok(nh) => match table.get(&nh) {
                     Some(mac) => Resolution::Resolved { next_hop: nh, mac: *mac },
@@ -159,5 +200,20 @@ fn solicit(addr: IpAddr) {
     let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     if let Ok(sock) = UdpSocket::bind(bind) {
         let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+
+    #[test]
+    fn prefixes_contain_addresses() {
+        let a = |s: &str| s.parse().unwrap();
+        assert!(contains(a("198.18.0.0"), 24, a("198.18.0.77")));
+        assert!(!contains(a("198.18.0.0"), 24, a("198.18.1.1")));
+        assert!(contains(a("0.0.0.0"), 0, a("198.18.1.1")));
+        assert!(contains(a("2001:db8::"), 64, a("2001:db8::11")));
+        assert!(!contains(a("2001:db8::"), 64, a("198.18.0.1")));
     }
 }

@@ -66,7 +66,10 @@ pub struct Engine {
 
 impl Engine {
     pub fn new() -> Self {
-        let sizes = MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537 };
+        Self::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537 })
+    }
+
+    pub fn with_sizes(sizes: MapSizes) -> Self {
         let mut dp = Dataplane::load(sizes).expect("the eBPF object loads and verifies (run as root)");
         dp.set_config(&LbConfig {
             if_mac: LB_MAC,

@@ -9,7 +9,8 @@
 //!   lb0 198.18.0.2 ──── lb (xdplb pass: veth XDP_TX needs an XDP program on the peer)
 //! ```
 //! The client routes the VIPs (198.18.100.1, 2001:db8:100::1) via the load
-//! balancer; backends answer clients directly (DSR). Every name carries a
+//! balancer; backends answer clients directly (DSR). Links behind the load
+//! balancer have an MTU of 1600 so IP-in-IP fits full-size client packets. Every name carries a
 //! unique tag, and `Drop` removes namespaces, processes and mounts, also when
 //! a test fails. Addresses are in 198.18.0.0/15 and 2001:db8::/32 only.
 
@@ -37,6 +38,8 @@ pub const LB6: &str = "2001:db8::2";
 /// Outer sources of the balancer's IP-in-IP packets.
 pub const IPIP_SOURCE_V4: &str = "198.19.255.0/24";
 pub const IPIP_SOURCE_V6: &str = "2001:db8:ffff::/96";
+/// MTU of the load balancer's and the backends' links (the client's is 1500).
+pub const JUMBO_MTU: u32 = 1600;
 /// Prefix of every namespace the tests create (xtask removes leftovers).
 pub const NETNS_PREFIX: &str = "xdplbt-";
 
@@ -189,6 +192,11 @@ impl Cluster {
             let port =
                 if ifname.ends_with('0') { ifname.trim_end_matches('0').to_string() } else { format!("s{ifname}") };
             sw.ip(&format!("link add {port} type veth peer name {ifname} netns {}", host.name));
+            // Jumbo frames behind the load balancer, as IP-in-IP deployments
+            // use: an encapsulated 1500-byte client packet (1520) must fit.
+            let mtu = if ifname == "cl0" { 1500 } else { JUMBO_MTU };
+            sw.ip(&format!("link set {port} mtu {mtu}"));
+            host.ip(&format!("link set {ifname} mtu {mtu}"));
             sw.ip(&format!("link set {port} master br0 up"));
             host.sysctl("net.ipv6.conf.all.accept_dad", "0");
             host.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
@@ -231,6 +239,17 @@ impl Cluster {
 
     fn track(&self, name: String, child: Child) {
         self.processes.lock().unwrap().push((name, child));
+    }
+
+    /// Starts `cmd` and kills it (and its children) with the cluster.
+    pub fn spawn(&self, name: &str, cmd: &mut Command) {
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.track(name.to_string(), child);
+    }
+
+    /// The pid of the tracked process `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.lock().unwrap().iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
     }
 
     /// Starts the web server of backend `i` (0-based), listening on its own

@@ -35,6 +35,17 @@ enum Cmd {
         #[arg(long)]
         clean: bool,
     },
+    /// Set up, build (release) and run the benchmarks: per-packet cost against
+    /// a floor program, end to end against direct, HAProxy and nftables, and
+    /// the control plane at scale. Writes bench/RESULTS.md.
+    Bench {
+        /// A shorter run (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Only one suite: dataplane, e2e or control.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Set up, build, check formatting and lints, and run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -68,6 +79,21 @@ fn main() -> Result<()> {
                 demo.arg("--non-interactive");
             }
             exec(&mut demo)
+        }
+        Cmd::Bench { quick, only } => {
+            setup::require_root("the benchmarks load eBPF programs and create network namespaces")?;
+            setup::run()?;
+            setup::remove_test_leftovers();
+            step("building xdplb and the benchmarks (release)");
+            cargo(&["build", "--release", "--bin", "xdplb", "--bin", "xdplb-bench", "--bin", "xdplb-test-server"])?;
+            let mut bench = Command::new("target/release/xdplb-bench");
+            if quick {
+                bench.arg("--quick");
+            }
+            if let Some(suite) = only {
+                bench.args(["--only", &suite]);
+            }
+            exec(&mut bench)
         }
         Cmd::Test { args } => {
             setup::run()?;

@@ -9,7 +9,8 @@ use crate::{exec, step};
 
 /// Debian packages: LLVM for bpf-linker, then the tools tests, demo and
 /// benchmarks drive (iproute2 for namespaces, nginx as demo web servers,
-/// haproxy/nftables/wrk/iperf3 as the alternatives benchmarked).
+/// haproxy/nftables/wrk/iperf3 as the alternatives benchmarked, a font for
+/// the benchmark chart).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "wrk",
     "iperf3",
+    "fonts-dejavu-core",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,199 @@
+//! End to end in network namespaces, same topology, same run: requests per
+//! second and latency (wrk) for short connections and keep-alive requests,
+//! and TCP throughput (iperf3), through each path, with the CPU seconds the
+//! whole machine spent per 100,000 requests (from /proc/stat).
+
+use std::{net::SocketAddr, time::Duration};
+
+use tests::topology::{self, Cluster, ClusterSpec, LB4, Servers, VIP4, backend4};
+
+use crate::report::Report;
+
+/// Busy and total jiffies of all CPUs.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let total: u64 = v.iter().take(8).sum();
+    (total - idle, total)
+}
+
+struct Wrk {
+    rps: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    requests: f64,
+    errors: u64,
+    cpu_seconds: f64,
+}
+
+fn ms(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(c: &Cluster, target: SocketAddr, secs: u64, close: bool) -> Wrk {
+    let mut cmd = c.client.command("wrk");
+    cmd.args(["-t2", "-c32", &format!("-d{secs}s"), "--latency", "--timeout", "2s"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://{target}/"));
+    let (busy0, _) = cpu_jiffies();
+    let out = cmd.output().expect("wrk runs");
+    let (busy1, _) = cpu_jiffies();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<String> {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let errors = field("Socket errors:")
+        .map_or(0, |l| l.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum())
+        + field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let clk = 100.0; // USER_HZ
+    Wrk {
+        rps,
+        p50: field("50%").map_or(f64::NAN, |v| ms(&v)),
+        p90: field("90%").map_or(f64::NAN, |v| ms(&v)),
+        p99: field("99%").map_or(f64::NAN, |v| ms(&v)),
+        requests,
+        errors,
+        cpu_seconds: (busy1 - busy0) as f64 / clk,
+    }
+}
+
+fn iperf(c: &Cluster, target: SocketAddr, secs: u64) -> f64 {
+    let out = c
+        .client
+        .command("iperf3")
+        .args(["-c", &target.ip().to_string(), "-p", &target.port().to_string(), "-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("iperf3 runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+fn measure(report: &mut Report, c: &Cluster, imp: &str, http: SocketAddr, tcp: SocketAddr, secs: u64) {
+    for (case, close) in [("short connections", true), ("keep-alive", false)] {
+        let w = wrk(c, http, secs, close);
+        report.add("e2e", case, imp, "requests_per_second", w.rps, "req/s");
+        report.add("e2e", case, imp, "latency_p50", w.p50, "ms");
+        report.add("e2e", case, imp, "latency_p90", w.p90, "ms");
+        report.add("e2e", case, imp, "latency_p99", w.p99, "ms");
+        if w.requests > 0.0 {
+            report.add("e2e", case, imp, "cpu_seconds_per_100k_requests", w.cpu_seconds * 100_000.0 / w.requests, "s");
+        }
+        if w.errors > 0 {
+            report.note(format!("{imp} {case}: wrk counted {} socket errors or non-2xx answers", w.errors));
+        }
+        if let Some(direct) = report.get("e2e", case, "direct", "requests_per_second") {
+            report.add("e2e", case, imp, "ratio_to_direct", w.rps / direct, "x");
+        }
+    }
+    let gbps = iperf(c, tcp, secs.min(5));
+    report.add("e2e", "tcp throughput", imp, "gbit_per_second", gbps, "Gbit/s");
+    if let Some(direct) = report.get("e2e", "tcp throughput", "direct", "gbit_per_second") {
+        report.add("e2e", "tcp throughput", imp, "ratio_to_direct", gbps / direct, "x");
+    }
+}
+
+fn xdplb_config(forwarding: &str) -> String {
+    let mut y = format!("interface: lb0\nxdp_mode: driver\nipip_source_v4: {}\nvips:\n", topology::IPIP_SOURCE_V4);
+    for port in [80, 5201] {
+        // iperf3's control and data connections must meet the same server.
+        let hash = if port == 80 { "five-tuple" } else { "source-ip" };
+        y += &format!(
+            "  - name: web{port}\n    address: {VIP4}\n    port: {port}\n    forwarding: {forwarding}\n    hash: {hash}\n    backends:\n"
+        );
+        for i in 0..3 {
+            y += &format!("      - address: {}\n", backend4(i));
+        }
+        y += "    health_check: {type: tcp, port: 80, interval: 1s, rise: 1}\n";
+    }
+    y
+}
+
+pub fn run(report: &mut Report, quick: bool) {
+    println!("\n== e2e: through each path, in network namespaces ==");
+    let secs = if quick { 2 } else { 5 };
+    let c = Cluster::new(ClusterSpec { backends: 3, servers: Servers::Nginx, bin_dir: topology::bin_dir() });
+    for i in 0..3 {
+        c.start_server(i, 80);
+        c.spawn(&format!("iperf-b{}", i + 1), c.backends[i].command("iperf3").args(["-s", "-p", "5201"]));
+    }
+    // IP-in-IP needs decapsulation on the backends; attached for every path, so all pay the same.
+    c.enable_decap();
+    std::thread::sleep(Duration::from_millis(500));
+    let vip = |port| SocketAddr::new(VIP4.parse().unwrap(), port);
+
+    measure(report, &c, "direct", SocketAddr::new(backend4(0), 80), SocketAddr::new(backend4(0), 5201), secs);
+
+    let path = c.write_config("bench.yaml", &xdplb_config("dsr"));
+    c.start_xdplb("xdplb", &path, &["--detach-on-exit"]);
+    c.wait_backend_states("web80", &["active"; 3], Duration::from_secs(30));
+    c.wait_backend_states("web5201", &["active"; 3], Duration::from_secs(30));
+    measure(report, &c, "xdplb-dsr", vip(80), vip(5201), secs);
+
+    c.write_config("bench.yaml", &xdplb_config("ipip"));
+    c.wait_status(Duration::from_secs(30), "the ipip configuration", |s| s["config_generation"] == 2);
+    measure(report, &c, "xdplb-ipip", vip(80), vip(5201), secs);
+    report.note("xdplb-nat: not measured, NAT forwarding is not implemented yet");
+    c.signal("xdplb", libc::SIGTERM);
+    c.wait_exit("xdplb", Duration::from_secs(10));
+
+    // HAProxy in TCP mode on the load balancer's own address.
+    let cfg = c.dir.join("haproxy.cfg");
+    let mut h = String::from(
+        "global\n  maxconn 8000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n",
+    );
+    for port in [80, 5201] {
+        // iperf3's control and data connections must meet the same server.
+        let balance = if port == 80 { "roundrobin" } else { "source" };
+        h += &format!("listen l{port}\n  bind {LB4}:{port}\n  balance {balance}\n");
+        for i in 0..3 {
+            h += &format!("  server b{} {}:{port}\n", i + 1, backend4(i));
+        }
+    }
+    std::fs::write(&cfg, h).unwrap();
+    c.spawn("haproxy", c.lb.command("haproxy").arg("-db").arg("-f").arg(&cfg));
+    std::thread::sleep(Duration::from_millis(500));
+    let lb = |port| SocketAddr::new(LB4.parse().unwrap(), port);
+    measure(report, &c, "haproxy", lb(80), lb(5201), secs);
+    c.kill("haproxy");
+
+    // nftables DNAT round robin with masquerade, as kube-proxy's nftables mode.
+    c.lb.sysctl("net.ipv4.ip_forward", "1");
+    c.lb.sysctl("net.ipv4.conf.all.send_redirects", "0");
+    c.lb.sysctl("net.ipv4.conf.lb0.send_redirects", "0");
+    let map = format!("{{ 0 : {}, 1 : {}, 2 : {} }}", backend4(0), backend4(1), backend4(2));
+    let rules = format!(
+        "table ip xdplb_bench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
+         ip daddr {VIP4} tcp dport 80 dnat to numgen inc mod 3 map {map}\n    \
+         ip daddr {VIP4} tcp dport 5201 dnat to jhash ip saddr mod 3 map {map}\n  }}\n  \
+         chain post {{\n    type nat hook postrouting priority srcnat;\n    \
+         ip daddr 198.18.0.0/24 ip saddr != {LB4} masquerade\n  }}\n}}\n"
+    );
+    let rules_path = c.dir.join("nft.conf");
+    std::fs::write(&rules_path, rules).unwrap();
+    let ok = c.lb.command("nft").arg("-f").arg(&rules_path).status().is_ok_and(|s| s.success());
+    if ok {
+        measure(report, &c, "nftables", vip(80), vip(5201), secs);
+    } else {
+        report.note("nftables: loading the DNAT rules failed; not measured");
+    }
+}
