@@ -40,6 +40,9 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const TX_PORTS: &str = "TX_PORTS";
 }
 
 /// Program names in the object file.
@@ -68,6 +71,17 @@ pub struct VipKey {
 /// Forwarding modes (`VipMeta::forwarding`).
 pub const FWD_DSR: u32 = 0;
 pub const FWD_IPIP: u32 = 1;
+/// Destination address and port rewritten to the backend's; replies are
+/// translated back on the way out (LVS `-m`).
+pub const FWD_NAT: u32 = 2;
+
+/// Default capacity of the NAT connection table (each flow has two entries,
+/// one per direction, in two maps of this size).
+pub const DEFAULT_NAT_TABLE_SIZE: u32 = 1 << 18;
+
+/// `TX_PORTS` (a devmap) slots: where NAT sends packets.
+pub const TX_PORT_CLIENT: u32 = 0;
+pub const TX_PORT_BACKEND: u32 = 1;
 
 /// VIP feature flags (`VipMeta::flags`).
 /// Hash the client address only (session affinity) instead of the 5-tuple.
@@ -155,13 +169,21 @@ pub struct FlowValue {
     pub generation: u32,
 }
 
+/// `LbConfig::flags`: some VIP uses NAT, so replies must be looked for.
+pub const CFG_NAT: u16 = 1 << 0;
+
 /// The one entry of `CONFIG`: per-interface facts the controller learns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LbConfig {
     /// Source MAC of transmitted frames (the interface's own).
     pub if_mac: [u8; 6],
+    pub flags: u16,
+    /// NAT: the interface toward the backends (= the client one when one-armed).
+    pub backend_if_mac: [u8; 6],
     pub _pad: [u8; 2],
+    pub client_ifindex: u32,
+    pub backend_ifindex: u32,
     /// Interface MTU; an encapsulated packet larger than this is dropped.
     /// 0 disables the check.
     pub mtu: u32,
@@ -172,6 +194,42 @@ pub struct LbConfig {
     pub ipip_src_v6: [u32; 4],
     /// Host mask of the last word of the IPv6 outer source.
     pub ipip_src_v6_host_mask: u32,
+}
+
+/// `NatFlow::state` / `NatReply::state`: how far a TCP connection is.
+pub const NAT_OPEN: u8 = 0;
+/// A FIN was seen: expires after the closed timeout without packets.
+pub const NAT_CLOSING: u8 = 1;
+/// A RST was seen.
+pub const NAT_CLOSED: u8 = 2;
+
+/// Value of `NAT_FLOWS`, keyed by the client-side `FlowKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatFlow {
+    pub backend_id: u32,
+    pub generation: u32,
+    /// bpf_ktime_get_ns() of the last packet from the client.
+    pub last_seen_ns: u64,
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Value of `NAT_REVERSE`, keyed by the reply's `FlowKey` (source: the
+/// backend's address and port; destination: the client's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReply {
+    /// The VIP address and port the reply must come from.
+    pub vip_addr: [u32; 4],
+    pub vip_port: u16,
+    /// MAC the client's packets came from (the client or its router): the
+    /// reply goes back to it.
+    pub client_mac: [u8; 6],
+    pub state: u8,
+    pub _pad: [u8; 7],
+    /// bpf_ktime_get_ns() of the last reply.
+    pub last_seen_ns: u64,
 }
 
 /// Packets and bytes, per CPU, in `VIP_STATS` and `BACKEND_STATS`.
@@ -194,6 +252,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::LbConfig {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::NatFlow {}
+    unsafe impl aya::Pod for super::NatReply {}
 }
 
 #[cfg(test)]
@@ -209,7 +269,9 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowValue>(), 8);
-        assert_eq!(size_of::<LbConfig>(), 40);
+        assert_eq!(size_of::<LbConfig>(), 56);
+        assert_eq!(size_of::<NatFlow>(), 24);
+        assert_eq!(size_of::<NatReply>(), 40);
         assert_eq!(size_of::<Counter>(), 16);
     }
 }

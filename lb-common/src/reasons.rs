@@ -43,8 +43,16 @@ pub const PASS_ALL_DOWN: u32 = 14;
 /// conn_reuse_mode).
 pub const CONNTRACK_SYN_RESCHEDULED: u32 = 15;
 
+/// NAT: a reply of a tracked connection, translated back to the VIP and sent to the client.
+pub const NAT_REPLY: u32 = 16;
+/// NAT: the connection table is full; a new connection is refused so that
+/// established ones keep their entries.
+pub const DROP_NAT_TABLE_FULL: u32 = 17;
+/// NAT: sending to the other interface (XDP_REDIRECT) failed.
+pub const DROP_REDIRECT_FAILED: u32 = 18;
+
 /// Number of reasons; the size of the reasons counter map.
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 19;
 
 /// Names for logs, `status` and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -64,4 +72,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_bad_backend",
     "pass_all_down",
     "conntrack_syn_rescheduled",
+    "nat_reply",
+    "drop_nat_table_full",
+    "drop_redirect_failed",
 ];

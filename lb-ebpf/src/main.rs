@@ -13,6 +13,7 @@ mod decap;
 mod encap;
 mod floor;
 mod maps;
+mod nat;
 mod parse;
 
 use aya_ebpf::{
@@ -23,7 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     flow_hash,
     maps::{
-        AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FWD_IPIP, FlowKey, FlowValue, NO_BACKEND,
+        AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CFG_NAT, FAMILY_V4, FWD_IPIP, FWD_NAT, FlowKey, FlowValue,
+        NO_BACKEND,
         VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
     reasons,
@@ -75,6 +77,13 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
     let vip_key =
         VipKey { addr: pkt.flow.dst, port: pkt.flow.dport, protocol: pkt.flow.protocol, family: pkt.flow.family };
     let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
+        // Maybe a reply of a NAT connection, coming back from a backend.
+        if let Some(cfg) = CONFIG.get(0)
+            && cfg.flags & CFG_NAT != 0
+            && let Some(done) = nat::reply(ctx, &pkt, cfg)
+        {
+            return done;
+        }
         return (XDP_PASS, reasons::PASS_NOT_VIP);
     };
     // Copy: the controller may replace the element while we run.
@@ -88,7 +97,16 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
         flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
     };
     let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
-    let (backend_id, backend) = match choose_backend(&pkt.flow, &vip, hash, new_connection) {
+    let chosen = if vip.forwarding == FWD_NAT {
+        let client_mac = match parse::ptr_at::<parse::EthHdr>(ctx, 0) {
+            Some(eth) => unsafe { (*eth).src },
+            None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
+        };
+        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac)
+    } else {
+        choose_backend(&pkt.flow, &vip, hash, new_connection)
+    };
+    let (backend_id, backend) = match chosen {
         Ok(b) => b,
         Err(reasons::DROP_NO_BACKEND) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
             return (XDP_PASS, reasons::PASS_ALL_DOWN);
@@ -126,6 +144,17 @@ fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32, new_connection: bool
     } else {
         count_reason(reasons::CONNTRACK_MISS);
     }
+    let (id, b) = maglev_pick(vip, hash)?;
+    let value = FlowValue { backend_id: id, generation: b.generation };
+    if FLOWS.insert(flow, &value, 0).is_err() {
+        count_reason(reasons::CONNTRACK_INSERT_FAILED);
+    }
+    Ok((id, b))
+}
+
+/// The backend in the VIP's Maglev table slot for `hash`.
+#[inline(always)]
+pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32) -> Result<(u32, Backend), u32> {
     if vip.ring_size == 0 {
         return Err(reasons::DROP_NO_BACKEND);
     }
@@ -144,10 +173,6 @@ fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32, new_connection: bool
     if b.state != BACKEND_ACTIVE {
         return Err(reasons::DROP_BAD_BACKEND);
     }
-    let value = FlowValue { backend_id: id, generation: b.generation };
-    if FLOWS.insert(flow, &value, 0).is_err() {
-        count_reason(reasons::CONNTRACK_INSERT_FAILED);
-    }
     Ok((id, *b))
 }
 
@@ -156,6 +181,9 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, has
     let Some(cfg) = CONFIG.get(0) else {
         return (XDP_DROP, reasons::DROP_BAD_BACKEND);
     };
+    if vip.forwarding == FWD_NAT {
+        return nat::forward(ctx, pkt, backend, cfg);
+    }
     let result = if vip.forwarding == FWD_IPIP {
         let overhead = if pkt.flow.family == FAMILY_V4 { 20 } else { 40 };
         if cfg.mtu != 0 && pkt.l3_len + overhead > cfg.mtu {

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     maps::{
         AddrKey, BPF_F_MMAPABLE, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, FlowKey, FlowValue, LbConfig, VipKey, VipMeta,
+        DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, VipKey, VipMeta,
     },
     reasons,
 };
@@ -34,6 +34,23 @@ pub static MAGLEV_POOL: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_POOL
 /// Connection tracking: flow → backend. Written here; LRU evicts idle flows.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// NAT connections by their client-side 5-tuple → backend, TCP state, last
+/// packet. A plain hash map, not LRU: when full, new connections are refused
+/// and established ones keep their entries; the controller removes closed
+/// and idle ones. Written here (new flows, state) and by the controller (expiry).
+#[map]
+pub static NAT_FLOWS: HashMap<FlowKey, NatFlow> = HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
+
+/// NAT replies by their 5-tuple (backend → client) → the VIP to answer from
+/// and the client's MAC. Written here; expired by the controller.
+#[map]
+pub static NAT_REVERSE: HashMap<FlowKey, NatReply> = HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
+
+/// NAT's way out: slot 0 the client-facing interface, slot 1 the backend-facing one.
+/// Written by the controller.
+#[map]
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(2, 0);
 
 /// Interface facts (MAC, MTU, IP-in-IP source). Written by the controller.
 #[map]

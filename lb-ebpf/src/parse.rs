@@ -61,7 +61,9 @@ struct TcpHdr {
     _rest: [u8; 6],
 }
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
@@ -114,6 +116,8 @@ pub struct Packet {
     pub tos: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// Offset of the TCP/UDP header in the frame.
+    pub l4_off: usize,
 }
 
 pub enum Parsed {
@@ -176,6 +180,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
         l3_len: tot_len as u32,
         tos: ip.tos,
         tcp_flags,
+        l4_off: ETH_LEN + ihl,
     })
 }
 
@@ -236,6 +241,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         l3_len: u16::from_be(ip.payload_len) as u32 + core::mem::size_of::<Ipv6Hdr>() as u32,
         tos: (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4),
         tcp_flags,
+        l4_off: off,
     })
 }
 

@@ -15,7 +15,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    maps::{BACKEND_ACTIVE, BACKEND_DRAINING, DEFAULT_MAGLEV_POOL, LbConfig, programs},
+    maps::{
+        BACKEND_ACTIVE, BACKEND_DRAINING, CFG_NAT, DEFAULT_MAGLEV_POOL, LbConfig, NAT_OPEN, PROTO_TCP, programs,
+    },
     reasons,
 };
 use tokio::{signal::unix::SignalKind, sync::mpsc};
@@ -69,8 +71,8 @@ pub fn link(name: &str) -> Result<Link> {
     Ok(Link { name: name.to_string(), index, mac, mtu })
 }
 
-/// The CONFIG map entry for an interface and configuration.
-pub fn lb_config(link: &Link, config: &Config) -> LbConfig {
+/// The CONFIG map entry for the interfaces and configuration.
+pub fn lb_config(link: &Link, backend_link: Option<&Link>, config: &Config) -> LbConfig {
     let v4 = config.ipip_source_v4;
     let v4_mask: u32 = if v4.len == 0 { 0 } else { u32::MAX << (32 - v4.len) };
     let v4_base = addr::words(v4.addr)[0] & v4_mask.to_be();
@@ -79,9 +81,15 @@ pub fn lb_config(link: &Link, config: &Config) -> LbConfig {
     let v6_last_mask: u32 = if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
     let mut v6_base = addr::words(v6.addr);
     v6_base[3] &= (!v6_last_mask).to_be();
+    let uses_nat = config.vips.iter().any(|v| v.forwarding == Forwarding::Nat);
+    let back = backend_link.unwrap_or(link);
     LbConfig {
         if_mac: link.mac,
+        flags: if uses_nat { CFG_NAT } else { 0 },
+        backend_if_mac: back.mac,
         _pad: [0; 2],
+        client_ifindex: link.index,
+        backend_ifindex: back.index,
         mtu: link.mtu,
         ipip_src_v4: v4_base,
         ipip_src_v4_host_mask: (!v4_mask).to_be(),
@@ -106,6 +114,7 @@ fn map_sizes(config: &Config) -> MapSizes {
         max_backends: d.max_backends.max((backends * 2).next_power_of_two() as u32),
         conntrack: config.conntrack_size,
         maglev_pool: pool_size(config),
+        nat_table: config.nat.table_size,
     }
 }
 
@@ -132,6 +141,9 @@ fn unix_ms() -> u64 {
 struct Daemon {
     opts: RunOptions,
     link: Link,
+    backend_link: Option<Link>,
+    /// NAT connections forgotten by the collector: (idle, closed).
+    nat_evicted: (u64, u64),
     config: Config,
     config_text: String,
     /// The last file content seen, applied or not, so a rejected file is reported once.
@@ -161,6 +173,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .or_else(|| config.interface.clone())
         .context("no interface: set `interface:` in the configuration or pass --iface")?;
     let link = link(&iface)?;
+    let backend_link = match &config.backend_interface {
+        Some(b) if *b != iface => Some(self::link(b).with_context(|| format!("backend_interface {b}"))?),
+        _ => None,
+    };
     let mode = opts.xdp_mode.unwrap_or(config.xdp_mode);
     attach::ensure_bpffs(&opts.pin_root)?;
     let pin_dir = opts.pin_root.join(&iface);
@@ -175,7 +191,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             dp.sizes()
         );
     }
-    dp.set_config(&lb_config(&link, &config))?;
+    dp.set_config(&lb_config(&link, backend_link.as_ref(), &config))?;
+    dp.set_tx_ports(link.index, backend_link.as_ref().map_or(link.index, |b| b.index))?;
     let (reconciler, adopted) = if adopting {
         let (r, a) = Reconciler::adopt(&dp)?;
         info!(
@@ -190,7 +207,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
 
     let (tx, mut transitions) = mpsc::unbounded_channel();
-    let neighbours = Neighbours::new(&iface, link.index)?;
+    let mut ifaces = vec![(link.index, iface.clone())];
+    if let Some(b) = &backend_link {
+        ifaces.push((b.index, b.name.clone()));
+    }
+    let neighbours = Neighbours::new(ifaces)?;
+    let interfaces = Some((link.index, backend_link.as_ref().map_or(link.index, |b| b.index)));
     let mut d = Daemon {
         link,
         seen_text: config_text.clone(),
@@ -199,7 +221,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         reconciler,
         checker: Checker::new(tx),
         neighbours,
-        observed: Observed::default(),
+        observed: Observed { interfaces, ..Observed::default() },
+        backend_link,
+        nat_evicted: (0, 0),
         resolution: HashMap::new(),
         status: Arc::new(Mutex::new(Status::default())),
         previous: HashMap::new(),
@@ -217,6 +241,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     // Maps are full before the program sees a packet.
     let attached = attach::attach(&mut d.dp, programs::BALANCER, &iface, mode, &pin_dir.join("link"))?;
+    if let Some(b) = &d.backend_link {
+        let pin = pin_dir.join("backend_link");
+        match attach::attach(&mut d.dp, programs::BALANCER, &b.name, mode, &pin)? {
+            Attached::New(m) => info!(interface = b.name, "XDP program attached in {m} mode (backend side, for NAT replies)"),
+            Attached::Replaced => info!(interface = b.name, "XDP program replaced atomically (backend side)"),
+        }
+    }
     let mode_text = match attached {
         Attached::New(m) => {
             info!(interface = iface, "XDP program attached in {m} mode");
@@ -344,6 +375,9 @@ impl Daemon {
         let mut changed = false;
         for (addr, r) in &resolved {
             let before = self.observed.next_hop_mac.get(addr).copied();
+            if let Resolution::Resolved { ifindex, .. } = r {
+                self.observed.next_hop_ifindex.insert(*addr, *ifindex);
+            }
             let now = match r {
                 Resolution::Resolved { mac, .. } => Some(*mac),
                 // Waiting on a solicitation: keep a MAC we already had.
@@ -382,11 +416,65 @@ impl Daemon {
         if self.refresh_neighbours().await {
             self.apply_logged("a next-hop change");
         }
+        if self.ticks.is_multiple_of(2) && self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
+            self.collect_nat();
+        }
         // With very many backends a status costs real time: keep it under 10%.
         if self.previous_at.elapsed() >= self.publish_cost * 10 {
             let started = Instant::now();
             self.publish_status();
             self.publish_cost = started.elapsed();
+        }
+    }
+
+    /// Forgets NAT connections that closed (FIN/RST) or went idle, both
+    /// directions' entries; also reply entries left behind by a re-steered flow.
+    fn collect_nat(&mut self) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        let nat = self.config.nat.clone();
+        let replies: HashMap<lb_common::maps::FlowKey, lb_common::maps::NatReply> =
+            self.dp.nat_replies().into_iter().collect();
+        let mut live_replies = std::collections::HashSet::new();
+        for (key, flow) in self.dp.nat_flows() {
+            let Ok(b) = self.dp.backend(flow.backend_id) else { continue };
+            let reply_key = lb_common::maps::FlowKey {
+                src: b.addr,
+                dst: key.src,
+                sport: if b.port != 0 { b.port } else { key.dport },
+                dport: key.sport,
+                protocol: key.protocol,
+                family: key.family,
+                _pad: [0; 2],
+            };
+            let reply = replies.get(&reply_key);
+            let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+            let closed = flow.state != NAT_OPEN || reply.is_some_and(|r| r.state != NAT_OPEN);
+            let timeout = if closed {
+                nat.closed_timeout
+            } else if key.protocol == PROTO_TCP {
+                nat.tcp_timeout
+            } else {
+                nat.udp_timeout
+            };
+            if now.saturating_sub(last) > timeout.as_nanos() as u64 {
+                self.dp.remove_nat_flow(&key);
+                self.dp.remove_nat_reply(&reply_key);
+                if closed {
+                    self.nat_evicted.1 += 1;
+                } else {
+                    self.nat_evicted.0 += 1;
+                }
+            } else {
+                live_replies.insert(reply_key);
+            }
+        }
+        let longest = nat.tcp_timeout.max(nat.udp_timeout).as_nanos() as u64;
+        for (key, r) in replies {
+            if !live_replies.contains(&key) && now.saturating_sub(r.last_seen_ns) > longest.min(nat.closed_timeout.as_nanos() as u64 * 6) {
+                self.dp.remove_nat_reply(&key);
+            }
         }
     }
 
@@ -528,10 +616,7 @@ impl Daemon {
                 address: v.address.to_string(),
                 port: v.port,
                 protocol: v.protocol.name().into(),
-                forwarding: match v.forwarding {
-                    Forwarding::Dsr => "dsr".into(),
-                    Forwarding::Ipip => "ipip".into(),
-                },
+                forwarding: v.forwarding.name().into(),
                 packets: vc.packets,
                 bytes: vc.bytes,
                 packets_per_second: pps,
@@ -540,12 +625,20 @@ impl Daemon {
             });
         }
         let reason_counts = self.dp.reasons().unwrap_or([0; reasons::COUNT as usize]);
+        let nat_connections = if self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
+            self.dp.nat_flows().len() as u64
+        } else {
+            0
+        };
         let snapshot = {
             let mut s = self.status.lock().unwrap();
             s.updated_unix_ms = unix_ms();
             s.vips = vips;
             s.flows_tracked = self.flows_by_backend.values().sum();
             s.reasons = reasons::NAMES.iter().zip(reason_counts).map(|(n, c)| (n.to_string(), c)).collect();
+            s.nat_connections = nat_connections;
+            s.nat_evicted_idle = self.nat_evicted.0;
+            s.nat_evicted_closed = self.nat_evicted.1;
             s.clone()
         };
         if let Err(e) = status::write(&self.opts.state_dir, &snapshot) {
@@ -559,6 +652,7 @@ impl Daemon {
         if self.opts.detach_on_exit {
             drop(self.dp);
             attach::detach(&pin_dir.join("link"))?;
+            attach::detach(&pin_dir.join("backend_link"))?;
             remove_pins(pin_dir);
             info!(interface = iface, "stopped; XDP program detached and pinned maps removed");
         } else {

@@ -18,13 +18,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
     programs::Xdp,
 };
 use lb_common::{
     maps::{
         AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        FlowKey, FlowValue, LbConfig, VipKey, VipMeta, names, programs,
+        DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND, TX_PORT_CLIENT, VipKey,
+        VipMeta, names, programs,
     },
     reasons,
 };
@@ -37,6 +38,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Slots in the Maglev pool shared by all VIPs' tables.
     pub maglev_pool: u32,
+    /// NAT connections (entries in each of NAT_FLOWS and NAT_REVERSE).
+    pub nat_table: u32,
 }
 
 impl Default for MapSizes {
@@ -46,6 +49,7 @@ impl Default for MapSizes {
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack: DEFAULT_CONNTRACK_SIZE,
             maglev_pool: DEFAULT_MAGLEV_POOL,
+            nat_table: DEFAULT_NAT_TABLE_SIZE,
         }
     }
 }
@@ -111,6 +115,9 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
     decap_stats: PerCpuArray<MapData, u64>,
+    nat_flows: HashMap<MapData, FlowKey, NatFlow>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReply>,
+    tx_ports: DevMap<MapData>,
 }
 
 const ALL_MAPS: &[&str] = &[
@@ -124,6 +131,9 @@ const ALL_MAPS: &[&str] = &[
     names::BACKEND_STATS,
     names::REASONS,
     names::DECAP_STATS,
+    names::NAT_FLOWS,
+    names::NAT_REVERSE,
+    names::TX_PORTS,
 ];
 
 /// Sizes of maps already pinned in `dir`, if there are any.
@@ -135,6 +145,7 @@ fn pinned_sizes(dir: &Path) -> Option<MapSizes> {
         max_backends: size(names::BACKENDS)?,
         conntrack: size(names::FLOWS)?,
         maglev_pool: size(names::MAGLEV_POOL)?,
+        nat_table: size(names::NAT_FLOWS)?,
     })
 }
 
@@ -193,6 +204,8 @@ impl Dataplane {
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
             .map_max_entries(names::FLOWS, sizes.conntrack)
             .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
+            .map_max_entries(names::NAT_FLOWS, sizes.nat_table)
+            .map_max_entries(names::NAT_REVERSE, sizes.nat_table)
             .load(crate::EBPF_OBJECT)
             .context(
                 "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN? \
@@ -223,6 +236,9 @@ impl Dataplane {
             backend_stats: PerCpuArray::try_from(take(m, names::BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(take(m, names::REASONS)?)?,
             decap_stats: PerCpuArray::try_from(take(m, names::DECAP_STATS)?)?,
+            nat_flows: HashMap::try_from(take(m, names::NAT_FLOWS)?)?,
+            nat_reverse: HashMap::try_from(take(m, names::NAT_REVERSE)?)?,
+            tx_ports: DevMap::try_from(take(m, names::TX_PORTS)?)?,
             pool,
             sizes,
             ebpf,
@@ -318,6 +334,34 @@ impl Dataplane {
     /// Every tracked flow and its backend.
     pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
         self.flows.iter().filter_map(|kv| kv.ok()).collect()
+    }
+
+    /// Where NAT sends packets: the client-facing and backend-facing interfaces.
+    pub fn set_tx_ports(&mut self, client_ifindex: u32, backend_ifindex: u32) -> Result<()> {
+        for (slot, ifindex) in [(TX_PORT_CLIENT, client_ifindex), (TX_PORT_BACKEND, backend_ifindex)] {
+            self.tx_ports
+                .set(slot, ifindex, None, 0)
+                .with_context(|| format!("writing interface index {ifindex} to the TX_PORTS devmap failed"))?;
+        }
+        Ok(())
+    }
+
+    /// NAT connections: (client-side key, entry).
+    pub fn nat_flows(&self) -> Vec<(FlowKey, NatFlow)> {
+        self.nat_flows.iter().filter_map(|kv| kv.ok()).collect()
+    }
+
+    /// NAT reply mappings: (reply key, entry).
+    pub fn nat_replies(&self) -> Vec<(FlowKey, NatReply)> {
+        self.nat_reverse.iter().filter_map(|kv| kv.ok()).collect()
+    }
+
+    pub fn remove_nat_flow(&mut self, key: &FlowKey) {
+        let _ = self.nat_flows.remove(key);
+    }
+
+    pub fn remove_nat_reply(&mut self, key: &FlowKey) {
+        let _ = self.nat_reverse.remove(key);
     }
 
     /// Packets per reason (see `lb_common::reasons`), summed over CPUs.

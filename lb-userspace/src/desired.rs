@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use crate::{
     config::{Config, OnAllDown, VipConfig},
-    reconcile::{BackendSpec, VipSpec},
+    reconcile::{BackendSpec, Forwarding, VipSpec},
 };
 
 /// A backend as the health checker and status know it.
@@ -31,6 +31,25 @@ pub struct Observed {
     pub healthy: HashMap<BackendRef, bool>,
     /// MAC of the next hop toward each backend address; absent = unresolved.
     pub next_hop_mac: HashMap<IpAddr, [u8; 6]>,
+    /// The interface each backend address is reached through, when known.
+    pub next_hop_ifindex: HashMap<IpAddr, u32>,
+    /// (client-facing, backend-facing) interface indexes: a NAT backend must
+    /// be behind the backend-facing one, any other behind the client-facing one.
+    pub interfaces: Option<(u32, u32)>,
+}
+
+impl Observed {
+    /// The MAC to send a backend's packets to, if it is reachable the way its VIP's mode needs.
+    fn mac_for(&self, addr: &IpAddr, forwarding: Forwarding) -> Option<[u8; 6]> {
+        let mac = self.next_hop_mac.get(addr).copied()?;
+        match (self.interfaces, self.next_hop_ifindex.get(addr)) {
+            (Some((client, backend)), Some(&via)) => {
+                let want = if forwarding == Forwarding::Nat { backend } else { client };
+                (via == want).then_some(mac)
+            }
+            _ => Some(mac),
+        }
+    }
 }
 
 /// Every address the controller must resolve a next hop for.
@@ -60,7 +79,7 @@ fn vip_spec(v: &VipConfig, observed: &Observed) -> VipSpec {
         .backends
         .iter()
         .map(|b| {
-            let mac = observed.next_hop_mac.get(&b.address).copied();
+            let mac = observed.mac_for(&b.address, v.forwarding);
             let healthy = observed.healthy.get(&BackendRef::of(v, b.address, b.port)).copied().unwrap_or(false);
             BackendSpec {
                 addr: b.address,
@@ -74,7 +93,7 @@ fn vip_spec(v: &VipConfig, observed: &Observed) -> VipSpec {
         .collect();
     let any_up = backends.iter().any(|b| b.healthy && b.weight > 0);
     if let (false, OnAllDown::SorryServer { address, port }) = (any_up, &v.on_all_down) {
-        let mac = observed.next_hop_mac.get(address).copied();
+        let mac = observed.mac_for(address, v.forwarding);
         backends.push(BackendSpec {
             addr: *address,
             port: port.unwrap_or(0),

@@ -208,7 +208,7 @@ fn attach_helper(
     let dir = pin_root.join(iface);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {} failed", dir.display()))?;
     // Small maps: only the program's counters matter here.
-    let sizes = MapSizes { max_vips: 1, max_backends: 1, conntrack: 1, maglev_pool: 1024 };
+    let sizes = MapSizes { max_vips: 1, max_backends: 1, conntrack: 1, maglev_pool: 1024, nat_table: 1 };
     let mut dp = Dataplane::load(sizes)?;
     let how = attach::attach(&mut dp, program, iface, mode, &dir.join(pin))?;
     println!("{iface}: {program} attached ({how:?})");

@@ -65,6 +65,16 @@ pub fn render(s: &Status) -> String {
         "Flows in the connection table.",
         vec![(String::new(), s.flows_tracked as f64)],
     );
+    family("xdplb_nat_connections", "gauge", "Connections in the NAT table.", vec![(String::new(), s.nat_connections as f64)]);
+    family(
+        "xdplb_nat_evictions_total",
+        "counter",
+        "NAT connections forgotten by the collector, by why.",
+        vec![
+            ("{reason=\"idle\"}".into(), s.nat_evicted_idle as f64),
+            ("{reason=\"closed\"}".into(), s.nat_evicted_closed as f64),
+        ],
+    );
     family(
         "xdplb_packets_total",
         "counter",

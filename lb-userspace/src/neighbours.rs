@@ -46,18 +46,16 @@ fn contains(prefix: IpAddr, len: u8, addr: IpAddr) -> bool {
 /// How a backend is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
-    Resolved {
-        next_hop: IpAddr,
-        mac: [u8; 6],
-    },
+    /// Reached through interface `ifindex`, next hop `next_hop` at `mac`.
+    Resolved { next_hop: IpAddr, mac: [u8; 6], ifindex: u32 },
     /// Why the backend cannot be used now (for logs and `status`).
     Unresolved(String),
 }
 
 pub struct Neighbours {
     handle: Handle,
-    ifindex: u32,
-    iface: String,
+    /// The interfaces xdplb can send through: (index, name).
+    ifaces: Vec<(u32, String)>,
 }
 
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
@@ -70,10 +68,10 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 
 impl Neighbours {
     /// Opens a netlink connection (its task runs on the current tokio runtime).
-    pub fn new(iface: &str, ifindex: u32) -> Result<Self> {
+    pub fn new(ifaces: Vec<(u32, String)>) -> Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket failed")?;
         tokio::spawn(conn);
-        Ok(Self { handle, ifindex, iface: iface.to_string() })
+        Ok(Self { handle, ifaces })
     }
 
     /// The main routing table, both families: one dump, however many backends.
@@ -112,28 +110,29 @@ impl Neighbours {
 
     /// The next hop toward `dst`: longest-prefix match over the main table
     /// (policy routing is not consulted).
-    fn next_hop(&self, routes: &[Route], dst: IpAddr) -> Result<IpAddr> {
+    fn next_hop(&self, routes: &[Route], dst: IpAddr) -> Result<(IpAddr, u32)> {
         let route = routes
             .iter()
             .filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst)))
             .max_by_key(|r| r.len)
             .ok_or_else(|| anyhow!("no route to {dst}"))?;
-        if route.oif != Some(self.ifindex) {
+        let Some(oif) = route.oif.filter(|o| self.ifaces.iter().any(|(i, _)| i == o)) else {
             let other = route.oif.map_or("no interface".to_string(), |i| format!("interface index {i}"));
+            let names: Vec<&str> = self.ifaces.iter().map(|(_, n)| n.as_str()).collect();
             bail!(
-                "the route to {dst} leaves through {other}, not {}: xdplb can only send to backends reachable through the interface it is attached to",
-                self.iface
+                "the route to {dst} leaves through {other}, not {}: xdplb can only send to backends reachable through the interfaces it is attached to",
+                names.join(" or ")
             );
-        }
-        Ok(route.gateway.unwrap_or(dst))
+        };
+        Ok((route.gateway.unwrap_or(dst), oif))
     }
 
     /// The interface's neighbour table: address → MAC, for usable entries.
-    async fn table(&self) -> Result<HashMap<IpAddr, [u8; 6]>> {
+    async fn table(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
         let mut out = HashMap::new();
         let mut dump = self.handle.neighbours().get().execute();
         while let Some(msg) = dump.try_next().await.context("dumping the neighbour table failed")? {
-            if msg.header.ifindex != self.ifindex
+            if !self.ifaces.iter().any(|(i, _)| *i == msg.header.ifindex)
                 || matches!(
                     msg.header.state,
                     NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
@@ -154,7 +153,7 @@ impl Neighbours {
                 }
             }
             if let (Some(a), Some(m)) = (addr, mac) {
-                out.insert(a, m);
+                out.insert((msg.header.ifindex, a), m);
             }
         }
         Ok(out)
@@ -177,14 +176,12 @@ impl Neighbours {
         for &addr in addrs {
             let r = match self.next_hop(&routes, addr) {
                 Err(e) => Resolution::Unresolved(format!("{e:#}")),
-                Ok(nh) => match table.get(&nh) {
-                    Some(mac) => Resolution::Resolved { next_hop: nh, mac: *mac },
+                Ok((nh, oif)) => match table.get(&(oif, nh)) {
+                    Some(mac) => Resolution::Resolved { next_hop: nh, mac: *mac, ifindex: oif },
                     None => {
                         solicit(nh);
-                        Resolution::Unresolved(format!(
-                            "waiting for the MAC address of next hop {nh} on {}",
-                            self.iface
-                        ))
+                        let name = self.ifaces.iter().find(|(i, _)| *i == oif).map_or("?", |(_, n)| n.as_str());
+                        Resolution::Unresolved(format!("waiting for the MAC address of next hop {nh} on {name}"))
                     }
                 },
             };

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, NO_BACKEND,
+        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, FWD_NAT, NO_BACKEND,
         VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
 };
@@ -36,6 +36,17 @@ const GRACE: Duration = Duration::from_millis(100);
 pub enum Forwarding {
     Dsr,
     Ipip,
+    Nat,
+}
+
+impl Forwarding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Dsr => "dsr",
+            Forwarding::Ipip => "ipip",
+            Forwarding::Nat => "nat",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,6 +425,7 @@ impl Reconciler {
         let forwarding = match spec.forwarding {
             Forwarding::Dsr => FWD_DSR,
             Forwarding::Ipip => FWD_IPIP,
+            Forwarding::Nat => FWD_NAT,
         };
         let applied = &self.vips[key];
         let table_changed = is_new || applied.table_members != members || applied.meta.ring_size != spec.table_size;

@@ -26,6 +26,10 @@ pub struct Status {
     /// The errors of the last rejected configuration, if the last reload failed.
     pub last_reload_errors: Vec<String>,
     pub flows_tracked: u64,
+    /// NAT connections tracked, and those forgotten after going idle or closing.
+    pub nat_connections: u64,
+    pub nat_evicted_idle: u64,
+    pub nat_evicted_closed: u64,
     /// Packets by reason (see lb_common::reasons), since the dataplane was loaded.
     pub reasons: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
     flow_hash,
-    maps::{LbConfig, VipKey, programs},
+    maps::{CFG_NAT, LbConfig, VipKey, programs},
     reasons,
 };
 use lb_userspace::{
@@ -66,13 +66,16 @@ pub struct Engine {
 
 impl Engine {
     pub fn new() -> Self {
-        Self::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537 })
+        Self::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537, nat_table: 65_536 })
     }
 
     pub fn with_sizes(sizes: MapSizes) -> Self {
         let mut dp = Dataplane::load(sizes).expect("the eBPF object loads and verifies (run as root)");
         dp.set_config(&LbConfig {
             if_mac: LB_MAC,
+            backend_if_mac: LB_MAC,
+            // Interface indexes 0: NAT answers with XDP_TX, as one-armed.
+            flags: CFG_NAT,
             mtu: MTU,
             // 198.19.0.0/16 and 2001:db8:ffff::/96: outer sources of IP-in-IP.
             ipip_src_v4: u32::from_ne_bytes([198, 19, 0, 0]),

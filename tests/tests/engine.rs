@@ -77,6 +77,7 @@ fn forwards_exactly(v6: bool, l4: L4, fwd: Forwarding) {
                 assert_eq!(&out.frame[34..], inner, "the inner packet is carried whole");
             }
         }
+        Forwarding::Nat => unreachable!("NAT has its own tests below"),
     }
     let ip = &out.frame[out.frame.len() - (input.len() - 14)..];
     if !v6 {
@@ -520,4 +521,141 @@ fn ten_thousand_flows_follow_the_weights() {
         assert_eq!(r[reasons::CONNTRACK_MISS as usize], 10_000);
         assert_eq!(e.dp.flow_count(), 10_000);
     }
+}
+
+/// A NAT VIP whose backends listen on 8080.
+fn nat_spec(v6: bool, l4: L4) -> VipSpec {
+    let mut s = spec(v6, l4, Forwarding::Nat);
+    for b in &mut s.backends {
+        b.port = 8080;
+    }
+    s
+}
+
+/// The frame with its source and destination swapped, as a reply.
+fn reply_to(request: &[u8], from: IpAddr, sport: u16, to: IpAddr, dport: u16, l4: L4, from_mac: [u8; 6]) -> Vec<u8> {
+    let mut r = frame(l4, from, sport, to, dport);
+    r[0..6].copy_from_slice(&LB_MAC);
+    r[6..12].copy_from_slice(&from_mac);
+    assert_eq!(r.len(), request.len());
+    r
+}
+
+fn nat_both_ways(v6: bool, l4: L4) {
+    let mut e = Engine::new();
+    let s = nat_spec(v6, l4);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(v6, 9);
+    let input = frame(l4, c, 41_000, s.addr, s.port);
+    let out = e.run(&input);
+    assert_eq!(out.action, XDP_TX, "{v6} {l4:?}: forwarded");
+    let b = backend_of(&out.frame);
+    let backend = s.backends[b].addr;
+    assert_eq!(b, e.predicted_backend(&s, c, 41_000));
+    assert_eq!(out.frame[6..12], LB_MAC);
+    let (ip, l4_off) = if v6 { (&out.frame[14..], 54) } else { (&out.frame[14..], 34) };
+    // Destination address and port are the backend's; everything else as sent.
+    let (dst, src) = if v6 { (24..40, 8..24) } else { (16..20, 12..16) };
+    let want_dst: Vec<u8> = match backend {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    assert_eq!(ip[dst.clone()], want_dst[..]);
+    assert_eq!(ip[src.clone()], input[14..][src.clone()]);
+    assert_eq!(out.frame[l4_off..l4_off + 2], input[l4_off..l4_off + 2], "source port kept");
+    assert_eq!(out.frame[l4_off + 2..l4_off + 4], 8080u16.to_be_bytes(), "destination port: the backend's");
+    if !v6 {
+        assert!(packets::ipv4_header_ok(ip), "IPv4 header checksum updated");
+    }
+    assert!(packets::l4_checksum_ok(ip), "transport checksum updated");
+    let payload_at = l4_off + if l4 == L4::Tcp { 20 } else { 8 };
+    assert_eq!(out.frame[payload_at..], input[payload_at..], "payload untouched");
+
+    // The reply from the backend goes back from the VIP to the client's MAC.
+    let reply = reply_to(&input, backend, 8080, c, 41_000, l4, backend_mac(b));
+    let back = e.run(&reply);
+    assert_eq!(back.action, XDP_TX, "reply translated");
+    assert_eq!(back.frame[0..6], packets::CLIENT_MAC, "to the MAC the client's packets came from");
+    assert_eq!(back.frame[6..12], LB_MAC);
+    let ip = &back.frame[14..];
+    let vip_bytes = &input[14..][dst.clone()];
+    assert_eq!(&ip[src.clone()], vip_bytes, "source: the VIP");
+    assert_eq!(back.frame[l4_off..l4_off + 2], s.port.to_be_bytes(), "source port: the VIP's");
+    if !v6 {
+        assert!(packets::ipv4_header_ok(ip));
+    }
+    assert!(packets::l4_checksum_ok(ip));
+    // A reply nobody asked for passes untouched.
+    let stranger = reply_to(&input, backend, 8080, c, 41_001, l4, backend_mac(b));
+    let out = e.run(&stranger);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &stranger));
+    let r = e.reasons();
+    assert_eq!((r[reasons::TX as usize], r[reasons::NAT_REPLY as usize], r[reasons::PASS_NOT_VIP as usize]), (1, 1, 1));
+}
+
+#[test]
+fn nat_tcp4_both_ways() {
+    nat_both_ways(false, L4::Tcp);
+}
+#[test]
+fn nat_udp4_both_ways() {
+    nat_both_ways(false, L4::Udp);
+}
+#[test]
+fn nat_tcp6_both_ways() {
+    nat_both_ways(true, L4::Tcp);
+}
+#[test]
+fn nat_udp6_both_ways() {
+    nat_both_ways(true, L4::Udp);
+}
+
+#[test]
+fn nat_keeps_an_ipv4_udp_packet_without_checksum_without_one() {
+    let mut e = Engine::new();
+    let s = nat_spec(false, L4::Udp);
+    e.apply(std::slice::from_ref(&s));
+    let mut input = frame(L4::Udp, client(false, 1), 5000, s.addr, 53);
+    input[34 + 6] = 0;
+    input[34 + 7] = 0;
+    let out = e.run(&input);
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!(out.frame[34 + 6..34 + 8], [0, 0]);
+    assert!(packets::ipv4_header_ok(&out.frame[14..]));
+}
+
+#[test]
+fn nat_tracks_tcp_state_and_refuses_new_flows_when_full() {
+    let mut e = Engine::with_sizes(lb_userspace::dataplane::MapSizes {
+        max_vips: 8,
+        max_backends: 64,
+        conntrack: 1024,
+        maglev_pool: 4 * 65_537,
+        nat_table: 16,
+    });
+    let s = nat_spec(false, L4::Tcp);
+    e.apply(std::slice::from_ref(&s));
+    for i in 0..16 {
+        assert_eq!(e.run(&frame(L4::Tcp, client(false, i), 6000, s.addr, 80)).action, XDP_TX);
+    }
+    // Full: a new connection is refused, established ones keep going.
+    assert_eq!(e.run(&frame(L4::Tcp, client(false, 99), 6000, s.addr, 80)).action, XDP_DROP);
+    assert_eq!(e.reasons()[reasons::DROP_NAT_TABLE_FULL as usize], 1);
+    assert_eq!(e.run(&frame(L4::Tcp, client(false, 3), 6000, s.addr, 80)).action, XDP_TX);
+    // FIN and RST move the connection's state.
+    let mut fin = frame(L4::Tcp, client(false, 4), 6000, s.addr, 80);
+    fin[34 + 13] = 0x11;
+    let mut rst = frame(L4::Tcp, client(false, 5), 6000, s.addr, 80);
+    rst[34 + 13] = 0x04;
+    e.run(&fin);
+    e.run(&rst);
+    let states: std::collections::HashMap<IpAddr, u8> = e
+        .dp
+        .nat_flows()
+        .into_iter()
+        .map(|(k, v)| (lb_userspace::addr::from_words(&k.src, k.family), v.state))
+        .collect();
+    assert_eq!(states[&client(false, 4)], lb_common::maps::NAT_CLOSING);
+    assert_eq!(states[&client(false, 5)], lb_common::maps::NAT_CLOSED);
+    assert_eq!(states[&client(false, 3)], lb_common::maps::NAT_OPEN);
 }

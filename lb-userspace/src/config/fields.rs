@@ -7,7 +7,7 @@ use lb_common::maglev;
 
 use super::{
     BackendConfig, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
-    InitialState, OnAllDown, Pos, Prefix, Protocol, StatusMatch, VipConfig, XdpModeSetting,
+    InitialState, NatSettings, OnAllDown, Pos, Prefix, Protocol, StatusMatch, VipConfig, XdpModeSetting,
     yaml::{Node, Value},
 };
 use crate::reconcile::{Forwarding, HashMode};
@@ -140,16 +140,31 @@ impl<'f> Fields<'f> {
     }
 
     pub fn config(&mut self, root: &Node) -> Option<Config> {
-        const KEYS: &[&str] =
-            &["interface", "xdp_mode", "metrics_listen", "ipip_source_v4", "ipip_source_v6", "conntrack_size", "vips"];
+        const KEYS: &[&str] = &[
+            "interface",
+            "backend_interface",
+            "xdp_mode",
+            "metrics_listen",
+            "ipip_source_v4",
+            "ipip_source_v6",
+            "conntrack_size",
+            "nat",
+            "vips",
+        ];
         let m = self.map(root, "", KEYS)?;
-        let interface = self.value(&m, "interface", |s| {
+        let iface_name = |s: &str| {
             if s.is_empty() || s.len() > 15 || s.contains(['/', ' ']) {
                 Err(format!("`{s}` is not an interface name"))
             } else {
                 Ok(s.to_string())
             }
-        });
+        };
+        let interface = self.value(&m, "interface", iface_name);
+        let backend_interface = self.value(&m, "backend_interface", iface_name);
+        let nat = match m.get("nat") {
+            Some(n) => self.nat(n, "nat").unwrap_or_default(),
+            None => NatSettings::default(),
+        };
         let xdp_mode = self
             .value(&m, "xdp_mode", |s| match s {
                 "auto" => Ok(XdpModeSetting::Auto),
@@ -194,7 +209,33 @@ impl<'f> Fields<'f> {
             }
         }
         self.cross_check(&vips);
-        Some(Config { interface, xdp_mode, metrics_listen, ipip_source_v4, ipip_source_v6, conntrack_size, vips })
+        Some(Config {
+            interface,
+            backend_interface,
+            nat,
+            xdp_mode,
+            metrics_listen,
+            ipip_source_v4,
+            ipip_source_v6,
+            conntrack_size,
+            vips,
+        })
+    }
+
+    fn nat(&mut self, node: &Node, path: &str) -> Option<NatSettings> {
+        let m = self.map(node, path, &["table_size", "tcp_timeout", "udp_timeout", "closed_timeout"])?;
+        let d = NatSettings::default();
+        Some(NatSettings {
+            table_size: self
+                .value(&m, "table_size", |s| match s.parse::<u32>() {
+                    Ok(n) if (1024..=1 << 26).contains(&n) => Ok(n),
+                    _ => Err(format!("`{s}` is not a number of connections from 1024 to 67108864")),
+                })
+                .unwrap_or(d.table_size),
+            tcp_timeout: self.value(&m, "tcp_timeout", parse_duration).unwrap_or(d.tcp_timeout),
+            udp_timeout: self.value(&m, "udp_timeout", parse_duration).unwrap_or(d.udp_timeout),
+            closed_timeout: self.value(&m, "closed_timeout", parse_duration).unwrap_or(d.closed_timeout),
+        })
     }
 
     /// Errors that involve more than one VIP.
@@ -257,7 +298,7 @@ impl<'f> Fields<'f> {
             .value(&m, "forwarding", |s| match s {
                 "dsr" => Ok(Forwarding::Dsr),
                 "ipip" => Ok(Forwarding::Ipip),
-                "nat" => Err("`nat` forwarding is not available in this version of xdplb; use dsr or ipip".into()),
+                "nat" => Ok(Forwarding::Nat),
                 _ => Err(format!("`{s}` is not one of dsr, ipip, nat")),
             })
             .unwrap_or(Forwarding::Dsr);
@@ -373,7 +414,7 @@ impl<'f> Fields<'f> {
             s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))
         });
         let port = self.value(&m, "port", parse_port);
-        if let (Some(_), Some(n)) = (port, m.get("port")) {
+        if let (Some(_), Some(n), false) = (port, m.get("port"), forwarding == Forwarding::Nat) {
             // dsr and ipip deliver the packet as the client sent it.
             self.error(
                 n.pos,

@@ -187,9 +187,38 @@ pub struct Prefix {
     pub len: u8,
 }
 
+/// NAT's connection table (see `NAT_FLOWS` in the dataplane).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSettings {
+    /// Connections tracked at most; when full, new ones are refused and
+    /// established ones keep their entries.
+    pub table_size: u32,
+    /// An open TCP connection without packets for this long is forgotten.
+    pub tcp_timeout: Duration,
+    /// A UDP flow without packets for this long is forgotten.
+    pub udp_timeout: Duration,
+    /// A TCP connection that saw FIN or RST is forgotten this long after its last packet.
+    pub closed_timeout: Duration,
+}
+
+impl Default for NatSettings {
+    fn default() -> Self {
+        // IPVS's defaults for tcp and udp; a short linger after FIN/RST.
+        Self {
+            table_size: lb_common::maps::DEFAULT_NAT_TABLE_SIZE,
+            tcp_timeout: Duration::from_secs(900),
+            udp_timeout: Duration::from_secs(300),
+            closed_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub interface: Option<String>,
+    /// NAT: the interface toward the backends (two-armed); absent = one-armed.
+    pub backend_interface: Option<String>,
+    pub nat: NatSettings,
     pub xdp_mode: XdpModeSetting,
     pub metrics_listen: Option<SocketAddr>,
     /// Outer sources of IPv4-in-IPv4 packets: the flow hash fills the host bits.

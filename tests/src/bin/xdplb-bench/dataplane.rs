@@ -194,7 +194,7 @@ fn map_sizes(report: &mut Report, quick: bool, calls: usize) {
     let big: u32 = if quick { 1 << 20 } else { 4 << 20 };
     for (label, size, fill) in [("64K", 1u32 << 16, 0u32), (if quick { "1M" } else { "4M" }, big, big / 10 * 9)] {
         let mut e =
-            Engine::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: size, maglev_pool: 4 * 65_537 });
+            Engine::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: size, maglev_pool: 4 * 65_537, nat_table: 1024 });
         let s = vip("web", "198.18.0.100", 80, L4::Tcp, Forwarding::Dsr, &[("198.18.1.1", 1), ("198.18.1.2", 1)]);
         e.apply(std::slice::from_ref(&s));
         let id = e.reconciler.backend_id(&s.key(), "198.18.1.1".parse().unwrap(), 0).unwrap();
