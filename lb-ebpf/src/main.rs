@@ -25,8 +25,7 @@ use lb_common::{
     flow_hash,
     maps::{
         AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CFG_NAT, FAMILY_V4, FWD_IPIP, FWD_NAT, FlowKey, FlowValue,
-        NO_BACKEND,
-        VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
+        NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
     reasons,
 };

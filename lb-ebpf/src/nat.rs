@@ -17,8 +17,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS, count_reason},
     maglev_pick,
+    maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS, count_reason},
     parse::{ETH_LEN, EthHdr, Packet, TCP_FIN, TCP_RST, ptr_at},
 };
 
@@ -60,10 +60,16 @@ fn next_state(state: u8, flags: u8) -> u8 {
 fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: u16) -> Option<()> {
     let v4 = pkt.flow.family == FAMILY_V4;
     let words = if v4 { 1 } else { 4 };
-    let (old_addr, old_port) =
-        if source { (&pkt.flow.src, pkt.flow.sport) } else { (&pkt.flow.dst, pkt.flow.dport) };
+    let (old_addr, old_port) = if source { (&pkt.flow.src, pkt.flow.sport) } else { (&pkt.flow.dst, pkt.flow.dport) };
     // Address in the IP header.
-    let addr_off = ETH_LEN + if v4 { if source { 12 } else { 16 } } else if source { 8 } else { 24 };
+    let addr_off = ETH_LEN
+        + if v4 {
+            if source { 12 } else { 16 }
+        } else if source {
+            8
+        } else {
+            24
+        };
     if v4 {
         let a = ptr_at::<u32>(ctx, addr_off)?;
         unsafe { a.write_unaligned(addr[0]) };

@@ -15,9 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    maps::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, CFG_NAT, DEFAULT_MAGLEV_POOL, LbConfig, NAT_OPEN, PROTO_TCP, programs,
-    },
+    maps::{BACKEND_ACTIVE, BACKEND_DRAINING, CFG_NAT, DEFAULT_MAGLEV_POOL, LbConfig, NAT_OPEN, PROTO_TCP, programs},
     reasons,
 };
 use tokio::{signal::unix::SignalKind, sync::mpsc};
@@ -244,7 +242,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(b) = &d.backend_link {
         let pin = pin_dir.join("backend_link");
         match attach::attach(&mut d.dp, programs::BALANCER, &b.name, mode, &pin)? {
-            Attached::New(m) => info!(interface = b.name, "XDP program attached in {m} mode (backend side, for NAT replies)"),
+            Attached::New(m) => {
+                info!(interface = b.name, "XDP program attached in {m} mode (backend side, for NAT replies)")
+            }
             Attached::Replaced => info!(interface = b.name, "XDP program replaced atomically (backend side)"),
         }
     }
@@ -472,7 +472,9 @@ impl Daemon {
         }
         let longest = nat.tcp_timeout.max(nat.udp_timeout).as_nanos() as u64;
         for (key, r) in replies {
-            if !live_replies.contains(&key) && now.saturating_sub(r.last_seen_ns) > longest.min(nat.closed_timeout.as_nanos() as u64 * 6) {
+            if !live_replies.contains(&key)
+                && now.saturating_sub(r.last_seen_ns) > longest.min(nat.closed_timeout.as_nanos() as u64 * 6)
+            {
                 self.dp.remove_nat_reply(&key);
             }
         }
@@ -480,6 +482,10 @@ impl Daemon {
 
     fn reload(&mut self, why: &str) {
         let started = Instant::now();
+        // A SIGHUP reload must not be followed by a second one for the same file change.
+        if let Ok(text) = std::fs::read_to_string(&self.opts.config) {
+            self.seen_text = text;
+        }
         let path = self.opts.config.display().to_string();
         let generation = self.status.lock().unwrap().config_generation;
         let new = match config::load(&self.opts.config) {

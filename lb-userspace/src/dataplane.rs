@@ -24,8 +24,8 @@ use aya::{
 use lb_common::{
     maps::{
         AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND, TX_PORT_CLIENT, VipKey,
-        VipMeta, names, programs,
+        DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND, TX_PORT_CLIENT,
+        VipKey, VipMeta, names, programs,
     },
     reasons,
 };

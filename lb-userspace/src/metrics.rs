@@ -65,7 +65,12 @@ pub fn render(s: &Status) -> String {
         "Flows in the connection table.",
         vec![(String::new(), s.flows_tracked as f64)],
     );
-    family("xdplb_nat_connections", "gauge", "Connections in the NAT table.", vec![(String::new(), s.nat_connections as f64)]);
+    family(
+        "xdplb_nat_connections",
+        "gauge",
+        "Connections in the NAT table.",
+        vec![(String::new(), s.nat_connections as f64)],
+    );
     family(
         "xdplb_nat_evictions_total",
         "counter",

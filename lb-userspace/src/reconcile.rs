@@ -22,8 +22,8 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, FWD_NAT, NO_BACKEND,
-        VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
+        BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, FWD_NAT,
+        NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
 };
 

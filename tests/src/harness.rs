@@ -66,7 +66,13 @@ pub struct Engine {
 
 impl Engine {
     pub fn new() -> Self {
-        Self::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: 65_536, maglev_pool: 8 * 65_537, nat_table: 65_536 })
+        Self::with_sizes(MapSizes {
+            max_vips: 64,
+            max_backends: 4096,
+            conntrack: 65_536,
+            maglev_pool: 8 * 65_537,
+            nat_table: 65_536,
+        })
     }
 
     pub fn with_sizes(sizes: MapSizes) -> Self {

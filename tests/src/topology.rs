@@ -51,6 +51,20 @@ pub fn backend6(i: usize) -> IpAddr {
     format!("2001:db8::{}", 11 + i).parse().unwrap()
 }
 
+/// Backend `i`'s addresses in a NAT cluster.
+pub fn nat_backend4(i: usize) -> IpAddr {
+    format!("198.19.0.{}", 11 + i).parse().unwrap()
+}
+
+pub fn nat_backend6(i: usize) -> IpAddr {
+    format!("2001:db8:2::{}", 11 + i).parse().unwrap()
+}
+
+/// The byte at position `i` of every /bytes/N body of xdplb-test-server.
+pub fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
 fn sh(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
@@ -131,9 +145,22 @@ pub enum Servers {
     Nginx,
 }
 
+/// Where NAT backends live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatArms {
+    /// On a segment of their own behind the balancer's second interface lb1.
+    TwoArmed,
+    /// On the client's segment, but in another subnet routed via the balancer.
+    OneArmed,
+}
+
 pub struct ClusterSpec {
     pub backends: usize,
     pub servers: Servers,
+    /// Lay the backends out for NAT: addresses 198.19.0.11.. and
+    /// 2001:db8:2::11.., default route via the balancer (198.19.0.1,
+    /// 2001:db8:2::1), no VIP on loopback.
+    pub nat: Option<NatArms>,
     /// Directory of the binaries (xdplb, xdplb-test-server).
     pub bin_dir: PathBuf,
 }
@@ -148,6 +175,9 @@ pub struct Cluster {
     pub client: Netns,
     pub lb: Netns,
     pub switch: Netns,
+    /// The backends' own segment of a two-armed NAT cluster.
+    pub switch2: Option<Netns>,
+    pub nat: Option<NatArms>,
     pub backends: Vec<Netns>,
     processes: Mutex<Vec<(String, Child)>>,
 }
@@ -164,6 +194,8 @@ impl Cluster {
             bin_dir: spec.bin_dir,
             servers: spec.servers,
             switch: ns("sw"),
+            switch2: (spec.nat == Some(NatArms::TwoArmed)).then(|| ns("sw2")),
+            nat: spec.nat,
             client: ns("cl"),
             lb: ns("lb"),
             backends: (1..=spec.backends).map(|i| ns(&format!("b{i}"))).collect(),
@@ -177,20 +209,43 @@ impl Cluster {
         cluster
     }
 
+    /// Backend `i`'s IPv4 address in this cluster.
+    pub fn backend4(&self, i: usize) -> IpAddr {
+        if self.nat.is_some() { nat_backend4(i) } else { backend4(i) }
+    }
+
+    pub fn backend6(&self, i: usize) -> IpAddr {
+        if self.nat.is_some() { nat_backend6(i) } else { backend6(i) }
+    }
+
     fn wire(&self) {
-        let sw = &self.switch;
-        sw.ip("link add br0 type bridge mcast_snooping 0");
-        sw.ip("link set br0 up");
-        let mut hosts: Vec<(&Netns, String, String, String)> = vec![
-            (&self.client, "cl0".into(), CLIENT4.into(), CLIENT6.into()),
-            (&self.lb, "lb0".into(), LB4.into(), LB6.into()),
-        ];
-        for (i, b) in self.backends.iter().enumerate() {
-            hosts.push((b, format!("b{}", i + 1), backend4(i).to_string(), backend6(i).to_string()));
+        for sw in std::iter::once(&self.switch).chain(self.switch2.as_ref()) {
+            sw.ip("link add br0 type bridge mcast_snooping 0");
+            sw.ip("link set br0 up");
         }
-        for (host, ifname, a4, a6) in hosts {
-            let port =
-                if ifname.ends_with('0') { ifname.trim_end_matches('0').to_string() } else { format!("s{ifname}") };
+        let mut hosts: Vec<(&Netns, &Netns, String, String, String)> = vec![
+            (&self.switch, &self.client, "cl0".into(), CLIENT4.into(), CLIENT6.into()),
+            (&self.switch, &self.lb, "lb0".into(), LB4.into(), LB6.into()),
+        ];
+        let backend_switch = self.switch2.as_ref().unwrap_or(&self.switch);
+        if let Some(sw2) = &self.switch2 {
+            hosts.push((sw2, &self.lb, "lb1".into(), "198.19.0.1".into(), "2001:db8:2::1".into()));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            hosts.push((
+                backend_switch,
+                b,
+                format!("b{}", i + 1),
+                self.backend4(i).to_string(),
+                self.backend6(i).to_string(),
+            ));
+        }
+        for (sw, host, ifname, a4, a6) in hosts {
+            let port = match ifname.as_str() {
+                "lb1" => "lbb".to_string(),
+                n if n.ends_with('0') => n.trim_end_matches('0').to_string(),
+                n => format!("s{n}"),
+            };
             sw.ip(&format!("link add {port} type veth peer name {ifname} netns {}", host.name));
             // Jumbo frames behind the load balancer, as IP-in-IP deployments
             // use: an encapsulated 1500-byte client packet (1520) must fit.
@@ -211,14 +266,36 @@ impl Cluster {
         }
         self.client.ip(&format!("route add {VIP4}/32 via {LB4}"));
         self.client.ip(&format!("-6 route add {VIP6}/128 via {LB6}"));
-        for b in &self.backends {
-            // DSR and IP-in-IP deliver packets addressed to the VIP: backends hold it on loopback.
-            b.ip(&format!("addr add {VIP4}/32 dev lo"));
-            b.ip(&format!("addr add {VIP6}/128 dev lo"));
+        match self.nat {
+            None => {
+                for b in &self.backends {
+                    // DSR and IP-in-IP deliver packets addressed to the VIP: backends hold it on loopback.
+                    b.ip(&format!("addr add {VIP4}/32 dev lo"));
+                    b.ip(&format!("addr add {VIP6}/128 dev lo"));
+                }
+            }
+            Some(arms) => {
+                if arms == NatArms::OneArmed {
+                    // One interface, two subnets: clients' and backends'.
+                    self.lb.ip("addr add 198.19.0.1/24 dev lb0");
+                    self.lb.ip("addr add 2001:db8:2::1/64 dev lb0 nodad");
+                }
+                for (i, b) in self.backends.iter().enumerate() {
+                    let dev = format!("b{}", i + 1);
+                    b.ip(&format!("route add default via 198.19.0.1 dev {dev}"));
+                    b.ip(&format!("-6 route add default via 2001:db8:2::1 dev {dev}"));
+                }
+            }
         }
-        // veth drops frames sent with XDP_TX unless the peer runs an XDP program.
-        let out = self.xdplb_in(&self.switch, &["pass", "--iface", "lb"]).output().unwrap();
-        assert!(out.status.success(), "xdplb pass failed: {}", String::from_utf8_lossy(&out.stderr));
+        // veth drops frames sent with XDP_TX or redirected unless the peer runs an XDP program.
+        let mut peers = vec![(&self.switch, "lb")];
+        if let Some(sw2) = &self.switch2 {
+            peers.push((sw2, "lbb"));
+        }
+        for (sw, port) in peers {
+            let out = self.xdplb_in(sw, &["pass", "--iface", port]).output().unwrap();
+            assert!(out.status.success(), "xdplb pass failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
 
     /// The xdplb binary, run in `ns` with this cluster's pin root and state dir.
@@ -261,7 +338,11 @@ impl Cluster {
             Servers::Builtin => {
                 let mut c = ns.command(self.bin_dir.join("xdplb-test-server"));
                 c.args(["--name", &name, "--udp", "--status-file"]).arg(self.status_file(i));
-                for a in [backend4(i), backend6(i), VIP4.parse().unwrap(), VIP6.parse().unwrap()] {
+                let mut addrs = vec![self.backend4(i), self.backend6(i)];
+                if self.nat.is_none() {
+                    addrs.extend([VIP4.parse::<IpAddr>().unwrap(), VIP6.parse().unwrap()]);
+                }
+                for a in addrs {
                     c.args(["--listen", &SocketAddr::new(a, port).to_string()]);
                 }
                 c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
@@ -279,7 +360,7 @@ impl Cluster {
             }
         };
         self.track(format!("server-{name}"), child);
-        let addr = SocketAddr::new(backend4(i), port);
+        let addr = SocketAddr::new(self.backend4(i), port);
         let ok = ns.enter(move || wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()));
         assert!(ok, "server {name} did not start listening on {addr}");
     }
@@ -288,10 +369,11 @@ impl Cluster {
         let d = self.dir.join(format!("nginx-b{}", i + 1));
         std::fs::create_dir_all(&d).unwrap();
         let name = format!("b{}", i + 1);
-        let listens: String = [backend4(i).to_string(), format!("[{}]", backend6(i)), VIP4.into(), format!("[{VIP6}]")]
-            .iter()
-            .map(|a| format!("    listen {a}:{port};\n"))
-            .collect();
+        let mut addrs = vec![self.backend4(i).to_string(), format!("[{}]", self.backend6(i))];
+        if self.nat.is_none() {
+            addrs.extend([VIP4.to_string(), format!("[{VIP6}]")]);
+        }
+        let listens: String = addrs.iter().map(|a| format!("    listen {a}:{port};\n")).collect();
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
@@ -463,6 +545,7 @@ impl Drop for Cluster {
         for ns in self.backends.drain(..) {
             drop(ns);
         }
+        self.switch2.take();
         let bpffs = self.dir.join("bpffs");
         let _ = Command::new("umount").arg("-l").arg(&bpffs).status();
         let _ = std::fs::remove_dir_all(&self.dir);

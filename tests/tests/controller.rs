@@ -13,7 +13,7 @@ use tests::topology::{
 const WAIT: Duration = Duration::from_secs(30);
 
 fn cluster(backends: usize) -> Cluster {
-    let c = Cluster::new(ClusterSpec { backends, servers: Servers::Builtin, bin_dir: topology::bin_dir() });
+    let c = Cluster::new(ClusterSpec { backends, servers: Servers::Builtin, bin_dir: topology::bin_dir(), nat: None });
     for i in 0..backends {
         c.start_server(i, 80);
     }

@@ -649,12 +649,11 @@ fn nat_tracks_tcp_state_and_refuses_new_flows_when_full() {
     rst[34 + 13] = 0x04;
     e.run(&fin);
     e.run(&rst);
-    let states: std::collections::HashMap<IpAddr, u8> = e
-        .dp
-        .nat_flows()
-        .into_iter()
-        .map(|(k, v)| (lb_userspace::addr::from_words(&k.src, k.family), v.state))
-        .collect();
+    let states: std::collections::HashMap<IpAddr, u8> =
+        e.dp.nat_flows()
+            .into_iter()
+            .map(|(k, v)| (lb_userspace::addr::from_words(&k.src, k.family), v.state))
+            .collect();
     assert_eq!(states[&client(false, 4)], lb_common::maps::NAT_CLOSING);
     assert_eq!(states[&client(false, 5)], lb_common::maps::NAT_CLOSED);
     assert_eq!(states[&client(false, 3)], lb_common::maps::NAT_OPEN);

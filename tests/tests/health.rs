@@ -12,7 +12,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const CHECK: &str = "interval: 300ms, timeout: 200ms, rise: 2, fall: 2";
 
 fn cluster(backends: usize) -> Cluster {
-    let c = Cluster::new(ClusterSpec { backends, servers: Servers::Builtin, bin_dir: topology::bin_dir() });
+    let c = Cluster::new(ClusterSpec { backends, servers: Servers::Builtin, bin_dir: topology::bin_dir(), nat: None });
     for i in 0..backends {
         c.start_server(i, 80);
     }

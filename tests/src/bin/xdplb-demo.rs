@@ -205,7 +205,12 @@ fn main() {
 fn run(ui: &mut Ui, keep: bool) -> Result<(), String> {
     let steps = 3 + SERVERS;
     ui.progress(0, steps, "creating namespaces, bridge and veths");
-    let c = Cluster::new(ClusterSpec { backends: SERVERS, servers: Servers::Nginx, bin_dir: topology::bin_dir() });
+    let c = Cluster::new(ClusterSpec {
+        backends: SERVERS,
+        servers: Servers::Nginx,
+        bin_dir: topology::bin_dir(),
+        nat: None,
+    });
     for i in 0..SERVERS {
         ui.progress(1 + i, steps, &format!("starting nginx on b{}", i + 1));
         c.start_server(i, 80);

@@ -38,10 +38,7 @@ fn opts() -> Opts {
     o
 }
 
-/// The byte at position `i` of every /bytes/N body.
-pub fn pattern(i: u64) -> u8 {
-    (i.wrapping_mul(2_654_435_761) >> 13) as u8
-}
+use tests::topology::pattern;
 
 fn status(o: &Opts) -> u16 {
     o.status_file

@@ -131,8 +131,44 @@ pub fn run(report: &mut Report, quick: bool) {
         }
     }
 
+    nat(report, &mut e, calls, floor_call);
     live_frames(report, e, &tcp4);
     map_sizes(report, quick, calls);
+}
+
+/// NAT, tcp4: the way in (established and new) and the way back.
+fn nat(report: &mut Report, e: &mut Engine, calls: usize, floor_call: f64) {
+    let mut s =
+        vip("tcp4-nat", "198.18.0.100", 8000, L4::Tcp, Forwarding::Nat, &[("198.18.1.1", 1), ("198.18.1.2", 1)]);
+    for b in &mut s.backends {
+        b.port = 8080;
+    }
+    e.apply(&[s.clone()]);
+    let vip_addr: IpAddr = "198.18.0.100".parse().unwrap();
+    let pkt = frame(L4::Tcp, source(3, false), 40_000, vip_addr, 8000);
+    let out = {
+        let p = e.dp.program(programs::BALANCER).unwrap();
+        let mut out = vec![0u8; pkt.len() + 64];
+        p.test_run(TestRunOptions { data_in: Some(&pkt), data_out: Some(&mut out), ..Default::default() }).unwrap();
+        out.truncate(pkt.len());
+        out
+    };
+    let backend: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]));
+    let ns = per_call(e, programs::BALANCER, std::slice::from_ref(&pkt), calls, XDP_TX);
+    report.add("dataplane", "tcp4 nat established per-call", "xdplb", "ns_per_packet", ns, "ns");
+    report.add("dataplane", "tcp4 nat established per-call", "xdplb", "ratio_to_floor", ns / floor_call, "x");
+    let mut reply = frame(L4::Tcp, backend, 8080, source(3, false), 40_000);
+    reply[0..6].copy_from_slice(&out[6..12]);
+    let ns = per_call(e, programs::BALANCER, std::slice::from_ref(&reply), calls, XDP_TX);
+    report.add("dataplane", "tcp4 nat reply per-call", "xdplb", "ns_per_packet", ns, "ns");
+    report.add("dataplane", "tcp4 nat reply per-call", "xdplb", "ratio_to_floor", ns / floor_call, "x");
+    // New connections (the NAT table is 65,536 entries: stay below).
+    let fresh: Vec<Vec<u8>> = (0..(calls * ROUNDS).min(60_000) as u32)
+        .map(|i| frame(L4::Tcp, source(2000 + i / 30_000, false), 1024 + (i % 30_000) as u16, vip_addr, 8000))
+        .collect();
+    let ns = per_call(e, programs::BALANCER, &fresh, calls.min(fresh.len() / ROUNDS), XDP_TX);
+    report.add("dataplane", "tcp4 nat new flow per-call", "xdplb", "ns_per_packet", ns, "ns");
+    report.add("dataplane", "tcp4 nat new flow per-call", "xdplb", "ratio_to_floor", ns / floor_call, "x");
 }
 
 /// Packets per second with live frames (each frame really transmitted), in
@@ -193,8 +229,13 @@ fn live_frames(report: &mut Report, e: Engine, tcp4: &[u8]) {
 fn map_sizes(report: &mut Report, quick: bool, calls: usize) {
     let big: u32 = if quick { 1 << 20 } else { 4 << 20 };
     for (label, size, fill) in [("64K", 1u32 << 16, 0u32), (if quick { "1M" } else { "4M" }, big, big / 10 * 9)] {
-        let mut e =
-            Engine::with_sizes(MapSizes { max_vips: 64, max_backends: 4096, conntrack: size, maglev_pool: 4 * 65_537, nat_table: 1024 });
+        let mut e = Engine::with_sizes(MapSizes {
+            max_vips: 64,
+            max_backends: 4096,
+            conntrack: size,
+            maglev_pool: 4 * 65_537,
+            nat_table: 1024,
+        });
         let s = vip("web", "198.18.0.100", 80, L4::Tcp, Forwarding::Dsr, &[("198.18.1.1", 1), ("198.18.1.2", 1)]);
         e.apply(std::slice::from_ref(&s));
         let id = e.reconciler.backend_id(&s.key(), "198.18.1.1".parse().unwrap(), 0).unwrap();

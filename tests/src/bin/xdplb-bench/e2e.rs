@@ -131,7 +131,7 @@ fn xdplb_config(forwarding: &str) -> String {
 pub fn run(report: &mut Report, quick: bool) {
     println!("\n== e2e: through each path, in network namespaces ==");
     let secs = if quick { 2 } else { 5 };
-    let c = Cluster::new(ClusterSpec { backends: 3, servers: Servers::Nginx, bin_dir: topology::bin_dir() });
+    let c = Cluster::new(ClusterSpec { backends: 3, servers: Servers::Nginx, bin_dir: topology::bin_dir(), nat: None });
     for i in 0..3 {
         c.start_server(i, 80);
         c.spawn(&format!("iperf-b{}", i + 1), c.backends[i].command("iperf3").args(["-s", "-p", "5201"]));
@@ -152,7 +152,6 @@ pub fn run(report: &mut Report, quick: bool) {
     c.write_config("bench.yaml", &xdplb_config("ipip"));
     c.wait_status(Duration::from_secs(30), "the ipip configuration", |s| s["config_generation"] == 2);
     measure(report, &c, "xdplb-ipip", vip(80), vip(5201), secs);
-    report.note("xdplb-nat: not measured, NAT forwarding is not implemented yet");
     c.signal("xdplb", libc::SIGTERM);
     c.wait_exit("xdplb", Duration::from_secs(10));
 
@@ -196,4 +195,36 @@ pub fn run(report: &mut Report, quick: bool) {
     } else {
         report.note("nftables: loading the DNAT rules failed; not measured");
     }
+    drop(c);
+    nat(report, secs);
+}
+
+/// xdplb NAT, one-armed (the same single interface as the other paths):
+/// backends on their own subnet behind the balancer, port 80 → 8080.
+fn nat(report: &mut Report, secs: u64) {
+    let c = Cluster::new(ClusterSpec {
+        backends: 3,
+        servers: Servers::Nginx,
+        bin_dir: topology::bin_dir(),
+        nat: Some(topology::NatArms::OneArmed),
+    });
+    for i in 0..3 {
+        c.start_server(i, 8080);
+        c.spawn(&format!("iperf-b{}", i + 1), c.backends[i].command("iperf3").args(["-s", "-p", "5201"]));
+    }
+    let mut y = String::from("interface: lb0\nxdp_mode: driver\nvips:\n");
+    for (port, to, hash) in [(80, 8080, "five-tuple"), (5201, 5201, "source-ip")] {
+        y += &format!(
+            "  - name: web{port}\n    address: {VIP4}\n    port: {port}\n    forwarding: nat\n    hash: {hash}\n    backends:\n"
+        );
+        for i in 0..3 {
+            y += &format!("      - address: {}\n        port: {to}\n", c.backend4(i));
+        }
+        y += "    health_check: {type: tcp, port: 8080, interval: 1s, rise: 1}\n";
+    }
+    let path = c.write_config("nat.yaml", &y);
+    c.start_xdplb("xdplb", &path, &["--detach-on-exit"]);
+    c.wait_backend_states("web80", &["active"; 3], Duration::from_secs(30));
+    let vip = |port| SocketAddr::new(VIP4.parse().unwrap(), port);
+    measure(report, &c, "xdplb-nat", vip(80), vip(5201), secs);
 }
