@@ -167,6 +167,9 @@ pub struct FlowKey {
 pub struct FlowValue {
     pub backend_id: u32,
     pub generation: u32,
+    /// The flow's hash, kept so a tracked packet need not compute it again.
+    pub hash: u32,
+    pub _pad: u32,
 }
 
 /// `LbConfig::flags`: some VIP uses NAT, so replies must be looked for.
@@ -268,7 +271,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<FlowValue>(), 16);
         assert_eq!(size_of::<LbConfig>(), 56);
         assert_eq!(size_of::<NatFlow>(), 24);
         assert_eq!(size_of::<NatReply>(), 40);

@@ -90,10 +90,13 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&VIP_STATS, vip.vip_id, frame_len);
 
-    let hash = if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
-        flow_hash::source_ip(&pkt.flow.src)
-    } else {
-        flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
+    // Computed only when needed: a tracked flow carries its hash.
+    let hash = || {
+        if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
+            flow_hash::source_ip(&pkt.flow.src)
+        } else {
+            flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
+        }
     };
     let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     let chosen = if vip.forwarding == FWD_NAT {
@@ -101,11 +104,11 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
             Some(eth) => unsafe { (*eth).src },
             None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
-        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac)
+        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac).map(|(id, b)| (id, b, 0))
     } else {
         choose_backend(&pkt.flow, &vip, hash, new_connection)
     };
-    let (backend_id, backend) = match chosen {
+    let (backend_id, backend, hash) = match chosen {
         Ok(b) => b,
         Err(reasons::DROP_NO_BACKEND) if vip.flags & VIP_F_PASS_WHEN_EMPTY != 0 => {
             return (XDP_PASS, reasons::PASS_ALL_DOWN);
@@ -127,14 +130,19 @@ fn for_vip_address(dst: &AddrKey, action: u32, reason: u32) -> (u32, u32) {
 /// the table changes; Maglev for new flows and for flows whose backend went
 /// down or away. Counts the conntrack outcome itself.
 #[inline(always)]
-fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32, new_connection: bool) -> Result<(u32, Backend), u32> {
+fn choose_backend(
+    flow: &FlowKey,
+    vip: &VipMeta,
+    hash: impl Fn() -> u32,
+    new_connection: bool,
+) -> Result<(u32, Backend, u32), u32> {
     if let Some(tracked) = unsafe { FLOWS.get(flow) } {
         let tracked = *tracked;
         let backend = BACKENDS.get(tracked.backend_id).filter(|b| b.generation == tracked.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
                 count_reason(reasons::CONNTRACK_HIT);
-                return Ok((tracked.backend_id, *b));
+                return Ok((tracked.backend_id, *b, tracked.hash));
             }
             // A client reusing a source port opens a new connection: not to a draining server.
             Some(b) if b.state == BACKEND_DRAINING => count_reason(reasons::CONNTRACK_SYN_RESCHEDULED),
@@ -143,12 +151,13 @@ fn choose_backend(flow: &FlowKey, vip: &VipMeta, hash: u32, new_connection: bool
     } else {
         count_reason(reasons::CONNTRACK_MISS);
     }
+    let hash = hash();
     let (id, b) = maglev_pick(vip, hash)?;
-    let value = FlowValue { backend_id: id, generation: b.generation };
+    let value = FlowValue { backend_id: id, generation: b.generation, hash, _pad: 0 };
     if FLOWS.insert(flow, &value, 0).is_err() {
         count_reason(reasons::CONNTRACK_INSERT_FAILED);
     }
-    Ok((id, b))
+    Ok((id, b, hash))
 }
 
 /// The backend in the VIP's Maglev table slot for `hash`.

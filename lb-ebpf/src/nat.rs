@@ -125,7 +125,7 @@ fn send(ctx: &XdpContext, slot: u32, ifindex: u32) -> Result<u32, u32> {
 pub fn choose_backend(
     pkt: &Packet,
     vip: &VipMeta,
-    hash: u32,
+    hash: impl Fn() -> u32,
     new_connection: bool,
     client_mac: [u8; 6],
 ) -> Result<(u32, Backend), u32> {
@@ -148,7 +148,7 @@ pub fn choose_backend(
     } else {
         count_reason(reasons::CONNTRACK_MISS);
     }
-    let (id, b) = maglev_pick(vip, hash)?;
+    let (id, b) = maglev_pick(vip, hash())?;
     let flow = NatFlow {
         backend_id: id,
         generation: b.generation,

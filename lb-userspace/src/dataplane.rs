@@ -254,6 +254,10 @@ impl Dataplane {
         Ok(self.ebpf.program_mut(name).with_context(|| format!("the eBPF object has no program {name}"))?.try_into()?)
     }
 
+    pub fn config(&self) -> Result<LbConfig> {
+        self.config.get(&0, 0).context("reading the CONFIG map failed")
+    }
+
     pub fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
         self.config.set(0, cfg, 0).context("writing the CONFIG map failed")
     }

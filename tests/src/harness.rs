@@ -95,6 +95,14 @@ impl Engine {
         Self { dp, reconciler }
     }
 
+    /// Whether the program looks for NAT replies among non-VIP packets (the
+    /// controller turns this on only when a VIP uses NAT).
+    pub fn set_nat(&mut self, on: bool) {
+        let mut cfg = self.dp.config().expect("CONFIG readable");
+        cfg.flags = if on { CFG_NAT } else { 0 };
+        self.dp.set_config(&cfg).expect("CONFIG writable");
+    }
+
     pub fn apply(&mut self, specs: &[VipSpec]) {
         self.reconciler.apply(&mut self.dp, specs).expect("apply succeeds");
     }
