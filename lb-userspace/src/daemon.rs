@@ -554,18 +554,7 @@ impl Daemon {
         }
         let mut vips = Vec::new();
         for v in &self.config.vips {
-            let spec_key = crate::reconcile::VipSpec {
-                name: v.name.clone(),
-                addr: v.address,
-                port: v.port,
-                protocol: v.protocol.number(),
-                forwarding: v.forwarding,
-                hash: v.hash,
-                table_size: v.table_size,
-                backends: Vec::new(),
-                pass_when_empty: false,
-            }
-            .key();
+            let spec_key = desired::vip_key(v);
             let Some(meta) = self.reconciler.vip_meta(&spec_key) else { continue };
             let vc = self.dp.vip_counter(meta.vip_id).unwrap_or_default();
             let mut rate = |k: (String, String, u16), packets: u64, bytes: u64| -> (f64, f64) {

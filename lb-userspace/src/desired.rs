@@ -70,6 +70,16 @@ pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
     out
 }
 
+/// The dataplane key of a configured VIP.
+pub fn vip_key(v: &VipConfig) -> lb_common::maps::VipKey {
+    lb_common::maps::VipKey {
+        addr: crate::addr::words(v.address),
+        port: v.port.to_be(),
+        protocol: v.protocol.number(),
+        family: crate::addr::family(v.address),
+    }
+}
+
 pub fn vip_specs(config: &Config, observed: &Observed) -> Vec<VipSpec> {
     config.vips.iter().map(|v| vip_spec(v, observed)).collect()
 }

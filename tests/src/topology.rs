@@ -463,6 +463,30 @@ impl Cluster {
         self.track(name.to_string(), child);
     }
 
+    /// `n` GETs on new connections from the client; the server names, in order.
+    /// Panics on any failed request.
+    pub fn requests(&self, target: SocketAddr, n: usize) -> Vec<String> {
+        self.client.enter(move || {
+            (0..n)
+                .map(|i| match http_get(target, "/", Duration::from_secs(3)) {
+                    Ok((200, b)) => b,
+                    other => panic!("request {i} to {target}: {other:?}"),
+                })
+                .collect()
+        })
+    }
+
+    /// The Prometheus text the controller serves on 127.0.0.1:9464 in the LB namespace.
+    pub fn metrics(&self) -> String {
+        self.lb.enter(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9464").expect("the metrics endpoint listens");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -506,6 +530,11 @@ impl Cluster {
         let want: Vec<String> = states.iter().map(|s| s.to_string()).collect();
         self.wait_status(timeout, &format!("VIP {vip} backends {states:?}"), |s| backend_states(s, vip) == want)
     }
+}
+
+/// `addr:port` as a socket address.
+pub fn target(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse().expect("an IP address"), port)
 }
 
 /// The `state` of every backend of VIP `vip` in a status document.

@@ -40,20 +40,10 @@ fn config(vips: &[(&str, &str, &str)], n: usize, extra: &str) -> String {
     y
 }
 
-fn vip(addr: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(addr.parse().unwrap(), port)
-}
+use topology::target as vip;
 
-/// `n` GETs on new connections from the client; returns the server names.
 fn requests(c: &Cluster, target: SocketAddr, n: usize) -> Vec<String> {
-    c.client.enter(move || {
-        (0..n)
-            .map(|i| match http_get(target, "/", Duration::from_secs(3)) {
-                Ok((200, b)) => b,
-                other => panic!("request {i} to {target}: {other:?}"),
-            })
-            .collect()
-    })
+    c.requests(target, n)
 }
 
 fn spread(names: &[String], backends: usize) {
@@ -136,14 +126,7 @@ fn status_and_metrics_count_exactly_what_was_sent() {
     assert_eq!(b1 + b2, N as u64);
     assert_eq!(b1, replies.iter().filter(|r| *r == "b1:").count() as u64, "b1's counter = replies from b1");
 
-    let metrics = c.lb.enter(|| {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
-        use std::io::{Read as _, Write as _};
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
+    let metrics = c.metrics();
     assert!(metrics.contains(&format!("xdplb_vip_packets_total{{vip=\"echo\"}} {N}\n")), "{metrics}");
     assert!(metrics.contains(&format!("xdplb_vip_bytes_total{{vip=\"echo\"}} {}\n", N as u64 * frame)));
     assert!(

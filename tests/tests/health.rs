@@ -87,14 +87,7 @@ fn a_killed_server_leaves_after_fall_checks_and_returns_after_rise() {
     assert_eq!(back["vips"][0]["backends"][1]["transitions"], 3);
     let samples = stream.stop();
     assert!(served_by(&samples[detected..]).contains(&"b2".to_string()), "b2 serves new connections again");
-    let metrics = c.lb.enter(|| {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
+    let metrics = c.metrics();
     assert!(
         metrics.contains("xdplb_backend_health_transitions_total{vip=\"web\",backend=\"198.18.0.12\",port=\"0\"} 3")
     );

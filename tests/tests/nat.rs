@@ -11,7 +11,7 @@ use std::{
 };
 
 use tests::topology::{
-    self, Cluster, ClusterSpec, NatArms, RequestStream, Servers, VIP4, VIP6, backend_states, http_get, pattern,
+    self, Cluster, ClusterSpec, NatArms, RequestStream, Servers, VIP4, VIP6, backend_states, pattern,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -35,7 +35,9 @@ fn config(c: &Cluster, arms: NatArms) -> String {
         y += "backend_interface: lb1\n";
     }
     y += "nat: {tcp_timeout: 60s, udp_timeout: 30s, closed_timeout: 2s}\nvips:\n";
-    for (name, addr, port, proto) in [("web4", VIP4, 80, "tcp"), ("web6", VIP6, 80, "tcp"), ("dns4", VIP4, 53, "udp")] {
+    for (name, addr, port, proto) in
+        [("web4", VIP4, 80, "tcp"), ("web6", VIP6, 80, "tcp"), ("dns4", VIP4, 53, "udp"), ("dns6", VIP6, 53, "udp")]
+    {
         y += &format!(
             "  - name: {name}\n    address: {addr}\n    port: {port}\n    protocol: {proto}\n    forwarding: nat\n    backends:\n"
         );
@@ -52,25 +54,16 @@ fn start(arms: NatArms) -> Cluster {
     let c = cluster(arms);
     let path = c.write_config("xdplb.yaml", &config(&c, arms));
     c.start_xdplb("xdplb", &path, &[]);
-    for vip in ["web4", "web6", "dns4"] {
+    for vip in ["web4", "web6", "dns4", "dns6"] {
         c.wait_backend_states(vip, &["active"; 3], WAIT);
     }
     c
 }
 
-fn vip(addr: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(addr.parse().unwrap(), port)
-}
+use topology::target as vip;
 
 fn requests(c: &Cluster, target: SocketAddr, n: usize) -> Vec<String> {
-    c.client.enter(move || {
-        (0..n)
-            .map(|i| match http_get(target, "/", Duration::from_secs(3)) {
-                Ok((200, b)) => b,
-                other => panic!("request {i} to {target}: {other:?}"),
-            })
-            .collect()
-    })
+    c.requests(target, n)
 }
 
 /// Downloads /bytes/N through `target` and checks every byte.
@@ -108,7 +101,8 @@ fn udp_exchange(c: &Cluster, target: SocketAddr, n: usize) -> Vec<String> {
     c.client.enter(move || {
         (0..n)
             .map(|i| {
-                let s = UdpSocket::bind(SocketAddr::new(topology::CLIENT4.parse().unwrap(), 0)).unwrap();
+                let local = if target.is_ipv4() { topology::CLIENT4 } else { topology::CLIENT6 };
+                let s = UdpSocket::bind(SocketAddr::new(local.parse().unwrap(), 0)).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 s.send_to(format!("q{i}").as_bytes(), target).unwrap();
                 let mut buf = [0u8; 256];
@@ -138,6 +132,7 @@ fn two_armed_nat_serves_http_downloads_and_udp_over_ipv4_and_ipv6() {
         download(&c, target, 100 << 20);
     }
     spread(&udp_exchange(&c, vip(VIP4, 53), 60));
+    spread(&udp_exchange(&c, vip(VIP6, 53), 60));
     let s = c.wait_status(WAIT, "NAT counters", |s| s["reasons"]["nat_reply"].as_u64() > Some(1000));
     assert_eq!(s["reasons"]["drop_redirect_failed"], 0);
     assert_eq!(s["reasons"]["drop_nat_table_full"], 0);

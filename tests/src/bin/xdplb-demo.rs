@@ -313,7 +313,9 @@ fn run(ui: &mut Ui, keep: bool) -> Result<(), String> {
         "reload_failures": reload_failures,
         "interrupted": stopped(),
     });
-    println!("SUMMARY {summary}");
+    if !ui.live {
+        println!("SUMMARY {summary}");
+    }
 
     if keep && !stopped() {
         print_keep_instructions(&c);

@@ -185,7 +185,7 @@ pub fn run(report: &mut Report, quick: bool) {
          ip daddr {VIP4} tcp dport 80 dnat to numgen inc mod 3 map {map}\n    \
          ip daddr {VIP4} tcp dport 5201 dnat to jhash ip saddr mod 3 map {map}\n  }}\n  \
          chain post {{\n    type nat hook postrouting priority srcnat;\n    \
-         ip daddr 198.18.0.0/24 ip saddr != {LB4} masquerade\n  }}\n}}\n"
+         ip daddr 198.18.0.0/24 ip saddr != {LB4} masquerade fully-random\n  }}\n}}\n"
     );
     let rules_path = c.dir.join("nft.conf");
     std::fs::write(&rules_path, rules).unwrap();

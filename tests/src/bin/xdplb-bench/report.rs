@@ -110,24 +110,29 @@ impl Report {
         if bars.is_empty() {
             return Ok(());
         }
-        let root = BitMapBackend::new(path, (1200, 600)).into_drawing_area();
+        // Horizontal bars: one row per (case, path), labels on the left.
+        let rows = bars.len();
+        let root = BitMapBackend::new(path, (1100, 80 + 28 * rows as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let max = bars.iter().map(|b| b.value).fold(1.2, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&root)
-            .caption("End to end, as a ratio to direct (higher is better)", ("sans-serif", 24))
-            .margin(20)
-            .x_label_area_size(120)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0..bars.len(), 0.0..max)
+            .caption("End to end, as a ratio to direct (higher is better)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(280)
+            .build_cartesian_2d(0.0..max, (0..rows).into_segmented())
             .map_err(|e| e.to_string())?;
-        let labels: Vec<String> = bars.iter().map(|b| format!("{} {}", b.case, b.imp)).collect();
+        let labels: Vec<String> = bars.iter().map(|b| format!("{}: {}", b.case, b.imp)).collect();
         chart
             .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(bars.len())
-            .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
-            .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
-            .y_desc("ratio to direct")
+            .disable_y_mesh()
+            .y_labels(rows)
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => labels.get(rows.saturating_sub(1 + *i)).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .y_label_style(("sans-serif", 14))
+            .x_desc("ratio to direct")
             .draw()
             .map_err(|e| e.to_string())?;
         let colour = |imp: &str| match imp {
@@ -137,11 +142,13 @@ impl Report {
             _ => BLACK,
         };
         chart
-            .draw_series(
-                bars.iter()
-                    .enumerate()
-                    .map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.value)], colour(&b.imp).mix(0.6).filled())),
-            )
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                let row = rows - 1 - i;
+                Rectangle::new(
+                    [(0.0, SegmentValue::Exact(row)), (b.value, SegmentValue::Exact(row + 1))],
+                    colour(&b.imp).mix(0.6).filled(),
+                )
+            }))
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
         Ok(())
