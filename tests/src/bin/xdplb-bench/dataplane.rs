@@ -77,7 +77,8 @@ fn source(i: u32, v6: bool) -> IpAddr {
 pub fn run(report: &mut Report, quick: bool) {
     println!("\n== dataplane: ns per packet (BPF_PROG_TEST_RUN) ==");
     let calls = if quick { 20_000 } else { 100_000 };
-    let mut e = Engine::new();
+    // The maps at their production defaults (1M-entry connection table).
+    let mut e = Engine::with_sizes(MapSizes::default());
     // No NAT VIP yet: as the controller configures it, non-VIP packets skip the NAT reply lookup.
     e.set_nat(false);
     let cases: [(&str, L4, bool, u16); 3] =

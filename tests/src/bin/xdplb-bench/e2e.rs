@@ -88,9 +88,23 @@ fn iperf(c: &Cluster, target: SocketAddr, secs: u64) -> f64 {
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
 }
 
+/// Load-test tuning for every host, so that no path is limited by ports in
+/// TIME_WAIT after hundreds of thousands of short connections.
+fn tune(c: &Cluster) {
+    for ns in [&c.client, &c.lb].into_iter().chain(c.backends.iter()) {
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    }
+}
+
 fn measure(report: &mut Report, c: &Cluster, imp: &str, http: SocketAddr, tcp: SocketAddr, secs: u64) {
+    // A full run takes the median of three wrk runs by requests per second:
+    // this 2-core machine runs client, balancer and servers at once.
+    let runs = if secs >= 5 { 3 } else { 1 };
     for (case, close) in [("short connections", true), ("keep-alive", false)] {
-        let w = wrk(c, http, secs, close);
+        let mut all: Vec<Wrk> = (0..runs).map(|_| wrk(c, http, secs, close)).collect();
+        all.sort_by(|a, b| a.rps.partial_cmp(&b.rps).unwrap_or(std::cmp::Ordering::Equal));
+        let w = all.swap_remove(runs / 2);
         report.add("e2e", case, imp, "requests_per_second", w.rps, "req/s");
         report.add("e2e", case, imp, "latency_p50", w.p50, "ms");
         report.add("e2e", case, imp, "latency_p90", w.p90, "ms");
@@ -105,7 +119,9 @@ fn measure(report: &mut Report, c: &Cluster, imp: &str, http: SocketAddr, tcp: S
             report.add("e2e", case, imp, "ratio_to_direct", w.rps / direct, "x");
         }
     }
-    let gbps = iperf(c, tcp, secs.min(5));
+    let mut all: Vec<f64> = (0..runs).map(|_| iperf(c, tcp, secs.min(5))).collect();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let gbps = all[runs / 2];
     report.add("e2e", "tcp throughput", imp, "gbit_per_second", gbps, "Gbit/s");
     if let Some(direct) = report.get("e2e", "tcp throughput", "direct", "gbit_per_second") {
         report.add("e2e", "tcp throughput", imp, "ratio_to_direct", gbps / direct, "x");
@@ -138,6 +154,7 @@ pub fn run(report: &mut Report, quick: bool) {
     }
     // IP-in-IP needs decapsulation on the backends; attached for every path, so all pay the same.
     c.enable_decap();
+    tune(&c);
     std::thread::sleep(Duration::from_millis(500));
     let vip = |port| SocketAddr::new(VIP4.parse().unwrap(), port);
 
@@ -192,6 +209,13 @@ pub fn run(report: &mut Report, quick: bool) {
     let ok = c.lb.command("nft").arg("-f").arg(&rules_path).status().is_ok_and(|s| s.success());
     if ok {
         measure(report, &c, "nftables", vip(80), vip(5201), secs);
+        let direct = report.get("e2e", "short connections", "direct", "requests_per_second").unwrap_or(0.0);
+        if report.get("e2e", "short connections", "nftables", "requests_per_second").unwrap_or(0.0) < direct / 4.0 {
+            report.note(
+                "nftables, short connections: new connections stall (SYN retransmits) when a client port is reused \
+                 while connection tracking still holds the previous connection; conntrack tuning was not attempted",
+            );
+        }
     } else {
         report.note("nftables: loading the DNAT rules failed; not measured");
     }
@@ -222,6 +246,7 @@ fn nat(report: &mut Report, secs: u64) {
         }
         y += "    health_check: {type: tcp, port: 8080, interval: 1s, rise: 1}\n";
     }
+    tune(&c);
     let path = c.write_config("nat.yaml", &y);
     c.start_xdplb("xdplb", &path, &["--detach-on-exit"]);
     c.wait_backend_states("web80", &["active"; 3], Duration::from_secs(30));

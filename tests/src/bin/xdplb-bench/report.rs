@@ -128,7 +128,7 @@ impl Report {
             .disable_y_mesh()
             .y_labels(rows)
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => labels.get(rows.saturating_sub(1 + *i)).cloned().unwrap_or_default(),
+                SegmentValue::CenterOf(i) if *i < rows => labels[rows - 1 - *i].clone(),
                 _ => String::new(),
             })
             .y_label_style(("sans-serif", 14))
@@ -144,10 +144,12 @@ impl Report {
         chart
             .draw_series(bars.iter().enumerate().map(|(i, b)| {
                 let row = rows - 1 - i;
-                Rectangle::new(
+                let mut bar = Rectangle::new(
                     [(0.0, SegmentValue::Exact(row)), (b.value, SegmentValue::Exact(row + 1))],
                     colour(&b.imp).mix(0.6).filled(),
-                )
+                );
+                bar.set_margin(3, 3, 0, 0);
+                bar
             }))
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
