@@ -1,11 +1,13 @@
-//! The xdplb dataplane: one eBPF object with three XDP programs.
+//! The xdplb dataplane: one eBPF object with four XDP programs.
 //!
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
-//!   rewrite → count → XDP_TX. Anything that is not VIP traffic leaves with
+//!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
+//!   it also translates backends' replies back. Anything else leaves with
 //!   XDP_PASS, untouched.
 //! - `xdplb_decap`: strips the IP-in-IP header on a backend.
 //! - `xdplb_pass`: XDP_PASS, for the peer of a veth we transmit on (a veth
 //!   drops XDP_TX frames unless its peer has an XDP program).
+//! - `xdplb_bench_floor`: the benchmarks' reference, never attached.
 #![no_std]
 #![no_main]
 
@@ -196,6 +198,10 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, has
         let overhead = if pkt.flow.family == FAMILY_V4 { 20 } else { 40 };
         if cfg.mtu != 0 && pkt.l3_len + overhead > cfg.mtu {
             return (XDP_DROP, reasons::DROP_TOO_BIG);
+        }
+        // The outer header carries the inner length: it must be the frame's.
+        if pkt.l3_len as usize > ctx.data_end() - ctx.data() - parse::ETH_LEN {
+            return (XDP_DROP, reasons::DROP_MALFORMED_L4);
         }
         if pkt.flow.family == FAMILY_V4 {
             encap::ipip4(ctx, backend, cfg, pkt.l3_len, pkt.tos, hash)

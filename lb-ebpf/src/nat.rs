@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_CLOSED, NAT_CLOSING, NatFlow,
-        NatReply, PROTO_TCP, PROTO_UDP, TX_PORT_BACKEND, TX_PORT_CLIENT, VipMeta,
+        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_CLOSED, NAT_CLOSING, NAT_OPEN,
+        NatFlow, NatReply, PROTO_TCP, PROTO_UDP, TX_PORT_BACKEND, TX_PORT_CLIENT, VipMeta,
     },
     reasons,
 };
@@ -135,9 +135,15 @@ pub fn choose_backend(
         let backend = BACKENDS.get(e.backend_id).filter(|b| b.generation == e.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
+                // A SYN on a tracked 5-tuple is a new connection reusing the
+                // client's port: it starts OPEN again, in both directions.
+                let state = if new_connection { NAT_OPEN } else { next_state(e.state, pkt.tcp_flags) };
                 unsafe {
                     (*entry).last_seen_ns = now;
-                    (*entry).state = next_state(e.state, pkt.tcp_flags);
+                    (*entry).state = state;
+                }
+                if new_connection && let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b)) {
+                    unsafe { (*r).state = NAT_OPEN };
                 }
                 count_reason(reasons::CONNTRACK_HIT);
                 return Ok((e.backend_id, *b));
@@ -159,16 +165,15 @@ pub fn choose_backend(
     if NAT_FLOWS.insert(&pkt.flow, &flow, 0).is_err() {
         return Err(reasons::DROP_NAT_TABLE_FULL);
     }
-    let backend_port = if b.port != 0 { b.port } else { pkt.flow.dport };
-    let reply_key = FlowKey {
-        src: b.addr,
-        dst: pkt.flow.src,
-        sport: backend_port,
-        dport: pkt.flow.sport,
-        protocol: pkt.flow.protocol,
-        family: pkt.flow.family,
-        _pad: [0; 2],
-    };
+    let reply_key = reply_key(pkt, &b);
+    // Two NAT VIPs sharing a backend could map one client port to the same
+    // reply 5-tuple: refuse the newcomer rather than misroute the other's replies.
+    if let Some(other) = unsafe { NAT_REVERSE.get(&reply_key) }
+        && (other.vip_addr != pkt.flow.dst || other.vip_port != pkt.flow.dport)
+    {
+        let _ = NAT_FLOWS.remove(&pkt.flow);
+        return Err(reasons::DROP_NAT_TABLE_FULL);
+    }
     let reply = NatReply {
         vip_addr: pkt.flow.dst,
         vip_port: pkt.flow.dport,
@@ -182,6 +187,20 @@ pub fn choose_backend(
         return Err(reasons::DROP_NAT_TABLE_FULL);
     }
     Ok((id, b))
+}
+
+/// The 5-tuple of the backend's replies to this client.
+#[inline(always)]
+fn reply_key(pkt: &Packet, b: &Backend) -> FlowKey {
+    FlowKey {
+        src: b.addr,
+        dst: pkt.flow.src,
+        sport: if b.port != 0 { b.port } else { pkt.flow.dport },
+        dport: pkt.flow.sport,
+        protocol: pkt.flow.protocol,
+        family: pkt.flow.family,
+        _pad: [0; 2],
+    }
 }
 
 /// The way in: to the backend's address and port, out of the backend-facing interface.

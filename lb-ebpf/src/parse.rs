@@ -224,7 +224,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     }
     let (sport, dport, tcp_flags) = match ports(ctx, next, off) {
         Ports::Found(s, d, f) => (s, d, f),
-        Ports::NotTcpUdp if matches!(next, 0 | 43 | 60 | 51) => return Parsed::MalformedL4(dst),
+        // Still an extension header after the walk (a fragment header among them): not walkable.
+        Ports::NotTcpUdp if matches!(next, 0 | 43 | 44 | 51 | 60) => return Parsed::MalformedL4(dst),
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
     };

@@ -371,7 +371,14 @@ impl Daemon {
 
     async fn refresh_neighbours(&mut self) -> bool {
         let addrs = desired::addresses_to_resolve(&self.config);
-        let resolved = self.neighbours.resolve(&addrs).await;
+        let resolved = match self.neighbours.resolve(&addrs).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep what we knew: a netlink hiccup must not take backends down.
+                warn!("reading routes and neighbours failed, keeping the last known next hops: {e:#}");
+                return false;
+            }
+        };
         let mut changed = false;
         for (addr, r) in &resolved {
             let before = self.observed.next_hop_mac.get(addr).copied();
@@ -439,6 +446,12 @@ impl Daemon {
         let mut live_replies = std::collections::HashSet::new();
         for (key, flow) in self.dp.nat_flows() {
             let Ok(b) = self.dp.backend(flow.backend_id) else { continue };
+            if b.generation != flow.generation {
+                // Its backend slot went to another server: the connection is dead.
+                self.dp.remove_nat_flow(&key);
+                self.nat_evicted.0 += 1;
+                continue;
+            }
             let reply_key = lb_common::maps::FlowKey {
                 src: b.addr,
                 dst: key.src,
@@ -508,6 +521,15 @@ impl Daemon {
             self.reject(vec![msg]);
             return;
         }
+        if new.backend_interface != self.config.backend_interface {
+            let msg = format!("{path}: backend_interface: changing the backend interface needs a restart of xdplb");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        // The health of every backend now, to restore if the new file cannot be applied.
+        let health_before: HashMap<BackendRef, bool> =
+            self.checker.table.lock().unwrap().iter().map(|(b, h)| (b.clone(), h.up)).collect();
         let old = std::mem::replace(&mut self.config, new);
         self.checker.sync(health_targets(&self.config), |t| {
             t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
@@ -516,11 +538,16 @@ impl Daemon {
         if let Err(e) = self.apply() {
             error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");
             self.config = old;
-            self.checker.sync(health_targets(&self.config), |_| false);
+            self.checker
+                .sync(health_targets(&self.config), |t| health_before.get(&t.backend).copied().unwrap_or(false));
             self.sync_health();
             self.apply_logged("restoring the previous configuration");
             self.reject(vec![format!("{path}: {e:#}")]);
             return;
+        }
+        // NAT on or off, IP-in-IP sources: the CONFIG map follows the file.
+        if let Err(e) = self.dp.set_config(&lb_config(&self.link, self.backend_link.as_ref(), &self.config)) {
+            error!("reload ({why}): updating the CONFIG map failed: {e:#}");
         }
         self.config_text = self.seen_text.clone();
         let mut s = self.status.lock().unwrap();

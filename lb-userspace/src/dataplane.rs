@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::Xdp,
 };
 use lb_common::{
@@ -378,6 +378,20 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Zeroes a VIP's counters (an id given to a new VIP starts from zero).
+    pub fn reset_vip_counter(&mut self, vip_id: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); nr_cpus()?])?;
+        self.vip_stats.set(vip_id, zeros, 0).with_context(|| format!("zeroing VIP_STATS[{vip_id}] failed"))
+    }
+
+    /// Zeroes a backend's counters.
+    pub fn reset_backend_counter(&mut self, backend_id: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); nr_cpus()?])?;
+        self.backend_stats
+            .set(backend_id, zeros, 0)
+            .with_context(|| format!("zeroing BACKEND_STATS[{backend_id}] failed"))
+    }
+
     pub fn vip_counter(&self, vip_id: u32) -> Result<Counter> {
         sum_counters(&self.vip_stats, vip_id).with_context(|| format!("reading VIP_STATS[{vip_id}] failed"))
     }
@@ -392,6 +406,10 @@ impl Dataplane {
         let get = |i: u32| -> Result<u64> { Ok(self.decap_stats.get(&i, 0)?.iter().sum()) };
         Ok((get(0)?, get(1)?))
     }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path} failed: {e}"))
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {

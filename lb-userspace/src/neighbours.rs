@@ -160,18 +160,10 @@ impl Neighbours {
     }
 
     /// Resolves every address; solicits the next hops not yet in the table.
-    pub async fn resolve(&self, addrs: &[IpAddr]) -> HashMap<IpAddr, Resolution> {
-        let tables = match self.routes().await {
-            Ok(routes) => self.table().await.map(|t| (routes, t)),
-            Err(e) => Err(e),
-        };
-        let (routes, table) = match tables {
-            Ok(t) => t,
-            Err(e) => {
-                let why = format!("{e:#}");
-                return addrs.iter().map(|a| (*a, Resolution::Unresolved(why.clone()))).collect();
-            }
-        };
+    /// Fails only when the kernel's tables cannot be read at all.
+    pub async fn resolve(&self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Resolution>> {
+        let routes = self.routes().await?;
+        let table = self.table().await?;
         let mut out = HashMap::new();
         for &addr in addrs {
             let r = match self.next_hop(&routes, addr) {
@@ -187,7 +179,7 @@ impl Neighbours {
             };
             out.insert(addr, r);
         }
-        out
+        Ok(out)
     }
 }
 

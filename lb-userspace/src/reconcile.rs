@@ -198,6 +198,13 @@ pub struct Reconciler {
     regions: Regions,
 }
 
+/// What one VIP's apply allocated, to give back if it fails.
+#[derive(Default)]
+struct Taken {
+    backend_ids: Vec<u32>,
+    region: Option<(u32, u32)>,
+}
+
 /// A backend found in a pinned dataplane.
 #[derive(Debug, Clone)]
 pub struct AdoptedBackend {
@@ -348,13 +355,52 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// Applies one VIP; if that fails, gives back what it took (new backend
+    /// ids, an unpublished table region, a never-published VIP) so that the
+    /// next apply starts clean.
     fn apply_vip(&mut self, dp: &mut Dataplane, key: &VipKey, spec: &VipSpec, report: &mut ApplyReport) -> Result<()> {
+        let is_new = !self.vips.contains_key(key);
+        let mut taken = Taken::default();
+        let result = self.apply_vip_inner(dp, key, spec, report, &mut taken);
+        if result.is_err() {
+            let now = Instant::now();
+            for id in taken.backend_ids {
+                let _ = dp.set_backend(id, &Backend::default());
+                self.resting_backend_ids.push_back((id, now));
+            }
+            if let Some((start, len)) = taken.region {
+                self.regions.retire(start, len);
+            }
+            if is_new && let Some(vip) = self.vips.remove(key) {
+                self.free_vip_ids.push(vip.meta.vip_id);
+            }
+        }
+        result
+    }
+
+    fn apply_vip_inner(
+        &mut self,
+        dp: &mut Dataplane,
+        key: &VipKey,
+        spec: &VipSpec,
+        report: &mut ApplyReport,
+        taken: &mut Taken,
+    ) -> Result<()> {
         if !maglev::is_prime(spec.table_size) {
             bail!("VIP {}: Maglev table size {} is not prime", spec.name, spec.table_size);
+        }
+        for (i, b) in spec.backends.iter().enumerate() {
+            if spec.backends[..i].iter().any(|o| o.addr == b.addr && o.port == b.port) {
+                bail!("VIP {}: backend {}:{} is listed twice", spec.name, b.addr, b.port);
+            }
+            if addr::family(b.addr) != key.family {
+                bail!("VIP {}: backend {} is not of the VIP's address family", spec.name, b.addr);
+            }
         }
         let is_new = !self.vips.contains_key(key);
         if is_new {
             let vip_id = self.alloc_vip_id(&spec.name)?;
+            dp.reset_vip_counter(vip_id)?;
             let meta = VipMeta { vip_id, ..Default::default() };
             self.vips.insert(
                 *key,
@@ -368,21 +414,17 @@ impl Reconciler {
         let mut desired: BTreeMap<BackendIdentity, AppliedBackend> = BTreeMap::new();
         for b in &spec.backends {
             let ident = (b.addr, b.port);
-            if desired.contains_key(&ident) {
-                bail!("VIP {}: backend {}:{} is listed twice", spec.name, b.addr, b.port);
-            }
             let existing = self.vips[key].backends.get(&ident).map(|a| (a.id, a.value.generation));
             let (id, generation) = match existing {
                 Some(found) => found,
                 None => {
                     let id = self.alloc_backend_id(&spec.name, b.addr)?;
+                    taken.backend_ids.push(id);
+                    dp.reset_backend_counter(id)?;
                     self.next_generation = self.next_generation.wrapping_add(1).max(1);
                     (id, self.next_generation)
                 }
             };
-            if addr::family(b.addr) != key.family {
-                bail!("VIP {}: backend {} is not of the VIP's address family", spec.name, b.addr);
-            }
             let state = match (b.healthy, b.weight) {
                 (false, _) => BACKEND_DOWN,
                 (true, 0) => BACKEND_DRAINING,
@@ -443,6 +485,7 @@ impl Reconciler {
                     spec.name, spec.table_size
                 )
             })?;
+            taken.region = Some((offset, spec.table_size));
             dp.write_pool(offset, &table)?;
             meta.ring_offset = offset;
             meta.ring_size = spec.table_size;
@@ -450,6 +493,9 @@ impl Reconciler {
         if is_new || meta != applied.meta {
             dp.set_vip(key, &meta)?;
         }
+        // Published: from here on nothing is given back on error.
+        taken.region = None;
+        taken.backend_ids.clear();
         if table_changed {
             report.tables_swapped += 1;
             if !is_new {
@@ -460,7 +506,16 @@ impl Reconciler {
             self.add_vip_addr(dp, spec.addr)?;
         }
 
-        // 3. Backends leaving the table change state only now.
+        // 3. Backends leaving the table change state only now, after a pause
+        // longer than any packet still reading the old table (an XDP run is
+        // microseconds): such a packet finds its backend still active.
+        let leaving = desired.iter().any(|(ident, want)| {
+            want.value.state != BACKEND_ACTIVE
+                && self.vips[key].backends.get(ident).map(|a| a.value) != Some(want.value)
+        }) || self.vips[key].backends.keys().any(|i| !desired.contains_key(i));
+        if leaving && !is_new {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for (ident, want) in &desired {
             let have = self.vips[key].backends.get(ident).map(|a| a.value);
             if want.value.state != BACKEND_ACTIVE && have != Some(want.value) {

@@ -658,3 +658,29 @@ fn nat_tracks_tcp_state_and_refuses_new_flows_when_full() {
     assert_eq!(states[&client(false, 5)], lb_common::maps::NAT_CLOSED);
     assert_eq!(states[&client(false, 3)], lb_common::maps::NAT_OPEN);
 }
+
+#[test]
+fn a_failed_apply_gives_back_what_it_took() {
+    let mut e = Engine::with_sizes(lb_userspace::dataplane::MapSizes {
+        max_vips: 8,
+        max_backends: 64,
+        conntrack: 1024,
+        maglev_pool: 600,
+        nat_table: 1024,
+    });
+    let mut a = spec(false, L4::Tcp, Forwarding::Dsr);
+    a.table_size = 251;
+    let mut b = vip("other", "198.18.0.101", 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    b.table_size = 251;
+    e.apply(std::slice::from_ref(&a));
+    // Two tables of 251 and a replacement do not fit in 600 slots at once.
+    let mut bigger = b.clone();
+    bigger.table_size = 353;
+    let err = e.reconciler.apply(&mut e.dp, &[a.clone(), bigger]).unwrap_err();
+    assert!(format!("{err:#}").contains("no free region"), "{err:#}");
+    // Nothing of the failed VIP is left behind: it applies later, and A kept forwarding.
+    assert!(e.reconciler.vip_meta(&b.key()).is_none());
+    assert_eq!(e.run(&frame(L4::Tcp, client(false, 1), 1000, a.addr, 80)).action, XDP_TX);
+    e.apply(&[a.clone(), b.clone()]);
+    assert_eq!(e.run(&frame(L4::Tcp, client(false, 1), 1000, b.addr, 80)).action, XDP_TX);
+}

@@ -180,3 +180,16 @@ fn a_nat_server_failing_mid_stream_is_taken_out() {
         c.log("xdplb").contains(&format!("backend DOWN: 2 consecutive checks failed, last: connect to {addr}:8080"))
     );
 }
+
+#[test]
+fn a_reload_that_adds_the_first_nat_vip_turns_nat_on() {
+    let c = cluster(NatArms::TwoArmed);
+    let full = config(&c, NatArms::TwoArmed);
+    let empty = full[..full.find("vips:").unwrap()].to_string() + "vips: []\n";
+    let path = c.write_config("xdplb.yaml", &empty);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_status(WAIT, "the empty configuration", |s| s["vips"].as_array().is_some_and(|v| v.is_empty()));
+    c.write_config("xdplb.yaml", &full);
+    c.wait_backend_states("web4", &["active"; 3], WAIT);
+    spread(&requests(&c, vip(VIP4, 80), 30));
+}

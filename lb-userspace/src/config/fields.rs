@@ -358,6 +358,12 @@ impl<'f> Fields<'f> {
             None => HealthCheck::default(),
         };
         let on_all_down = self.on_all_down(&m, address);
+        if let OnAllDown::SorryServer { address: sorry, port } = &on_all_down
+            && backends.iter().any(|b| b.address == *sorry && b.port == *port)
+            && let Some(n) = m.get("sorry_server")
+        {
+            self.error(n.pos, &m.path("sorry_server"), format!("{sorry} is already a backend of this VIP"));
+        }
         Some(VipConfig {
             name: name?,
             address: address?,
