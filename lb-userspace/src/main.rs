@@ -142,7 +142,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Run { config, iface, xdp_mode, detach_on_exit } => {
             require_root("load and attach eBPF programs")?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Health checks, netlink and metrics run on worker threads, so the
+            // control loop's map walks never delay a check.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(RunOptions {
                 config,
                 iface,
