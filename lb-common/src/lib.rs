@@ -6,7 +6,7 @@
 //! `bpfel-unknown-none` as well as for the host.
 #![no_std]
 
-#[cfg(feature = "user")]
+#[cfg(any(test, feature = "user"))]
 extern crate alloc;
 
 pub mod flow_hash;

@@ -124,7 +124,7 @@ pub fn populate(backends: &[MaglevBackend], table: &mut [u32], next: &mut [u32],
 /// independent of the order of `backends`.
 ///
 /// Panics if `size` is not prime (the controller validates it first).
-#[cfg(feature = "user")]
+#[cfg(any(test, feature = "user"))]
 pub fn build(backends: &[MaglevBackend], size: u32) -> alloc::vec::Vec<u32> {
     use alloc::vec;
     assert!(is_prime(size), "Maglev table size {size} is not prime");
@@ -143,7 +143,7 @@ pub fn build(backends: &[MaglevBackend], size: u32) -> alloc::vec::Vec<u32> {
     table
 }
 
-#[cfg(all(test, feature = "user"))]
+#[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;
