@@ -9,7 +9,7 @@ use lb_userspace::{
     attach, config,
     config::XdpModeSetting,
     daemon::{self, RunOptions},
-    dataplane::{Dataplane, MapSizes},
+    dataplane::{self, Dataplane, MapSizes},
     status,
 };
 
@@ -160,14 +160,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(i) => i,
                 None => only_running(&cli.state_dir)?,
             };
-            let s = status::read(&cli.state_dir, &iface)?;
-            if !pid_alive(s.pid) {
-                bail!(
-                    "the controller for {iface} (pid {}) is not running; its last status is in {}",
-                    s.pid,
-                    status::path(&cli.state_dir, &iface).display()
-                );
-            }
+            let running = status::read(&cli.state_dir, &iface).ok().filter(|s| pid_alive(s.pid));
+            let s = match running {
+                Some(s) => s,
+                None => {
+                    // No controller: read what the dataplane itself holds.
+                    let dir = cli.pin_root.join(&iface);
+                    if !dataplane::has_pinned_state(&dir) {
+                        bail!(
+                            "nothing of xdplb runs on {iface}: no controller status and no pinned maps in {}",
+                            dir.display()
+                        );
+                    }
+                    require_root("read pinned BPF maps")?;
+                    let dp = Dataplane::open(MapSizes::default(), Some(&dir))?;
+                    eprintln!("xdplb: no controller runs for {iface}; this is what its pinned dataplane holds");
+                    status::from_pinned(&dp, &iface)
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

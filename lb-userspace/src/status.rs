@@ -70,6 +70,68 @@ pub struct BackendStatus {
     pub flows: u64,
 }
 
+/// A status read straight from a pinned dataplane, for when no controller
+/// runs (after `kill -9`, say): counters, VIPs and backends as the maps hold
+/// them; names and health checks are the controller's and are not there.
+pub fn from_pinned(dp: &crate::dataplane::Dataplane, iface: &str) -> Status {
+    use lb_common::maps::{BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, FWD_DSR, FWD_IPIP};
+    let mut vips: Vec<(lb_common::maps::VipKey, lb_common::maps::VipMeta)> = dp.vips();
+    vips.sort_by_key(|(_, m)| m.vip_id);
+    let mut backends_by_vip: std::collections::HashMap<u32, Vec<BackendStatus>> = Default::default();
+    for id in 0..dp.sizes().max_backends {
+        let Ok(b) = dp.backend(id) else { continue };
+        if b.state == BACKEND_UNUSED {
+            continue;
+        }
+        let c = dp.backend_counter(id).unwrap_or_default();
+        let state = match b.state {
+            BACKEND_ACTIVE => "active",
+            BACKEND_DRAINING => "draining",
+            BACKEND_DOWN => "down",
+            _ => "unknown",
+        };
+        backends_by_vip.entry(b.vip_id).or_default().push(BackendStatus {
+            address: crate::addr::from_words(&b.addr, b.family).to_string(),
+            port: u16::from_be(b.port),
+            health: if b.state == BACKEND_DOWN { "down".into() } else { "up".into() },
+            state: state.into(),
+            last_check: "(no controller running)".into(),
+            next_hop_mac: crate::daemon::fmt_mac(&b.mac),
+            packets: c.packets,
+            bytes: c.bytes,
+            ..Default::default()
+        });
+    }
+    let reasons = dp.reasons().unwrap_or([0; lb_common::reasons::COUNT as usize]);
+    Status {
+        interface: iface.to_string(),
+        xdp_mode: "pinned (no controller running)".into(),
+        reasons: lb_common::reasons::NAMES.iter().zip(reasons).map(|(n, c)| (n.to_string(), c)).collect(),
+        vips: vips
+            .into_iter()
+            .map(|(key, meta)| {
+                let c = dp.vip_counter(meta.vip_id).unwrap_or_default();
+                VipStatus {
+                    name: format!("vip{}", meta.vip_id),
+                    address: crate::addr::from_words(&key.addr, key.family).to_string(),
+                    port: u16::from_be(key.port),
+                    protocol: if key.protocol == lb_common::maps::PROTO_UDP { "udp".into() } else { "tcp".into() },
+                    forwarding: match meta.forwarding {
+                        FWD_DSR => "dsr".into(),
+                        FWD_IPIP => "ipip".into(),
+                        _ => "nat".into(),
+                    },
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    backends: backends_by_vip.remove(&meta.vip_id).unwrap_or_default(),
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 pub fn path(state_dir: &Path, iface: &str) -> PathBuf {
     state_dir.join(format!("{iface}.json"))
 }
