@@ -66,7 +66,7 @@ fn apt_packages() -> Result<()> {
     exec(Command::new("apt-get").args(["update", "-q"]).stdout(Stdio::null()))?;
     exec(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(Stdio::null()),
