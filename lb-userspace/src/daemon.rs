@@ -30,6 +30,7 @@ use crate::{
     health::{self, Checker, Target},
     metrics,
     neighbours::{Neighbours, Resolution},
+    notify,
     reconcile::{AdoptedBackend, Forwarding, Reconciler},
     status::{self, BackendStatus, Status, VipStatus},
 };
@@ -283,6 +284,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // Only now: a SIGHUP (`systemctl reload`) before the handler exists would kill us.
+    notify::ready(&format!("serving {} VIPs, {backends} backends on {iface}", d.config.vips.len()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -493,7 +496,21 @@ impl Daemon {
         }
     }
 
+    /// A reload as systemd sees it: RELOADING=1, then READY=1 once the file
+    /// is applied or rejected (`systemctl reload` waits for that).
     fn reload(&mut self, why: &str) {
+        notify::reloading();
+        self.reload_config(why);
+        let s = self.status.lock().unwrap();
+        let rejected = if s.last_reload_errors.is_empty() { "" } else { "; the last reload was rejected" };
+        notify::ready(&format!(
+            "serving {} VIPs, configuration generation {}{rejected}",
+            self.config.vips.len(),
+            s.config_generation
+        ));
+    }
+
+    fn reload_config(&mut self, why: &str) {
         let started = Instant::now();
         // A SIGHUP reload must not be followed by a second one for the same file change.
         if let Ok(text) = std::fs::read_to_string(&self.opts.config) {
@@ -669,6 +686,7 @@ impl Daemon {
     }
 
     fn shutdown(self, pin_dir: &std::path::Path) -> Result<()> {
+        notify::stopping();
         let iface = self.link.name.clone();
         std::fs::remove_file(status::path(&self.opts.state_dir, &iface)).ok();
         if self.opts.detach_on_exit {

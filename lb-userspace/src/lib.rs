@@ -10,6 +10,7 @@ pub mod desired;
 pub mod health;
 pub mod metrics;
 pub mod neighbours;
+pub mod notify;
 pub mod reconcile;
 pub mod status;
 

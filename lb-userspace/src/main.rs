@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use lb_common::maps::programs;
 use lb_userspace::{
     attach, config,
@@ -21,8 +21,9 @@ use lb_userspace::{
     long_about = "xdplb attaches an XDP program to a network interface and forwards packets for virtual IPs (VIPs) \
 to real servers, choosing them with Maglev consistent hashing and keeping established flows on their server. \
 A controller (`xdplb run`) fills the dataplane from a YAML file, health-checks the servers and reloads on SIGHUP \
-or when the file changes.\n\nTypical use:\n  xdplb check --config /etc/xdplb.yaml\n  xdplb run --config /etc/xdplb.yaml\n  \
-xdplb status\n  kill -HUP $(pidof xdplb)     # reload"
+or when the file changes.\n\nTypical use:\n  xdplb check --config /etc/xdplb/xdplb.yaml\n  \
+xdplb run --config /etc/xdplb/xdplb.yaml   # what xdplb.service runs\n  \
+xdplb status\n  kill -HUP $(pidof xdplb)     # reload (systemctl reload xdplb)"
 )]
 struct Cli {
     /// Directory on a BPF filesystem where maps and links are pinned, one
@@ -108,6 +109,16 @@ enum Cmd {
     Detach {
         #[arg(long)]
         iface: String,
+    },
+    /// Print a completion script for SHELL to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (xdplb.1 and xdplb-COMMAND.1 per command) into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -205,6 +216,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{iface}: {}", if any { "xdplb detached" } else { "nothing of xdplb was attached" });
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "xdplb", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {} failed", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing manual pages into {} failed", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -228,10 +249,29 @@ fn attach_helper(
 }
 
 fn require_root(what: &str) -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    // A service started without root (systemd's AmbientCapabilities=) may hold just these.
+    let capable = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| has_bpf_capabilities(&s));
+    if !root && !capable {
         bail!("xdplb needs root (or CAP_BPF and CAP_NET_ADMIN) to {what}; run it with sudo");
     }
     Ok(())
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_BPF: u32 = 39;
+
+/// Whether the effective set (`CapEff:` of /proc/self/status) holds CAP_BPF
+/// and CAP_NET_ADMIN: what loading and attaching an XDP program needs.
+fn has_bpf_capabilities(proc_status: &str) -> bool {
+    let effective = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let needed = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    effective & needed == needed
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -252,5 +292,25 @@ fn only_running(state_dir: &std::path::Path) -> Result<String> {
         0 => bail!("no xdplb controller is running (no status in {})", state_dir.display()),
         1 => Ok(found.remove(0)),
         _ => bail!("controllers run on {}: pick one with --iface", found.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_bpf_and_cap_net_admin_are_both_needed() {
+        let status = |eff: u64| format!("Name:\txdplb\nCapInh:\t0000000000000000\nCapEff:\t{eff:016x}\n");
+        assert!(has_bpf_capabilities(&status(0x0000_01ff_feff_ffff)), "root's full set");
+        assert!(has_bpf_capabilities(&status((1 << 39) | (1 << 12))), "exactly the two");
+        assert!(!has_bpf_capabilities(&status(1 << 39)), "CAP_BPF alone");
+        assert!(!has_bpf_capabilities(&status(1 << 12)), "CAP_NET_ADMIN alone");
+        assert!(!has_bpf_capabilities("Name:\txdplb\n"), "no CapEff line");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -1,6 +1,8 @@
 //! Shared pieces of xdplb's integration tests: packet building and checking,
-//! and a harness that drives the real eBPF object with BPF_PROG_TEST_RUN.
+//! a harness that drives the real eBPF object with BPF_PROG_TEST_RUN, test
+//! clusters in network namespaces and the MariaDB servers some of them run.
 
 pub mod harness;
+pub mod mariadb;
 pub mod packets;
 pub mod topology;

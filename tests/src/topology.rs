@@ -3,13 +3,14 @@
 //!
 //! ```text
 //!   client ns            switch ns (bridge br0)             backend ns 1..n
-//!   cl0 198.18.0.1 ──── cl │                        │ b1 ──── b1 198.18.0.11 (+ VIP on lo)
+//!   cl0 198.18.0.1 ──── cl │                        │ b1 ──── b1 198.18.0.11 (+ VIPs on lo)
 //!                          br0                        ...
 //!   lb ns                  │                        │ bN ──── bN 198.18.0.1N
 //!   lb0 198.18.0.2 ──── lb (xdplb pass: veth XDP_TX needs an XDP program on the peer)
 //! ```
-//! The client routes the VIPs (198.18.100.1, 2001:db8:100::1) via the load
-//! balancer; backends answer clients directly (DSR). Links behind the load
+//! The client routes the VIPs (198.18.100.1, 2001:db8:100::1, and a second
+//! pair 198.18.100.2, 2001:db8:100::2) via the load balancer; backends hold
+//! them on loopback and answer clients directly (DSR). Links behind the load
 //! balancer have an MTU of 1600 so IP-in-IP fits full-size client packets. Every name carries a
 //! unique tag, and `Drop` removes namespaces, processes and mounts, also when
 //! a test fails. Addresses are in 198.18.0.0/15 and 2001:db8::/32 only.
@@ -31,6 +32,10 @@ use std::{
 
 pub const VIP4: &str = "198.18.100.1";
 pub const VIP6: &str = "2001:db8:100::1";
+/// A second VIP pair, for two services on one port (a database's write and
+/// read VIPs): DSR cannot change the port, so they differ in address.
+pub const VIP4_2: &str = "198.18.100.2";
+pub const VIP6_2: &str = "2001:db8:100::2";
 pub const CLIENT4: &str = "198.18.0.1";
 pub const CLIENT6: &str = "2001:db8::1";
 pub const LB4: &str = "198.18.0.2";
@@ -264,14 +269,18 @@ impl Cluster {
             // with a half-done checksum. Real NICs finish checksums on send.
             sh(host.command("ethtool").args(["-K", &ifname, "tx", "off"]));
         }
-        self.client.ip(&format!("route add {VIP4}/32 via {LB4}"));
-        self.client.ip(&format!("-6 route add {VIP6}/128 via {LB6}"));
+        for (v4, v6) in [(VIP4, VIP6), (VIP4_2, VIP6_2)] {
+            self.client.ip(&format!("route add {v4}/32 via {LB4}"));
+            self.client.ip(&format!("-6 route add {v6}/128 via {LB6}"));
+        }
         match self.nat {
             None => {
                 for b in &self.backends {
                     // DSR and IP-in-IP deliver packets addressed to the VIP: backends hold it on loopback.
-                    b.ip(&format!("addr add {VIP4}/32 dev lo"));
-                    b.ip(&format!("addr add {VIP6}/128 dev lo"));
+                    for (v4, v6) in [(VIP4, VIP6), (VIP4_2, VIP6_2)] {
+                        b.ip(&format!("addr add {v4}/32 dev lo"));
+                        b.ip(&format!("addr add {v6}/128 dev lo"));
+                    }
                 }
             }
             Some(arms) => {
@@ -731,4 +740,33 @@ pub fn bin_dir() -> PathBuf {
         dir.display()
     );
     dir.to_path_buf()
+}
+
+/// A scratch directory, /tmp/xdplb-test-TAG, with a BPF filesystem of its
+/// own at DIR/bpffs: pins of one test never meet another's. Unmounted and
+/// removed on drop, also when a test fails (xtask removes what a killed run
+/// leaves, by this name).
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("xdplb-test-{tag}"));
+        std::fs::create_dir_all(path.join("bpffs")).unwrap();
+        let dir = Self { path };
+        sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.bpffs()));
+        dir
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        self.path.join("bpffs")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.bpffs()).status();
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }

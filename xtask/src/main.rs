@@ -2,6 +2,7 @@
 //! and bench. Every command first makes sure the machine has what it needs
 //! (idempotent: a second run costs nothing).
 
+mod deb;
 mod setup;
 
 use std::process::Command;
@@ -45,6 +46,13 @@ enum Cmd {
         /// Only one suite: dataplane, e2e or control.
         #[arg(long)]
         only: Option<String>,
+    },
+    /// Set up, build `xdplb` (release) and package it as a Debian package:
+    /// target/debian/xdplb_VERSION_ARCH.deb (its path is printed).
+    Deb {
+        /// Package the debug build instead (what `cargo xtask test` installs).
+        #[arg(long)]
+        debug: bool,
     },
     /// Set up, build, check formatting and lints, and run every test.
     Test {
@@ -95,6 +103,7 @@ fn main() -> Result<()> {
             }
             exec(&mut bench)
         }
+        Cmd::Deb { debug } => deb::run(debug),
         Cmd::Test { args } => {
             setup::run()?;
             setup::require_root("the tests load eBPF programs and create network namespaces")?;
@@ -105,21 +114,25 @@ fn main() -> Result<()> {
             setup::remove_test_leftovers();
             step("building the xdplb binary the integration tests run");
             cargo(&["build", "--bin", "xdplb"])?;
+            step("packaging it for tests/tests/package.rs (cargo xtask deb --debug, without the build)");
+            let deb = deb::package(true)?;
             step("running all tests");
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            run_tests(&test)
+            run_tests(&test, &deb)
         }
     }
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line
-/// that totals every test binary: `tests: N passed, M failed`.
-fn run_tests(args: &[&str]) -> Result<()> {
+/// that totals every test binary: `tests: N passed, M failed`. The package
+/// test installs `deb` (env XDPLB_TEST_DEB).
+fn run_tests(args: &[&str], deb: &std::path::Path) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut child = Command::new(cargo)
         .args(args)
+        .env("XDPLB_TEST_DEB", deb)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("could not start cargo test")?;

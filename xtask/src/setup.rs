@@ -9,6 +9,8 @@ use crate::{exec, step};
 
 /// Debian packages: LLVM for bpf-linker, then the tools tests, demo and
 /// benchmarks drive (iproute2 for namespaces, nginx as demo web servers,
+/// MariaDB as the replicated database tier of the database test, which runs
+/// its own `mariadbd` processes and never the package's service,
 /// haproxy/nftables/wrk/iperf3 as the alternatives benchmarked, a font for
 /// the benchmark chart).
 const APT_PACKAGES: &[&str] = &[
@@ -21,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "curl",
     "nginx",
+    "mariadb-server",
+    "mariadb-client",
     "haproxy",
     "nftables",
     "wrk",

@@ -7,7 +7,7 @@ use lb_common::maglev;
 
 use super::{
     BackendConfig, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
-    InitialState, NatSettings, OnAllDown, Pos, Prefix, Protocol, StatusMatch, VipConfig, XdpModeSetting,
+    InitialState, NatSettings, OnAllDown, Pos, Prefix, Protocol, StatusMatch, TlsCheck, VipConfig, XdpModeSetting,
     yaml::{Node, Value},
 };
 use crate::reconcile::{Forwarding, HashMode};
@@ -448,6 +448,12 @@ impl<'f> Fields<'f> {
             "host",
             "expect_status",
             "expect_body",
+            "sni",
+            "ca_file",
+            "send",
+            "expect",
+            "send_hex",
+            "expect_hex",
             "command",
             "interval",
             "timeout",
@@ -456,21 +462,37 @@ impl<'f> Fields<'f> {
             "source",
             "initial_state",
         ];
+        /// Which keys belong to which check types, for "only applies to" errors.
+        const ONLY: &[(&str, &[&str])] = &[
+            ("path", &["http", "https"]),
+            ("host", &["http", "https"]),
+            ("expect_status", &["http", "https"]),
+            ("expect_body", &["http", "https"]),
+            ("sni", &["https"]),
+            ("ca_file", &["https"]),
+            ("send", &["tcp"]),
+            ("expect", &["tcp"]),
+            ("send_hex", &["tcp"]),
+            ("expect_hex", &["tcp"]),
+            ("command", &["exec"]),
+        ];
         let m = self.map(node, path, KEYS)?;
         let d = HealthCheck::default();
         let kind = self
             .value(&m, "type", |s| match s {
-                "tcp" | "http" | "exec" | "none" => Ok(s.to_string()),
-                _ => Err(format!("`{s}` is not one of tcp, http, exec, none")),
+                "tcp" | "http" | "https" | "exec" | "none" => Ok(s.to_string()),
+                _ => Err(format!("`{s}` is not one of tcp, http, https, exec, none")),
             })
             .unwrap_or_else(|| "tcp".into());
-        let only_for = |me: &mut Self, key: &str, kinds: &str| {
-            if let Some(n) = m.get(key) {
-                me.error(n.pos, &m.path(key), format!("only applies to checks of type {kinds}"));
+        for (key, kinds) in ONLY {
+            if !kinds.contains(&kind.as_str())
+                && let Some(n) = m.get(key)
+            {
+                self.error(n.pos, &m.path(key), format!("only applies to checks of type {}", kinds.join(" or ")));
             }
-        };
+        }
         let kind = match kind.as_str() {
-            "http" => {
+            "http" | "https" => {
                 let path_value = self
                     .value(&m, "path", |s| {
                         if s.starts_with('/') && !s.contains([' ', '\r', '\n']) {
@@ -489,13 +511,10 @@ impl<'f> Fields<'f> {
                 });
                 let expect_status = self.expect_status(&m).unwrap_or(StatusMatch(vec![(200, 399)]));
                 let expect_body = self.value(&m, "expect_body", |s| Ok(s.to_string()));
-                only_for(self, "command", "exec");
-                CheckKind::Http { path: path_value, host, expect_status, expect_body }
+                let tls = (kind == "https").then(|| self.tls_check(&m, host.as_deref()));
+                CheckKind::Http { path: path_value, host, expect_status, expect_body, tls }
             }
             "exec" => {
-                for key in ["path", "host", "expect_status", "expect_body"] {
-                    only_for(self, key, "http");
-                }
                 let command = match m.get("command") {
                     None => {
                         self.error(
@@ -517,13 +536,12 @@ impl<'f> Fields<'f> {
                 };
                 CheckKind::Exec { command }
             }
-            other => {
-                for key in ["path", "host", "expect_status", "expect_body"] {
-                    only_for(self, key, "http");
-                }
-                only_for(self, "command", "exec");
-                if other == "none" { CheckKind::None } else { CheckKind::Tcp }
+            "tcp" => {
+                let send = self.bytes(&m, "send", "send_hex");
+                let expect = self.bytes(&m, "expect", "expect_hex");
+                CheckKind::Tcp { send, expect }
             }
+            _ => CheckKind::None,
         };
         let interval = self.value(&m, "interval", parse_duration).unwrap_or(d.interval);
         let timeout = self.value(&m, "timeout", parse_duration).unwrap_or(d.timeout);
@@ -551,6 +569,37 @@ impl<'f> Fields<'f> {
         Some(HealthCheck { kind, port, interval, timeout, rise, fall, source, initial_state })
     }
 
+    /// `https` settings: SNI (default: `host`, when it is a name) and the CA file.
+    fn tls_check(&mut self, m: &Map, host: Option<&str>) -> TlsCheck {
+        let sni = self.value(m, "sni", |s| parse_dns_name(s).map(|()| s.to_string())).or_else(|| {
+            host.map(|h| h.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(h, |(n, _)| n))
+                .filter(|h| parse_dns_name(h).is_ok())
+                .map(str::to_string)
+        });
+        let ca_file = self.value(m, "ca_file", |s| {
+            let path = std::path::PathBuf::from(s);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {s}: {e}"))?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!("{s} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
+            }
+            Ok(path)
+        });
+        TlsCheck { sni, ca_file }
+    }
+
+    /// Bytes given as text (`key`, YAML escapes such as \r\n allowed) or as
+    /// hex (`hex_key`, for binary protocols); not both.
+    fn bytes(&mut self, m: &Map, key: &str, hex_key: &str) -> Option<Vec<u8>> {
+        let text = self.value(m, key, |s| {
+            if s.is_empty() { Err("must not be empty".to_string()) } else { Ok(s.as_bytes().to_vec()) }
+        });
+        let hex = self.value(m, hex_key, parse_hex);
+        if let (Some(_), Some(_), Some(n)) = (&text, &hex, m.get(hex_key)) {
+            self.error(n.pos, &m.path(hex_key), format!("give either {key} or {hex_key}, not both"));
+        }
+        text.or(hex)
+    }
+
     fn expect_status(&mut self, m: &Map) -> Option<StatusMatch> {
         let node = m.get("expect_status")?;
         let path = m.path("expect_status");
@@ -569,6 +618,39 @@ impl<'f> Fields<'f> {
         }
         (!ranges.is_empty()).then_some(StatusMatch(ranges))
     }
+}
+
+/// `0a0d ff`: pairs of hex digits, spaces allowed between them.
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
+        return Err(format!("`{s}` is not an even number of hex digits (e.g. 0d0a)"));
+    }
+    digits
+        .chunks(2)
+        .map(|p| {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("`{s}` is not hex (0-9, a-f)"))
+        })
+        .collect()
+}
+
+/// A DNS name as RFC 1123 allows it: labels of letters, digits and '-', up to 253 characters.
+pub fn parse_dns_name(s: &str) -> Result<(), String> {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) || s.parse::<IpAddr>().is_ok() {
+        return Err(format!("`{s}` is not a DNS name"));
+    }
+    Ok(())
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

@@ -94,12 +94,31 @@ impl StatusMatch {
     }
 }
 
+/// How an `https` check speaks TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCheck {
+    /// Server name sent in the TLS handshake (SNI) and verified against the
+    /// certificate; none: no SNI, and a verified certificate must name the IP.
+    pub sni: Option<String>,
+    /// Verify the server's certificate chain against these CAs (PEM file);
+    /// none: the connection is encrypted but the certificate is not checked,
+    /// as HAProxy's `check-ssl verify none`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
-    /// Connect to the port.
-    Tcp,
-    /// HTTP/1.1 GET.
-    Http { path: String, host: Option<String>, expect_status: StatusMatch, expect_body: Option<String> },
+    /// Connect to the port; optionally send bytes and expect bytes in the
+    /// answer (a banner, a PONG), as HAProxy's tcp-check send/expect.
+    Tcp { send: Option<Vec<u8>>, expect: Option<Vec<u8>> },
+    /// HTTP/1.1 GET, over TLS when `tls` is set (type `https`).
+    Http {
+        path: String,
+        host: Option<String>,
+        expect_status: StatusMatch,
+        expect_body: Option<String>,
+        tls: Option<TlsCheck>,
+    },
     /// Run a command; exit 0 is healthy.
     Exec { command: Vec<String> },
     /// Always healthy.
@@ -133,7 +152,7 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     fn default() -> Self {
         Self {
-            kind: CheckKind::Tcp,
+            kind: CheckKind::Tcp { send: None, expect: None },
             port: None,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),

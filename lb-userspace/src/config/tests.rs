@@ -166,3 +166,48 @@ fn durations() {
     assert_eq!(d("1m"), Ok(Duration::from_secs(60)));
     assert!(d("0s").is_err() && d("5").is_err() && d("fast").is_err());
 }
+
+fn one_check(check: &str) -> Result<HealthCheck, ConfigErrors> {
+    let text = format!(
+        "vips:\n  - name: t\n    address: 198.18.100.1\n    port: 80\n    backends: [{{address: 198.18.0.11}}]\n    health_check: {check}\n"
+    );
+    parse("c.yaml", &text).map(|c| c.vips[0].health_check.clone())
+}
+
+#[test]
+fn tcp_send_expect_as_text_or_hex() {
+    let c = one_check(r#"{type: tcp, send: "PING\r\n", expect: "+PONG"}"#).unwrap();
+    assert_eq!(c.kind, CheckKind::Tcp { send: Some(b"PING\r\n".to_vec()), expect: Some(b"+PONG".to_vec()) });
+    let c = one_check("{type: tcp, send_hex: 0d0a 00ff, expect_hex: 4d617269}").unwrap();
+    assert_eq!(c.kind, CheckKind::Tcp { send: Some(vec![13, 10, 0, 255]), expect: Some(b"Mari".to_vec()) });
+    let e = one_check("{type: tcp, send: a, send_hex: 61}").unwrap_err().to_string();
+    assert!(e.contains("health_check.send_hex: give either send or send_hex, not both"), "{e}");
+    let e = one_check("{type: tcp, expect_hex: 0g}").unwrap_err().to_string();
+    assert!(e.contains("health_check.expect_hex: `0g` is not hex"), "{e}");
+    let e = one_check("{type: tcp, expect_hex: abc}").unwrap_err().to_string();
+    assert!(e.contains("is not an even number of hex digits"), "{e}");
+    let e = one_check("{type: http, expect: x}").unwrap_err().to_string();
+    assert!(e.contains("health_check.expect: only applies to checks of type tcp"), "{e}");
+}
+
+#[test]
+fn https_takes_sni_from_sni_or_host_and_needs_a_readable_ca_file() {
+    let c = one_check("{type: https, host: \"web.example:8443\"}").unwrap();
+    let CheckKind::Http { tls: Some(tls), .. } = c.kind else { panic!() };
+    assert_eq!(tls, TlsCheck { sni: Some("web.example".into()), ca_file: None });
+    let c = one_check("{type: https, host: 198.18.0.11, sni: api.example}").unwrap();
+    let CheckKind::Http { tls: Some(tls), host, .. } = c.kind else { panic!() };
+    assert_eq!((tls.sni.as_deref(), host.as_deref()), (Some("api.example"), Some("198.18.0.11")));
+    let c = one_check("{type: https}").unwrap();
+    assert!(matches!(c.kind, CheckKind::Http { tls: Some(TlsCheck { sni: None, ca_file: None }), .. }));
+    let c = one_check("{type: http}").unwrap();
+    assert!(matches!(c.kind, CheckKind::Http { tls: None, .. }));
+    let e = one_check("{type: https, ca_file: /nonexistent/ca.pem}").unwrap_err().to_string();
+    assert!(e.starts_with("c.yaml:6:") && e.contains("health_check.ca_file: cannot read /nonexistent/ca.pem"), "{e}");
+    let e = one_check("{type: https, ca_file: Cargo.toml}").unwrap_err().to_string();
+    assert!(e.contains("holds no PEM certificate"), "{e}");
+    let e = one_check("{type: https, sni: \"not a name\"}").unwrap_err().to_string();
+    assert!(e.contains("health_check.sni: `not a name` is not a DNS name"), "{e}");
+    let e = one_check("{type: http, sni: web.example}").unwrap_err().to_string();
+    assert!(e.contains("health_check.sni: only applies to checks of type https"), "{e}");
+}

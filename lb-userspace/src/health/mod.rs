@@ -3,22 +3,21 @@
 //! checks of many backends do not align), with hard timeouts so a hung
 //! backend never piles checks up. Transitions follow HAProxy: `fall`
 //! consecutive failures take a backend down, `rise` consecutive passes
-//! bring it up.
+//! bring it up. What one check does, per type, is in `probe`.
+
+mod probe;
+mod tls;
+
+pub use probe::{Probe, check_once};
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    process::Stdio,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpSocket, TcpStream},
-    sync::mpsc,
-    task::JoinHandle,
-};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     config::{CheckKind, HealthCheck},
@@ -141,10 +140,12 @@ async fn run(target: Target, mut up: bool, events: mpsc::UnboundedSender<Transit
         RandomState::new().hash_one(&target.backend) | 1
     };
     tokio::time::sleep(jitter(&mut seed, c.interval)).await;
+    // Prepared once: TLS settings and CA certificates are not re-read per check.
+    let probe = Probe::new(&target);
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
         let started = Instant::now();
-        let result = match tokio::time::timeout(c.timeout, check_once(&target)).await {
+        let result = match tokio::time::timeout(c.timeout, probe.check()).await {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {:?}", c.timeout)),
         };
@@ -195,75 +196,5 @@ async fn run(target: Target, mut up: bool, events: mpsc::UnboundedSender<Transit
     }
 }
 
-async fn connect(target: &Target) -> Result<TcpStream, String> {
-    let addr = SocketAddr::new(target.addr, target.port);
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
-    if let Some(src) = target.check.source {
-        socket.bind(SocketAddr::new(src, 0)).map_err(|e| format!("cannot use source address {src}: {e}"))?;
-    }
-    socket.connect(addr).await.map_err(|e| format!("connect to {addr}: {e}"))
-}
-
-/// One check, without the timeout (the caller applies it).
-pub async fn check_once(target: &Target) -> Result<(), String> {
-    match &target.check.kind {
-        CheckKind::None => Ok(()),
-        CheckKind::Tcp => connect(target).await.map(drop),
-        CheckKind::Http { path, host, expect_status, expect_body } => {
-            let mut stream = connect(target).await?;
-            let host = host.clone().unwrap_or_else(|| match target.addr {
-                IpAddr::V4(a) => a.to_string(),
-                IpAddr::V6(a) => format!("[{a}]"),
-            });
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xdplb-health\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.map_err(|e| format!("sending the request: {e}"))?;
-            // Bounded: the status line and, if asked for, 64 KiB of body.
-            let limit = if expect_body.is_some() { 65_536 } else { 1024 };
-            let mut buf = Vec::with_capacity(1024);
-            // On the heap: a future per backend stays small with thousands of backends.
-            let mut chunk = vec![0u8; 4096];
-            while buf.len() < limit {
-                let n = stream.read(&mut chunk).await.map_err(|e| format!("reading the response: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if expect_body.is_none() && buf.windows(2).any(|w| w == b"\r\n") {
-                    break;
-                }
-            }
-            let text = String::from_utf8_lossy(&buf);
-            let status: u16 = text
-                .strip_prefix("HTTP/1.")
-                .and_then(|rest| rest.get(2..5))
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| "the response is not HTTP".to_string())?;
-            if !expect_status.matches(status) {
-                return Err(format!("HTTP status {status}"));
-            }
-            if let Some(want) = expect_body {
-                let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-                if !body.contains(want.as_str()) {
-                    return Err(format!("the body does not contain {want:?}"));
-                }
-            }
-            Ok(())
-        }
-        CheckKind::Exec { command } => {
-            let mut child = tokio::process::Command::new(&command[0])
-                .args(&command[1..])
-                .env("XDPLB_BACKEND_ADDRESS", target.addr.to_string())
-                .env("XDPLB_BACKEND_PORT", target.port.to_string())
-                .env("XDPLB_VIP", target.vip.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot run {}: {e}", command[0]))?;
-            let status = child.wait().await.map_err(|e| e.to_string())?;
-            if status.success() { Ok(()) } else { Err(format!("{} exited with {status}", command[0])) }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

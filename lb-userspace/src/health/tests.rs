@@ -1,0 +1,267 @@
+//! Checks against real servers on loopback: a banner server, an HTTP server
+//! that answers chunked, and a TLS server with certificates made by openssl.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpListener,
+};
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        self, ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    },
+};
+
+use super::*;
+use crate::config::{self, TlsCheck};
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn target(port: u16, yaml_check: &str) -> Target {
+    let text = format!(
+        "vips:\n  - name: t\n    address: 198.18.100.1\n    port: 80\n    backends: [{{address: 198.18.0.11}}]\n    health_check: {yaml_check}\n"
+    );
+    let c = config::parse("t.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    Target {
+        backend: BackendRef { vip: "t".into(), addr: LOCAL, port: 0 },
+        addr: LOCAL,
+        port,
+        vip: c.vips[0].address,
+        check: c.vips[0].health_check.clone(),
+    }
+}
+
+/// A server that accepts connections and hands each to `serve`.
+async fn server<F, Fut>(serve: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(SocketAddr::new(LOCAL, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn tcp_expect_matches_a_banner_and_says_what_came_instead() {
+    // A MariaDB-like greeting: binary length prefix, version text, NUL.
+    let port = server(|mut s| async move {
+        let _ = s.write_all(b"\x4a\x00\x00\x00\x0a5.5.5-10.11.6-MariaDB-0+deb12u1\x00rest").await;
+    })
+    .await;
+    assert_eq!(check_once(&target(port, "{type: tcp, expect: MariaDB}")).await, Ok(()));
+    assert_eq!(check_once(&target(port, "{type: tcp, expect_hex: 0a352e352e35}")).await, Ok(()));
+    let err = check_once(&target(port, "{type: tcp, expect: PostgreSQL}")).await.unwrap_err();
+    assert!(err.starts_with("\"PostgreSQL\" not received (closed after 41 bytes: \"J\\x00\\x00\\x00\\n5.5.5"), "{err}");
+    // Without expect, a connect is enough.
+    assert_eq!(check_once(&target(port, "{type: tcp}")).await, Ok(()));
+}
+
+#[tokio::test]
+async fn tcp_send_then_expect_speaks_a_line_protocol() {
+    // Redis-like: answers +PONG to PING and keeps the connection open; -ERR and closes otherwise.
+    let port = server(|mut s| async move {
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if &buf[..n] == b"PING\r\n" {
+            let _ = s.write_all(b"+PONG\r\n").await;
+            let _ = s.read(&mut buf).await;
+        } else {
+            let _ = s.write_all(b"-ERR unknown\r\n").await;
+        }
+    })
+    .await;
+    assert_eq!(check_once(&target(port, r#"{type: tcp, send: "PING\r\n", expect: "+PONG"}"#)).await, Ok(()));
+    let err = check_once(&target(port, r#"{type: tcp, send: "PONG\r\n", expect: "+PONG"}"#)).await.unwrap_err();
+    assert!(err.contains("\"+PONG\" not received") && err.contains("-ERR unknown"), "{err}");
+    // A server that keeps quiet: the caller's timeout ends the check.
+    let quiet = server(|s| async move {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        drop(s);
+    })
+    .await;
+    let t = target(quiet, "{type: tcp, expect: hello}");
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(200), check_once(&t)).await.is_err());
+}
+
+/// Reads one request head; records it; answers with `status` and a chunked body.
+async fn http_answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, status: u16, seen: Arc<Mutex<Vec<String>>>) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    seen.lock().unwrap().push(String::from_utf8_lossy(&req).into_owned());
+    // The word "healthy" is split across two chunks: only a real HTTP client joins them.
+    let resp = format!(
+        "HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
+         9\r\nstate: he\r\n5\r\nalthy\r\n0\r\n\r\n"
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_checks_status_and_a_chunked_body_and_send_the_host() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let port = server(move |s| http_answer(s, 200, s2.clone())).await;
+    let ok = "{type: http, path: /health, host: web.example, expect_status: 200, expect_body: healthy}";
+    assert_eq!(check_once(&target(port, ok)).await, Ok(()));
+    let req = seen.lock().unwrap().pop().unwrap();
+    assert!(req.starts_with("GET /health HTTP/1.1\r\n"), "{req}");
+    assert!(req.to_ascii_lowercase().contains("host: web.example\r\n"), "{req}");
+    let err = check_once(&target(port, "{type: http, expect_body: sick}")).await.unwrap_err();
+    assert!(err.contains("does not contain \"sick\""), "{err}");
+    let s3 = seen.clone();
+    let failing = server(move |s| http_answer(s, 503, s3.clone())).await;
+    assert_eq!(check_once(&target(failing, "{type: http}")).await, Err("HTTP status 503".into()));
+    // Not HTTP at all.
+    let banner = server(|mut s| async move {
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+    })
+    .await;
+    assert!(check_once(&target(banner, "{type: http}")).await.unwrap_err().starts_with("HTTP"));
+}
+
+/// A CA, and a server certificate it signed for web.test and 127.0.0.1.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("xdplb-test-pki-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&dir).output().expect("openssl runs");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let subj = format!("/CN=xdplb test {ca}");
+            let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+            let mut a = vec!["req", "-x509"];
+            a.extend(ec);
+            a.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+            run(&a);
+        }
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=web.test"]);
+        run(&a);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:web.test,IP:127.0.0.1\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        let certs: Vec<CertificateDer> =
+            CertificateDer::pem_file_iter(self.dir.join("server.pem")).unwrap().map(Result::unwrap).collect();
+        let key = PrivateKeyDer::from_pem_file(self.dir.join("server.key")).unwrap();
+        let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An HTTPS server that records the SNI of every handshake ("" for none).
+async fn https_server(pki: &Pki, sni_seen: Arc<Mutex<Vec<String>>>) -> u16 {
+    let acceptor = pki.acceptor();
+    server(move |s| {
+        let (acceptor, sni_seen) = (acceptor.clone(), sni_seen.clone());
+        async move {
+            let Ok(tls) = acceptor.accept(s).await else { return };
+            sni_seen.lock().unwrap().push(tls.get_ref().1.server_name().unwrap_or("").to_string());
+            http_answer(tls, 200, Arc::default()).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn https_checks_verify_against_a_ca_file_and_send_sni() {
+    let pki = Pki::new("https");
+    let sni = Arc::new(Mutex::new(Vec::new()));
+    let port = https_server(&pki, sni.clone()).await;
+    let ca = pki.path("ca.pem");
+    let other = pki.path("other-ca.pem");
+
+    // No ca_file: encrypted, any certificate, no SNI for an address.
+    assert_eq!(check_once(&target(port, "{type: https, expect_body: healthy}")).await, Ok(()));
+    assert_eq!(sni.lock().unwrap().pop().as_deref(), Some(""));
+    // Verified by name, sent as SNI.
+    assert_eq!(check_once(&target(port, &format!("{{type: https, sni: web.test, ca_file: {ca}}}"))).await, Ok(()));
+    assert_eq!(sni.lock().unwrap().pop().as_deref(), Some("web.test"));
+    // `host` gives the SNI when `sni` is not set.
+    assert_eq!(check_once(&target(port, &format!("{{type: https, host: web.test, ca_file: {ca}}}"))).await, Ok(()));
+    assert_eq!(sni.lock().unwrap().pop().as_deref(), Some("web.test"));
+    // Verified by the IP address in the certificate.
+    assert_eq!(check_once(&target(port, &format!("{{type: https, ca_file: {ca}}}"))).await, Ok(()));
+    assert_eq!(sni.lock().unwrap().pop().as_deref(), Some(""));
+    // Another CA did not sign it.
+    let err = check_once(&target(port, &format!("{{type: https, sni: web.test, ca_file: {other}}}"))).await;
+    assert!(err.as_ref().unwrap_err().contains("TLS handshake: invalid peer certificate"), "{err:?}");
+    // The certificate does not name other.test.
+    let err = check_once(&target(port, &format!("{{type: https, sni: other.test, ca_file: {ca}}}"))).await;
+    assert!(err.as_ref().unwrap_err().contains("certificate not valid for name \"other.test\""), "{err:?}");
+    // Plain HTTP to a TLS port fails.
+    assert!(check_once(&target(port, "{type: http}")).await.is_err());
+}
+
+#[test]
+fn a_ca_file_that_cannot_be_used_is_a_check_failure_that_says_so() {
+    let dir = std::env::temp_dir().join(format!("xdplb-test-badca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.pem");
+    std::fs::write(&bad, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    let err = tls::connector(&TlsCheck { sni: None, ca_file: Some(bad.clone()) }).unwrap_err();
+    assert!(err.starts_with(&format!("ca_file {}", bad.display())), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
