@@ -18,7 +18,10 @@ use lb_common::{
     maps::{BACKEND_ACTIVE, BACKEND_DRAINING, CFG_NAT, DEFAULT_MAGLEV_POOL, LbConfig, NAT_OPEN, PROTO_TCP, programs},
     reasons,
 };
-use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, watch},
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -27,6 +30,7 @@ use crate::{
     config::{self, CheckKind, Config, InitialState, XdpModeSetting},
     dataplane::{self, Dataplane, MapSizes},
     desired::{self, BackendRef, Observed},
+    dns,
     health::{self, Checker, Target},
     metrics,
     neighbours::{Neighbours, Resolution},
@@ -107,7 +111,8 @@ fn pool_size(config: &Config) -> u32 {
 /// Map capacities for a configuration, with room to grow by reloads.
 fn map_sizes(config: &Config) -> MapSizes {
     let d = MapSizes::default();
-    let backends: usize = config.vips.iter().map(|v| v.backends.len() + 1).sum();
+    // A name may stand for several servers: room for 16 each before a restart.
+    let backends: usize = config.vips.iter().map(|v| v.backends.len() + 16 * v.named_backends.len() + 1).sum();
     MapSizes {
         max_vips: d.max_vips.max((config.vips.len() * 2).next_power_of_two() as u32),
         max_backends: d.max_backends.max((backends * 2).next_power_of_two() as u32),
@@ -143,7 +148,14 @@ struct Daemon {
     backend_link: Option<Link>,
     /// NAT connections forgotten by the collector: (idle, closed).
     nat_evicted: (u64, u64),
+    /// The configuration as the file says it, backend names unresolved.
+    file_config: Config,
+    /// `file_config` with every backend name replaced by its addresses: what
+    /// health checks, the dataplane and status follow.
     config: Config,
+    /// Backend names: what they resolve to, and the task that resolves them.
+    names: dns::Names,
+    dns: Option<DnsTask>,
     config_text: String,
     /// The last file content seen, applied or not, so a rejected file is reported once.
     seen_text: String,
@@ -161,10 +173,54 @@ struct Daemon {
     publish_cost: Duration,
 }
 
+/// The resolving task of backend names, and how to tell it the names.
+struct DnsTask {
+    settings: config::Resolvers,
+    names: watch::Sender<Vec<String>>,
+    answers: mpsc::Receiver<Vec<dns::Answer>>,
+}
+
+impl DnsTask {
+    fn start(settings: &config::Resolvers, names: Vec<String>) -> Result<Self> {
+        let (tx, rx) = watch::channel(names);
+        Ok(Self { settings: settings.clone(), answers: dns::spawn(settings, rx)?, names: tx })
+    }
+}
+
+/// The next round of DNS answers; never, when no name is configured.
+async fn next_answers(task: &mut Option<DnsTask>) -> Option<Vec<dns::Answer>> {
+    match task {
+        Some(t) => t.answers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     let started = Instant::now();
-    let config = config::load(&opts.config)
+    let file_config = config::load(&opts.config)
         .map_err(|e| anyhow!("{e}\n{}: {} error(s); nothing was started", opts.config.display(), e.0.len()))?;
+    // Backend names are resolved before anything is loaded, so the first
+    // apply already has their servers (bounded: a DNS outage delays start-up
+    // by at most the resolver's time limit, and then they come when DNS answers).
+    let mut names = dns::Names::default();
+    let mut dns_task = None;
+    let backend_names = dns::names_of(&file_config);
+    if !backend_names.is_empty() {
+        let mut task = DnsTask::start(&file_config.resolvers, backend_names.clone())?;
+        let wait = file_config.resolvers.timeout * 2 + Duration::from_secs(1);
+        match tokio::time::timeout(wait, task.answers.recv()).await {
+            Ok(Some(answers)) => {
+                for (name, e) in names.update(answers, Instant::now(), file_config.resolvers.hold_obsolete).failed {
+                    warn!(name, "cannot resolve backend name: {e}; its servers join when it resolves");
+                }
+            }
+            _ => {
+                warn!("no DNS answer for {} within {wait:?}; starting without their servers", backend_names.join(", "))
+            }
+        }
+        dns_task = Some(task);
+    }
+    let config = desired::expand_names(&file_config, &names.states);
     let config_text = std::fs::read_to_string(&opts.config)?;
     let iface = opts
         .iface
@@ -230,7 +286,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         flows_by_backend: HashMap::new(),
         ticks: 0,
         publish_cost: Duration::ZERO,
+        file_config,
         config,
+        names,
+        dns: dns_task,
         opts,
     };
     d.seed_from_adopted(&adopted);
@@ -298,6 +357,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
                 d.on_transitions(batch);
             }
+            Some(answers) = next_answers(&mut d.dns) => d.on_dns(answers),
             _ = hup.recv() => d.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -518,7 +578,7 @@ impl Daemon {
         }
         let path = self.opts.config.display().to_string();
         let generation = self.status.lock().unwrap().config_generation;
-        let new = match config::load(&self.opts.config) {
+        let parsed = match config::load(&self.opts.config) {
             Ok(c) => c,
             Err(errs) => {
                 for e in &errs.0 {
@@ -532,18 +592,25 @@ impl Daemon {
                 return;
             }
         };
-        if new.interface.as_deref().is_some_and(|i| i != self.link.name) && self.opts.iface.is_none() {
+        if parsed.interface.as_deref().is_some_and(|i| i != self.link.name) && self.opts.iface.is_none() {
             let msg = format!("{path}: interface: changing the interface needs a restart of xdplb");
             error!("reload ({why}) rejected: {msg}; still running generation {generation}");
             self.reject(vec![msg]);
             return;
         }
-        if new.backend_interface != self.config.backend_interface {
+        if parsed.backend_interface != self.config.backend_interface {
             let msg = format!("{path}: backend_interface: changing the backend interface needs a restart of xdplb");
             error!("reload ({why}) rejected: {msg}; still running generation {generation}");
             self.reject(vec![msg]);
             return;
         }
+        if let Err(e) = self.follow_names(&parsed) {
+            let msg = format!("{path}: resolvers: {e:#}");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        let new = desired::expand_names(&parsed, &self.names.states);
         // The health of every backend now, to restore if the new file cannot be applied.
         let health_before: HashMap<BackendRef, bool> =
             self.checker.table.lock().unwrap().iter().map(|(b, h)| (b.clone(), h.up)).collect();
@@ -555,6 +622,10 @@ impl Daemon {
         if let Err(e) = self.apply() {
             error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");
             self.config = old;
+            let file_config = self.file_config.clone();
+            if let Err(e) = self.follow_names(&file_config) {
+                error!("restoring the previous backend names failed: {e:#}");
+            }
             self.checker
                 .sync(health_targets(&self.config), |t| health_before.get(&t.backend).copied().unwrap_or(false));
             self.sync_health();
@@ -567,6 +638,7 @@ impl Daemon {
             error!("reload ({why}): updating the CONFIG map failed: {e:#}");
         }
         self.config_text = self.seen_text.clone();
+        self.file_config = parsed;
         let mut s = self.status.lock().unwrap();
         s.config_generation += 1;
         s.reloads_ok += 1;
@@ -577,6 +649,68 @@ impl Daemon {
             self.config.vips.len(),
             started.elapsed().as_millis()
         );
+    }
+
+    /// Resolves the backend names of `config` from now on: starts, restarts
+    /// (other resolver settings) or stops the resolving task, and forgets
+    /// names that are gone.
+    fn follow_names(&mut self, config: &Config) -> Result<()> {
+        let wanted = dns::names_of(config);
+        self.names.retain(&wanted);
+        if wanted.is_empty() {
+            self.dns = None;
+            return Ok(());
+        }
+        match &self.dns {
+            Some(t) if t.settings == config.resolvers => {
+                t.names.send_if_modified(|names| {
+                    let changed = *names != wanted;
+                    *names = wanted;
+                    changed
+                });
+            }
+            _ => self.dns = Some(DnsTask::start(&config.resolvers, wanted)?),
+        }
+        Ok(())
+    }
+
+    /// A round of DNS answers: log what failed or recovered, and apply the
+    /// backends the names stand for now.
+    fn on_dns(&mut self, answers: Vec<dns::Answer>) {
+        let changes = self.names.update(answers, Instant::now(), self.file_config.resolvers.hold_obsolete);
+        for (name, e) in &changes.failed {
+            let kept = self.names.states.get(name).map_or(0, |s| s.current.len());
+            warn!(name, "cannot resolve backend name: {e}; keeping its last known {kept} addresses");
+        }
+        for name in &changes.recovered {
+            info!(name, "backend name resolves again");
+        }
+        if !changes.backends {
+            return;
+        }
+        let new = desired::expand_names(&self.file_config, &self.names.states);
+        if new == self.config {
+            return;
+        }
+        for (name, s) in &self.names.states {
+            let list =
+                |set: &mut dyn Iterator<Item = &IpAddr>| set.map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            info!(
+                name,
+                "backend name resolves to [{}]; draining [{}]",
+                list(&mut s.current.iter()),
+                list(&mut s.obsolete.keys())
+            );
+        }
+        self.config = new;
+        // New addresses start as the check's initial state says (down: not
+        // before `rise` checks pass), so a server that just appeared in DNS
+        // gets no traffic before it is known to work.
+        self.checker.sync(health_targets(&self.config), |t| {
+            t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
+        });
+        self.sync_health();
+        self.apply_logged("a change of backend names in DNS");
     }
 
     fn reject(&mut self, errors: Vec<String>) {
@@ -678,6 +812,22 @@ impl Daemon {
             s.nat_connections = nat_connections;
             s.nat_evicted_idle = self.nat_evicted.0;
             s.nat_evicted_closed = self.nat_evicted.1;
+            s.dns = self
+                .names
+                .states
+                .iter()
+                .map(|(name, n)| status::DnsStatus {
+                    name: name.clone(),
+                    addresses: n.current.iter().map(ToString::to_string).collect(),
+                    draining: n.obsolete.keys().map(ToString::to_string).collect(),
+                    last_error: n.last_error.clone().unwrap_or_default(),
+                    resolved_unix_ms: n
+                        .resolved_at
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64),
+                    failures: n.failures,
+                })
+                .collect();
             s.clone()
         };
         if let Err(e) = status::write(&self.opts.state_dir, &snapshot) {

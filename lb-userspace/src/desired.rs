@@ -2,10 +2,14 @@
 //! the VIPs the dataplane should have. A pure function: the daemon calls it
 //! after every change and hands the result to the reconciler.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use crate::{
-    config::{Config, OnAllDown, VipConfig},
+    config::{BackendConfig, Config, OnAllDown, VipConfig},
+    dns::NameState,
     reconcile::{BackendSpec, Forwarding, VipSpec},
 };
 
@@ -50,6 +54,29 @@ impl Observed {
             _ => Some(mac),
         }
     }
+}
+
+/// The configuration with every backend name replaced by the addresses it
+/// resolves to (of the VIP's family): current ones with the configured
+/// weight, ones that left the answer at weight 0 (draining) until their hold
+/// ends. An address also listed by itself keeps its own entry.
+pub fn expand_names(config: &Config, names: &BTreeMap<String, NameState>) -> Config {
+    let mut out = config.clone();
+    for v in &mut out.vips {
+        for nb in &v.named_backends {
+            let Some(state) = names.get(&nb.name) else { continue };
+            let draining = state.obsolete.keys().map(|a| (*a, 0));
+            for (address, weight) in state.current.iter().map(|a| (*a, nb.weight)).chain(draining) {
+                if address.is_ipv4() != v.address.is_ipv4()
+                    || v.backends.iter().any(|b| b.address == address && b.port == nb.port)
+                {
+                    continue;
+                }
+                v.backends.push(BackendConfig { address, port: nb.port, weight, pos: nb.pos });
+            }
+        }
+    }
+    out
 }
 
 /// Every address the controller must resolve a next hop for.
@@ -160,5 +187,26 @@ mod tests {
         let specs = vip_specs(&c, &observed(&["198.18.0.12"], &all));
         assert_eq!(specs[0].backends.len(), 3);
         assert_eq!(addresses_to_resolve(&c).len(), 3);
+    }
+
+    #[test]
+    fn names_expand_to_their_addresses_of_the_vip_family() {
+        let text = "vips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: 198.18.0.11\n      - address: web.pool.test\n        weight: 3\n  - name: web6\n    address: 2001:db8:100::1\n    port: 80\n    backends:\n      - address: web.pool.test\n";
+        let c = config::parse("c.yaml", text).unwrap();
+        let mut names = BTreeMap::new();
+        let mut state = NameState::default();
+        for a in ["198.18.0.11", "198.18.0.12", "2001:db8::12"] {
+            state.current.insert(a.parse().unwrap());
+        }
+        state.obsolete.insert("198.18.0.13".parse().unwrap(), std::time::Instant::now());
+        names.insert("web.pool.test".to_string(), state);
+        let e = expand_names(&c, &names);
+        let got: Vec<(String, u32)> = e.vips[0].backends.iter().map(|b| (b.address.to_string(), b.weight)).collect();
+        // The static entry keeps its weight; the name adds .12 at 3 and drains .13.
+        assert_eq!(got, [("198.18.0.11".into(), 1), ("198.18.0.12".into(), 3), ("198.18.0.13".into(), 0)]);
+        let got6: Vec<String> = e.vips[1].backends.iter().map(|b| b.address.to_string()).collect();
+        assert_eq!(got6, ["2001:db8::12"]);
+        // Unresolved names add nothing.
+        assert_eq!(expand_names(&c, &BTreeMap::new()).vips[0].backends.len(), 1);
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod desired;
+pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod neighbours;

@@ -142,7 +142,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
-                println!("{}: ok ({} VIPs, {backends} backends)", path.display(), c.vips.len());
+                let names: usize = c.vips.iter().map(|v| v.named_backends.len()).sum();
+                let names =
+                    if names > 0 { format!(", {names} backend names resolved at run time") } else { String::new() };
+                println!("{}: ok ({} VIPs, {backends} backends{names})", path.display(), c.vips.len());
                 Ok(ExitCode::SUCCESS)
             }
             Err(errs) => {

@@ -107,6 +107,27 @@ pub fn render(s: &Status) -> String {
         "1 if the last reload was rejected (the previous configuration stays in effect).",
         vec![(String::new(), f64::from(u8::from(!s.last_reload_errors.is_empty())))],
     );
+    let name = |f: &dyn Fn(&crate::status::DnsStatus) -> f64| -> Vec<(String, f64)> {
+        s.dns.iter().map(|d| (format!("{{name=\"{}\"}}", esc(&d.name)), f(d))).collect()
+    };
+    family(
+        "xdplb_dns_addresses",
+        "gauge",
+        "Addresses a backend name resolves to (kept from the last good answer when resolution fails).",
+        name(&|d| d.addresses.len() as f64),
+    );
+    family(
+        "xdplb_dns_resolution_failures_total",
+        "counter",
+        "Failed resolutions of a backend name.",
+        name(&|d| d.failures as f64),
+    );
+    family(
+        "xdplb_dns_resolution_failing",
+        "gauge",
+        "1 if the last resolution of the backend name failed.",
+        name(&|d| f64::from(u8::from(!d.last_error.is_empty()))),
+    );
     o
 }
 

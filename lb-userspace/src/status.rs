@@ -33,6 +33,23 @@ pub struct Status {
     /// Packets by reason (see lb_common::reasons), since the dataplane was loaded.
     pub reasons: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
+    /// Backend names and what they resolve to.
+    #[serde(default)]
+    pub dns: Vec<DnsStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsStatus {
+    pub name: String,
+    /// The addresses of the last good answer: each a backend.
+    pub addresses: Vec<String>,
+    /// Addresses that left the answer, draining until `hold_obsolete` ends.
+    pub draining: Vec<String>,
+    /// Why the last resolution failed; empty when it succeeded.
+    pub last_error: String,
+    /// When the last good answer came (0: never).
+    pub resolved_unix_ms: u64,
+    pub failures: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -216,6 +233,19 @@ pub fn render(s: &Status) -> String {
                 b.flows,
                 b.last_check
             );
+        }
+    }
+    if !s.dns.is_empty() {
+        let _ = writeln!(o, "\nbackend names:");
+        for d in &s.dns {
+            let mut line = format!("  {} -> [{}]", d.name, d.addresses.join(", "));
+            if !d.draining.is_empty() {
+                let _ = write!(line, " draining [{}]", d.draining.join(", "));
+            }
+            if !d.last_error.is_empty() {
+                let _ = write!(line, "  RESOLUTION FAILING (last known addresses kept): {}", d.last_error);
+            }
+            let _ = writeln!(o, "{line}");
         }
     }
     let _ = writeln!(o, "\npackets by reason:");

@@ -246,28 +246,7 @@ impl Cluster {
             ));
         }
         for (sw, host, ifname, a4, a6) in hosts {
-            let port = match ifname.as_str() {
-                "lb1" => "lbb".to_string(),
-                n if n.ends_with('0') => n.trim_end_matches('0').to_string(),
-                n => format!("s{n}"),
-            };
-            sw.ip(&format!("link add {port} type veth peer name {ifname} netns {}", host.name));
-            // Jumbo frames behind the load balancer, as IP-in-IP deployments
-            // use: an encapsulated 1500-byte client packet (1520) must fit.
-            let mtu = if ifname == "cl0" { 1500 } else { JUMBO_MTU };
-            sw.ip(&format!("link set {port} mtu {mtu}"));
-            host.ip(&format!("link set {ifname} mtu {mtu}"));
-            sw.ip(&format!("link set {port} master br0 up"));
-            host.sysctl("net.ipv6.conf.all.accept_dad", "0");
-            host.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
-            host.sysctl(&format!("net.ipv6.conf.{ifname}.accept_ra"), "0");
-            host.ip(&format!("addr add {a4}/24 dev {ifname}"));
-            host.ip(&format!("addr add {a6}/64 dev {ifname} nodad"));
-            host.ip(&format!("link set {ifname} up"));
-            // veth leaves TCP/UDP checksums to "hardware" (CHECKSUM_PARTIAL);
-            // a frame that XDP retransmits loses that note and would arrive
-            // with a half-done checksum. Real NICs finish checksums on send.
-            sh(host.command("ethtool").args(["-K", &ifname, "tx", "off"]));
+            self.plug(sw, host, &ifname, &a4, &a6);
         }
         for (v4, v6) in [(VIP4, VIP6), (VIP4_2, VIP6_2)] {
             self.client.ip(&format!("route add {v4}/32 via {LB4}"));
@@ -305,6 +284,40 @@ impl Cluster {
             let out = self.xdplb_in(sw, &["pass", "--iface", port]).output().unwrap();
             assert!(out.status.success(), "xdplb pass failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+    }
+
+    /// Wires `host` to switch `sw` through a veth named `ifname` on the host's side.
+    fn plug(&self, sw: &Netns, host: &Netns, ifname: &str, a4: &str, a6: &str) {
+        let port = match ifname {
+            "lb1" => "lbb".to_string(),
+            n if n.ends_with('0') => n.trim_end_matches('0').to_string(),
+            n => format!("s{n}"),
+        };
+        sw.ip(&format!("link add {port} type veth peer name {ifname} netns {}", host.name));
+        // Jumbo frames behind the load balancer, as IP-in-IP deployments
+        // use: an encapsulated 1500-byte client packet (1520) must fit.
+        let mtu = if ifname == "cl0" { 1500 } else { JUMBO_MTU };
+        sw.ip(&format!("link set {port} mtu {mtu}"));
+        host.ip(&format!("link set {ifname} mtu {mtu}"));
+        sw.ip(&format!("link set {port} master br0 up"));
+        host.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        host.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
+        host.sysctl(&format!("net.ipv6.conf.{ifname}.accept_ra"), "0");
+        host.ip(&format!("addr add {a4}/24 dev {ifname}"));
+        host.ip(&format!("addr add {a6}/64 dev {ifname} nodad"));
+        host.ip(&format!("link set {ifname} up"));
+        // veth leaves TCP/UDP checksums to "hardware" (CHECKSUM_PARTIAL);
+        // a frame that XDP retransmits loses that note and would arrive
+        // with a half-done checksum. Real NICs finish checksums on send.
+        sh(host.command("ethtool").args(["-K", ifname, "tx", "off"]));
+    }
+
+    /// Another host on the clients' and balancer's segment (a DNS server,
+    /// say), in a namespace of its own that the caller owns.
+    pub fn add_host(&self, role: &str, a4: &str, a6: &str) -> Netns {
+        let host = Netns::create(format!("{NETNS_PREFIX}{}-{role}", self.tag));
+        self.plug(&self.switch, &host, &format!("{role}0"), a4, a6);
+        host
     }
 
     /// The xdplb binary, run in `ns` with this cluster's pin root and state dir.

@@ -11,6 +11,8 @@ use crate::{exec, step};
 /// benchmarks drive (iproute2 for namespaces, nginx as demo web servers,
 /// MariaDB as the replicated database tier of the database test, which runs
 /// its own `mariadbd` processes and never the package's service,
+/// dnsmasq-base as the DNS server of the backends-by-name test (the binary
+/// only: no service that would take port 53 on the host),
 /// haproxy/nftables/wrk/iperf3 as the alternatives benchmarked, a font for
 /// the benchmark chart).
 const APT_PACKAGES: &[&str] = &[
@@ -25,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     "mariadb-server",
     "mariadb-client",
+    "dnsmasq-base",
     "haproxy",
     "nftables",
     "wrk",

@@ -1,16 +1,27 @@
 //! Walks the positioned YAML tree into the model, collecting every error
 //! with the position and path of the field it concerns.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use lb_common::maglev;
 
 use super::{
     BackendConfig, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
-    InitialState, NatSettings, OnAllDown, Pos, Prefix, Protocol, StatusMatch, TlsCheck, VipConfig, XdpModeSetting,
+    InitialState, NamedBackend, NatSettings, OnAllDown, Pos, Prefix, Protocol, Resolvers, StatusMatch, TlsCheck,
+    VipConfig, XdpModeSetting,
     yaml::{Node, Value},
 };
 use crate::reconcile::{Forwarding, HashMode};
+
+/// A backend as written: an address, or a name to resolve.
+enum Backend {
+    Address(BackendConfig),
+    Name(NamedBackend),
+}
 
 pub struct Fields<'f> {
     file: &'f str,
@@ -149,6 +160,7 @@ impl<'f> Fields<'f> {
             "ipip_source_v6",
             "conntrack_size",
             "nat",
+            "resolvers",
             "vips",
         ];
         let m = self.map(root, "", KEYS)?;
@@ -200,6 +212,10 @@ impl<'f> Fields<'f> {
             })
             .unwrap_or(lb_common::maps::DEFAULT_CONNTRACK_SIZE);
 
+        let resolvers = match m.get("resolvers") {
+            Some(n) => self.resolvers(n, "resolvers").unwrap_or_default(),
+            None => Resolvers::default(),
+        };
         let mut vips = Vec::new();
         if let Some(items) = self.list(&m, "vips") {
             for (i, item) in items.iter().enumerate() {
@@ -218,8 +234,40 @@ impl<'f> Fields<'f> {
             ipip_source_v4,
             ipip_source_v6,
             conntrack_size,
+            resolvers,
             vips,
         })
+    }
+
+    fn resolvers(&mut self, node: &Node, path: &str) -> Option<Resolvers> {
+        let m = self.map(node, path, &["nameservers", "interval", "timeout", "hold_obsolete"])?;
+        let d = Resolvers::default();
+        let mut nameservers = Vec::new();
+        if let Some(items) = self.list(&m, "nameservers") {
+            for item in items {
+                let Some(s) = scalar(item) else {
+                    self.error(item.pos, &m.path("nameservers"), "must be a list of addresses");
+                    continue;
+                };
+                let parsed =
+                    s.parse::<SocketAddr>().or_else(|_| s.parse::<IpAddr>().map(|a| SocketAddr::new(a, 53))).map_err(
+                        |_| format!("`{s}` is not an address or address:port (e.g. 198.18.0.53, [2001:db8::53]:53)"),
+                    );
+                match parsed {
+                    Ok(a) => nameservers.push(a),
+                    Err(msg) => self.error(item.pos, &m.path("nameservers"), msg),
+                }
+            }
+        }
+        let interval = self.value(&m, "interval", parse_duration).unwrap_or(d.interval);
+        let timeout = self.value(&m, "timeout", parse_duration).unwrap_or(d.timeout);
+        if timeout > interval
+            && let Some(n) = m.get("timeout")
+        {
+            self.error(n.pos, &m.path("timeout"), "must not be longer than interval");
+        }
+        let hold_obsolete = self.value(&m, "hold_obsolete", parse_duration).unwrap_or(d.hold_obsolete);
+        Some(Resolvers { nameservers, interval, timeout, hold_obsolete })
     }
 
     fn nat(&mut self, node: &Node, path: &str) -> Option<NatSettings> {
@@ -324,11 +372,20 @@ impl<'f> Fields<'f> {
             .unwrap_or(maglev::DEFAULT_TABLE_SIZE);
 
         let mut backends = Vec::new();
+        let mut named_backends: Vec<NamedBackend> = Vec::new();
         match self.list(&m, "backends") {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    if let Some(b) = self.backend(item, &format!("{path}.backends[{i}]"), forwarding) {
-                        backends.push(b);
+                    let bpath = format!("{path}.backends[{i}]");
+                    match self.backend(item, &bpath, forwarding) {
+                        Some(Backend::Address(b)) => backends.push(b),
+                        Some(Backend::Name(b)) => {
+                            if named_backends.iter().any(|o| o.name == b.name && o.port == b.port) {
+                                self.error(b.pos, &format!("{bpath}.address"), format!("{} is listed twice", b.name));
+                            }
+                            named_backends.push(b);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -373,6 +430,7 @@ impl<'f> Fields<'f> {
             hash,
             table_size,
             backends,
+            named_backends,
             health_check,
             on_all_down,
             pos: at,
@@ -414,10 +472,14 @@ impl<'f> Fields<'f> {
         }
     }
 
-    fn backend(&mut self, node: &Node, path: &str, forwarding: Forwarding) -> Option<BackendConfig> {
+    fn backend(&mut self, node: &Node, path: &str, forwarding: Forwarding) -> Option<Backend> {
         let m = self.map(node, path, &["address", "port", "weight"])?;
-        let address = self.required(&m, node.pos, "address", |s| {
-            s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))
+        let address = self.required(&m, node.pos, "address", |s| match s.parse::<IpAddr>() {
+            Ok(a) => Ok(Ok(a)),
+            Err(_) => match parse_dns_name(s) {
+                Ok(()) => Ok(Err(s.trim_end_matches('.').to_ascii_lowercase())),
+                Err(_) => Err(format!("`{s}` is not an IPv4 or IPv6 address or a DNS name")),
+            },
         });
         let port = self.value(&m, "port", parse_port);
         if let (Some(_), Some(n), false) = (port, m.get("port"), forwarding == Forwarding::Nat) {
@@ -437,7 +499,10 @@ impl<'f> Fields<'f> {
                 _ => Err(format!("`{s}` is not a weight from 0 (drain) to 65535")),
             })
             .unwrap_or(1);
-        Some(BackendConfig { address: address?, port, weight, pos: node.pos })
+        Some(match address? {
+            Ok(address) => Backend::Address(BackendConfig { address, port, weight, pos: node.pos }),
+            Err(name) => Backend::Name(NamedBackend { name, port, weight, pos: node.pos }),
+        })
     }
 
     fn health_check(&mut self, node: &Node, path: &str) -> Option<HealthCheck> {

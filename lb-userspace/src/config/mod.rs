@@ -184,6 +184,42 @@ pub struct BackendConfig {
     pub pos: Pos,
 }
 
+/// A backend given by DNS name, as HAProxy's `resolvers`: every address
+/// the name resolves to (of the VIP's family) is a backend of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedBackend {
+    pub name: String,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub pos: Pos,
+}
+
+/// How backend names are resolved (`resolvers:`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolvers {
+    /// DNS servers to ask; empty: the system's (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    /// Every name is resolved again this often.
+    pub interval: Duration,
+    /// One query's time limit.
+    pub timeout: Duration,
+    /// An address that left the answer stays, draining (weight 0: its
+    /// established flows go on, it gets no new ones), this long before it is
+    /// removed; HAProxy's `hold obsolete`.
+    pub hold_obsolete: Duration,
+}
+
+impl Default for Resolvers {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            hold_obsolete: Duration::from_secs(30),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
     pub name: String,
@@ -194,6 +230,8 @@ pub struct VipConfig {
     pub hash: HashMode,
     pub table_size: u32,
     pub backends: Vec<BackendConfig>,
+    /// Backends by DNS name; the daemon turns their addresses into `backends`.
+    pub named_backends: Vec<NamedBackend>,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
     pub pos: Pos,
@@ -244,6 +282,7 @@ pub struct Config {
     pub ipip_source_v4: Prefix,
     pub ipip_source_v6: Prefix,
     pub conntrack_size: u32,
+    pub resolvers: Resolvers,
     pub vips: Vec<VipConfig>,
 }
 

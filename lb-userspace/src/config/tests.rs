@@ -211,3 +211,29 @@ fn https_takes_sni_from_sni_or_host_and_needs_a_readable_ca_file() {
     let e = one_check("{type: http, sni: web.example}").unwrap_err().to_string();
     assert!(e.contains("health_check.sni: only applies to checks of type https"), "{e}");
 }
+
+#[test]
+fn backends_by_name_and_resolvers() {
+    let text = "resolvers:\n  nameservers: [198.18.0.53, \"[2001:db8::53]:5353\"]\n  interval: 2s\n  hold_obsolete: 1m\nvips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: Web.Pool.Test.\n        weight: 4\n      - address: 198.18.0.11\n";
+    let c = parse("c.yaml", text).unwrap();
+    assert_eq!(c.resolvers.nameservers, ["198.18.0.53:53".parse().unwrap(), "[2001:db8::53]:5353".parse().unwrap()]);
+    assert_eq!((c.resolvers.interval, c.resolvers.hold_obsolete), (Duration::from_secs(2), Duration::from_secs(60)));
+    assert_eq!(c.resolvers.timeout, Resolvers::default().timeout);
+    assert_eq!(c.vips[0].backends.len(), 1);
+    let n = &c.vips[0].named_backends[0];
+    assert_eq!((n.name.as_str(), n.weight, n.pos.line), ("web.pool.test", 4, 10));
+    // No resolvers section: the system's.
+    let c =
+        parse("c.yaml", "vips:\n  - {name: w, address: 198.18.100.1, port: 80, backends: [{address: db}]}\n").unwrap();
+    assert!(c.resolvers.nameservers.is_empty() && c.vips[0].named_backends[0].name == "db");
+
+    let bad = "resolvers:\n  nameservers: [dns.example]\n  timeout: 5s\n  interval: 1s\nvips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: -bad-.example\n      - address: web.example\n      - address: web.example\n";
+    let e = parse("c.yaml", bad).unwrap_err().to_string();
+    assert!(e.contains("c.yaml:2:17: resolvers.nameservers: `dns.example` is not an address or address:port"), "{e}");
+    assert!(e.contains("c.yaml:3:12: resolvers.timeout: must not be longer than interval"), "{e}");
+    assert!(
+        e.contains("vips[0].backends[0].address: `-bad-.example` is not an IPv4 or IPv6 address or a DNS name"),
+        "{e}"
+    );
+    assert!(e.contains("c.yaml:12:9: vips[0].backends[2].address: web.example is listed twice"), "{e}");
+}
