@@ -208,7 +208,7 @@ impl Dataplane {
             .map_max_entries(names::NAT_REVERSE, sizes.nat_table)
             .load(crate::EBPF_OBJECT)
             .context(
-                "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN? \
+                "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN? \
                  if pinned maps from an older xdplb are in the way, run `xdplb detach --iface IF` first)",
             )?;
         for name in [programs::BALANCER, programs::DECAP, programs::PASS, programs::BENCH_FLOOR] {

@@ -257,23 +257,25 @@ fn require_root(what: &str) -> Result<()> {
     // A service started without root (systemd's AmbientCapabilities=) may hold just these.
     let capable = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| has_bpf_capabilities(&s));
     if !root && !capable {
-        bail!("xdplb needs root (or CAP_BPF and CAP_NET_ADMIN) to {what}; run it with sudo");
+        bail!("xdplb needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to {what}; run it with sudo");
     }
     Ok(())
 }
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Whether the effective set (`CapEff:` of /proc/self/status) holds CAP_BPF
-/// and CAP_NET_ADMIN: what loading and attaching an XDP program needs.
+/// Whether the effective set (`CapEff:` of /proc/self/status) holds CAP_BPF,
+/// CAP_PERFMON and CAP_NET_ADMIN: what loading and attaching the XDP program
+/// needs (without CAP_PERFMON the verifier refuses its pointer arithmetic).
 fn has_bpf_capabilities(proc_status: &str) -> bool {
     let effective = proc_status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let needed = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    let needed = (1u64 << CAP_BPF) | (1u64 << CAP_PERFMON) | (1u64 << CAP_NET_ADMIN);
     effective & needed == needed
 }
 
@@ -303,10 +305,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cap_bpf_and_cap_net_admin_are_both_needed() {
+    fn cap_bpf_cap_perfmon_and_cap_net_admin_are_all_needed() {
         let status = |eff: u64| format!("Name:\txdplb\nCapInh:\t0000000000000000\nCapEff:\t{eff:016x}\n");
         assert!(has_bpf_capabilities(&status(0x0000_01ff_feff_ffff)), "root's full set");
-        assert!(has_bpf_capabilities(&status((1 << 39) | (1 << 12))), "exactly the two");
+        assert!(has_bpf_capabilities(&status((1 << 39) | (1 << 38) | (1 << 12))), "exactly the three");
+        assert!(!has_bpf_capabilities(&status((1 << 39) | (1 << 12))), "no CAP_PERFMON");
         assert!(!has_bpf_capabilities(&status(1 << 39)), "CAP_BPF alone");
         assert!(!has_bpf_capabilities(&status(1 << 12)), "CAP_NET_ADMIN alone");
         assert!(!has_bpf_capabilities("Name:\txdplb\n"), "no CapEff line");

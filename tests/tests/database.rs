@@ -26,8 +26,10 @@ const WRITE_VIP: &str = "db-write";
 const READ_VIP: &str = "db-read";
 const APP_PASSWORD: &str = "app-secret";
 const QUERY: Duration = Duration::from_secs(5);
-/// How long one write attempt of the failover may take: a connection whose
-/// SYN the balancer drops (no writable server yet) is given up after this.
+/// How long one write attempt of the failover may take while no writable
+/// server is known: a connection whose SYN the balancer drops is given up
+/// after this. Once the status shows the new primary, attempts get QUERY, so
+/// a slow machine (a client process taking longer than this) cannot fail the test.
 const ATTEMPT: Duration = Duration::from_millis(250);
 /// The pause between two write attempts.
 const PAUSE: Duration = Duration::from_millis(50);
@@ -78,6 +80,8 @@ struct Attempt {
 /// succeeds (or it is stopped, or 60 s or 2000 attempts pass).
 struct WriteAttempts {
     stop: Arc<AtomicBool>,
+    /// Set once the status shows a writable backend: attempts get QUERY from then on.
+    switched: Arc<AtomicBool>,
     attempts: Arc<Mutex<Vec<Attempt>>>,
     handle: Option<thread::JoinHandle<()>>,
 }
@@ -85,8 +89,9 @@ struct WriteAttempts {
 impl WriteAttempts {
     fn start(client: Client) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let switched = Arc::new(AtomicBool::new(false));
         let attempts = Arc::new(Mutex::new(Vec::new()));
-        let (st, at) = (stop.clone(), attempts.clone());
+        let (st, sw, at) = (stop.clone(), switched.clone(), attempts.clone());
         let handle = thread::spawn(move || {
             let begin = Instant::now();
             for n in 0..2000 {
@@ -95,7 +100,7 @@ impl WriteAttempts {
                 }
                 let sql = format!("INSERT INTO appdb.kv VALUES ('failover-{n}', 'x'); SELECT @@server_id");
                 let started = Instant::now();
-                let result = client.query(&sql, ATTEMPT);
+                let result = client.query(&sql, if sw.load(Ordering::Relaxed) { QUERY } else { ATTEMPT });
                 let ok = result.is_ok();
                 at.lock().unwrap().push(Attempt { started, ended: Instant::now(), result });
                 if ok {
@@ -104,7 +109,12 @@ impl WriteAttempts {
                 thread::sleep(PAUSE);
             }
         });
-        Self { stop, attempts, handle: Some(handle) }
+        Self { stop, switched, attempts, handle: Some(handle) }
+    }
+
+    /// The status shows a writable backend: from now on, attempts are not cut short.
+    fn switched(&self) {
+        self.switched.store(true, Ordering::Relaxed);
     }
 
     /// Waits for the loop to end (it ends at its first success).
@@ -197,6 +207,7 @@ fn the_write_vip_follows_the_primary_and_reads_fall_back_to_it() {
     let promoted = Instant::now();
     replica.promote();
     c.wait_backend_states(WRITE_VIP, &["down", "active"], WAIT);
+    attempts.switched();
     let attempts = attempts.finish(WAIT);
     let (failed, first): (Vec<&Attempt>, Vec<&Attempt>) = attempts.iter().partition(|a| a.result.is_err());
     let first = first.first().unwrap_or_else(|| panic!("no write succeeded after the promotion: {attempts:?}"));

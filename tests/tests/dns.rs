@@ -116,3 +116,67 @@ fn a_changed_record_moves_traffic_without_a_failed_request_and_a_dead_dns_server
     assert!(text.contains(&format!("{NAME} -> [198.18.0.12, 198.18.0.13]  RESOLUTION FAILING")), "{text}");
     drop(dns);
 }
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` shows the
+/// process as its /etc/resolv.conf; removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str, nameserver: &str) -> Self {
+        let dir = std::path::PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {nameserver}\noptions timeout:1\n")).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn without_a_resolvers_section_names_resolve_through_the_system_resolver() {
+    let c =
+        Cluster::new(ClusterSpec { backends: 2, servers: Servers::Builtin, bin_dir: topology::bin_dir(), nat: None });
+    for i in 0..2 {
+        c.start_server(i, 80);
+    }
+    let dns = c.add_host("dns", DNS4, "2001:db8::53");
+    let hosts = hosts_file(&c, &[0, 1]);
+    c.spawn(
+        "dnsmasq",
+        dns.command("dnsmasq").args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={DNS4}"),
+            &format!("--addn-hosts={}", hosts.display()),
+            "--user=root",
+            "--pid-file=",
+        ]),
+    );
+    // As on a real host: the balancer's /etc/resolv.conf names the DNS server.
+    let _resolv = NetnsResolvConf::new(&c.lb.name, DNS4);
+    let yaml = format!(
+        "interface: lb0\nvips:\n  - name: web\n    address: {VIP4}\n    port: 80\n    backends:\n      - address: {NAME}\n\
+         \x20   health_check: {{type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 2}}\n"
+    );
+    let config = c.write_config("xdplb.yaml", &yaml);
+    let check = c.xdplb_in(&c.lb, &["check", "--config", config.to_str().unwrap()]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        format!("{}: ok (1 VIPs, 0 backends, 1 backend names resolved at run time)", config.display())
+    );
+    c.start_xdplb("xdplb", &config, &[]);
+    let s = c.wait_backend_states("web", &["active", "active"], WAIT);
+    assert_eq!(addresses(&s), ["198.18.0.11", "198.18.0.12"]);
+    let vip = SocketAddr::new(VIP4.parse().unwrap(), 80);
+    let mut served = c.requests(vip, 30);
+    served.sort();
+    served.dedup();
+    assert_eq!(served, ["b1", "b2"]);
+}

@@ -398,9 +398,11 @@ fn field<'a>(message: &'a str, key: &str) -> &'a str {
 fn metrics(ns: &Netns, listen: String) -> String {
     ns.enter(move || {
         let mut s = TcpStream::connect(&listen).unwrap_or_else(|e| panic!("metrics on {listen}: {e}"));
+        // Bounded: a server that kept the connection open would otherwise hang the test.
+        s.set_read_timeout(Some(WAIT)).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: xdplb\r\n\r\n").unwrap();
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        s.read_to_string(&mut out).unwrap_or_else(|e| panic!("reading /metrics on {listen}: {e}"));
         out
     })
 }

@@ -212,7 +212,8 @@ fn control(stage: &Path, arch: &str) -> Result<String> {
     writeln!(c, "Architecture: {arch}")?;
     writeln!(c, "Maintainer: {maintainer}")?;
     writeln!(c, "Installed-Size: {kib}")?;
-    writeln!(c, "Depends: libc6")?;
+    // What the binary links (ldd): glibc 2.34+ (merged libpthread) and libgcc_s for unwinding.
+    writeln!(c, "Depends: libc6 (>= 2.34), libgcc-s1")?;
     writeln!(c, "Recommends: bpftool")?;
     writeln!(c, "Section: net")?;
     writeln!(c, "Priority: optional")?;

@@ -87,26 +87,43 @@ async fn tcp_send_then_expect_speaks_a_line_protocol() {
     assert_eq!(check_once(&target(port, r#"{type: tcp, send: "PING\r\n", expect: "+PONG"}"#)).await, Ok(()));
     let err = check_once(&target(port, r#"{type: tcp, send: "PONG\r\n", expect: "+PONG"}"#)).await.unwrap_err();
     assert!(err.contains("\"+PONG\" not received") && err.contains("-ERR unknown"), "{err}");
-    // A server that keeps quiet: the caller's timeout ends the check.
-    let quiet = server(|s| async move {
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        drop(s);
+    // A server that keeps quiet until the check hangs up: only the caller's timeout ends the check.
+    let quiet = server(|mut s| async move {
+        let _ = s.read(&mut [0u8; 1]).await;
     })
     .await;
     let t = target(quiet, "{type: tcp, expect: hello}");
     assert!(tokio::time::timeout(std::time::Duration::from_millis(200), check_once(&t)).await.is_err());
 }
 
-/// Reads one request head; records it; answers with `status` and a chunked body.
-async fn http_answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, status: u16, seen: Arc<Mutex<Vec<String>>>) {
+#[tokio::test]
+async fn tcp_expect_reads_at_most_64_kib() {
+    // A server that talks on and on without ever saying the word: the check gives up at the limit
+    // instead of reading until the server closes.
+    let port = server(|mut s| async move {
+        let _ = s.write_all(&vec![b'x'; 1 << 20]).await;
+    })
+    .await;
+    let err = check_once(&target(port, "{type: tcp, expect: hello}")).await.unwrap_err();
+    assert_eq!(err, "\"hello\" not in the first 65536 bytes received");
+}
+
+/// Reads one request head, up to its blank line; None if the client went away first.
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
         match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(n) => req.extend_from_slice(&buf[..n]),
         }
     }
+    Some(req)
+}
+
+/// Reads one request head; records it; answers with `status` and a chunked body.
+async fn http_answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, status: u16, seen: Arc<Mutex<Vec<String>>>) {
+    let Some(req) = read_head(&mut s).await else { return };
     seen.lock().unwrap().push(String::from_utf8_lossy(&req).into_owned());
     // The word "healthy" is split across two chunks: only a real HTTP client joins them.
     let resp = format!(
@@ -137,7 +154,24 @@ async fn http_checks_status_and_a_chunked_body_and_send_the_host() {
         let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
     })
     .await;
-    assert!(check_once(&target(banner, "{type: http}")).await.unwrap_err().starts_with("HTTP"));
+    let err = check_once(&target(banner, "{type: http}")).await.unwrap_err();
+    assert!(err.starts_with("HTTP: "), "{err}");
+}
+
+#[tokio::test]
+async fn http_expect_body_searches_at_most_64_kib() {
+    // A 1 MiB body without the word: the check stops reading at the limit.
+    let port = server(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            let body = vec![b'x'; 1 << 20];
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&body).await;
+        }
+    })
+    .await;
+    let err = check_once(&target(port, "{type: http, expect_body: healthy}")).await.unwrap_err();
+    assert_eq!(err, "the body does not contain \"healthy\" (searched 65536 bytes)");
 }
 
 /// A CA, and a server certificate it signed for web.test and 127.0.0.1.
