@@ -10,7 +10,7 @@ use std::{
 use lb_common::maglev;
 
 use super::{
-    BackendConfig, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
+    BackendConfig, CaFile, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
     InitialState, NamedBackend, NatSettings, OnAllDown, Pos, Prefix, Protocol, Resolvers, StatusMatch, TlsCheck,
     VipConfig, XdpModeSetting,
     yaml::{Node, Value},
@@ -641,14 +641,7 @@ impl<'f> Fields<'f> {
                 .filter(|h| parse_dns_name(h).is_ok())
                 .map(str::to_string)
         });
-        let ca_file = self.value(m, "ca_file", |s| {
-            let path = std::path::PathBuf::from(s);
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {s}: {e}"))?;
-            if !text.contains("-----BEGIN CERTIFICATE-----") {
-                return Err(format!("{s} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
-            }
-            Ok(path)
-        });
+        let ca_file = self.value(m, "ca_file", read_ca_file);
         TlsCheck { sni, ca_file }
     }
 
@@ -685,6 +678,30 @@ impl<'f> Fields<'f> {
     }
 }
 
+/// A CA file: an absolute path (a service's working directory is `/`) to a
+/// regular file of PEM certificates, read whole now so a check never waits on it.
+fn read_ca_file(s: &str) -> Result<CaFile, String> {
+    const LIMIT: u64 = 1 << 20;
+    let path = std::path::PathBuf::from(s);
+    if !path.is_absolute() {
+        return Err(format!("`{s}` must be an absolute path"));
+    }
+    let meta = std::fs::metadata(&path).map_err(|e| format!("cannot read {s}: {e}"))?;
+    if !meta.is_file() || meta.len() > LIMIT {
+        return Err(format!("{s} must be a regular file of PEM certificates, at most 1 MiB"));
+    }
+    let mut pem = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(&path).map_err(|e| format!("cannot read {s}: {e}"))?, LIMIT),
+        &mut pem,
+    )
+    .map_err(|e| format!("cannot read {s}: {e}"))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{s} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
+    }
+    Ok(CaFile { path, pem })
+}
+
 /// `0a0d ff`: pairs of hex digits, spaces allowed between them.
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
@@ -702,7 +719,8 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// A DNS name as RFC 1123 allows it: labels of letters, digits and '-', up to 253 characters.
+/// A DNS name as RFC 1123 allows it: labels of letters, digits and '-' (and
+/// '_', found in service names), up to 253 characters.
 pub fn parse_dns_name(s: &str) -> Result<(), String> {
     let s = s.strip_suffix('.').unwrap_or(s);
     let label_ok = |l: &str| {

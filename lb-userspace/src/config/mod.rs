@@ -103,7 +103,15 @@ pub struct TlsCheck {
     /// Verify the server's certificate chain against these CAs (PEM file);
     /// none: the connection is encrypted but the certificate is not checked,
     /// as HAProxy's `check-ssl verify none`.
-    pub ca_file: Option<std::path::PathBuf>,
+    pub ca_file: Option<CaFile>,
+}
+
+/// A CA file as read when the configuration was loaded: a reload that finds
+/// it changed restarts the checks that use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: std::path::PathBuf,
+    pub pem: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -204,8 +204,16 @@ fn https_takes_sni_from_sni_or_host_and_needs_a_readable_ca_file() {
     assert!(matches!(c.kind, CheckKind::Http { tls: None, .. }));
     let e = one_check("{type: https, ca_file: /nonexistent/ca.pem}").unwrap_err().to_string();
     assert!(e.starts_with("c.yaml:6:") && e.contains("health_check.ca_file: cannot read /nonexistent/ca.pem"), "{e}");
-    let e = one_check("{type: https, ca_file: Cargo.toml}").unwrap_err().to_string();
+    let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let e = one_check(&format!("{{type: https, ca_file: {not_pem}}}")).unwrap_err().to_string();
     assert!(e.contains("holds no PEM certificate"), "{e}");
+    let e = one_check("{type: https, ca_file: ca.pem}").unwrap_err().to_string();
+    assert!(e.contains("health_check.ca_file: `ca.pem` must be an absolute path"), "{e}");
+    // A device or a directory is never read (a FIFO or /dev/zero would hang a reload).
+    for path in ["/dev/zero", "/etc"] {
+        let e = one_check(&format!("{{type: https, ca_file: {path}}}")).unwrap_err().to_string();
+        assert!(e.contains("must be a regular file of PEM certificates, at most 1 MiB"), "{e}");
+    }
     let e = one_check("{type: https, sni: \"not a name\"}").unwrap_err().to_string();
     assert!(e.contains("health_check.sni: `not a name` is not a DNS name"), "{e}");
     let e = one_check("{type: http, sni: web.example}").unwrap_err().to_string();

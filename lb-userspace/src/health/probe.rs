@@ -50,8 +50,11 @@ impl Probe {
                 if let Some(bytes) = send {
                     stream.write_all(bytes).await.map_err(|e| format!("sending: {e}"))?;
                 }
+                // Ends a little before the caller's timeout, so a server that
+                // answers something else says what it answered.
+                let deadline = tokio::time::Instant::now() + target.check.timeout.mul_f64(0.9);
                 match expect {
-                    Some(want) => expect_bytes(&mut stream, want).await,
+                    Some(want) => expect_bytes(&mut stream, want, deadline).await,
                     None => Ok(()),
                 }
             }
@@ -76,22 +79,67 @@ impl Probe {
                     _ => http_get(stream, path, &host, want).await,
                 }
             }
-            CheckKind::Exec { command } => {
-                let mut child = tokio::process::Command::new(&command[0])
-                    .args(&command[1..])
-                    .env("XDPLB_BACKEND_ADDRESS", target.addr.to_string())
-                    .env("XDPLB_BACKEND_PORT", target.port.to_string())
-                    .env("XDPLB_VIP", target.vip.to_string())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .map_err(|e| format!("cannot run {}: {e}", command[0]))?;
-                let status = child.wait().await.map_err(|e| e.to_string())?;
-                if status.success() { Ok(()) } else { Err(format!("{} exited with {status}", command[0])) }
-            }
+            CheckKind::Exec { command } => run_command(command, target).await,
         }
+    }
+}
+
+/// Kills the command's whole process group unless it was reaped: a check that
+/// times out leaves no grandchild behind (a `sh -c` and the client it started).
+struct KillGroup(Option<i32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: kill(2) with a negative pid signals the process group the
+            // command leads (process_group(0) below); no memory is involved.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// An exec check: exit 0 passes; a failure names the exit status and the
+/// command's last line on stderr (what an operator needs: "Access denied…").
+async fn run_command(command: &[String], target: &Target) -> Result<(), String> {
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("XDPLB_BACKEND_ADDRESS", target.addr.to_string())
+        .env("XDPLB_BACKEND_PORT", target.port.to_string())
+        .env("XDPLB_VIP", target.vip.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", command[0]))?;
+    let mut group = KillGroup(child.id().map(|p| p as i32));
+    let mut stderr = child.stderr.take().expect("piped above");
+    // Bounded: the last 4 KiB of stderr are kept, the rest read and dropped.
+    let read_stderr = async {
+        let mut tail = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        while let Ok(n) = stderr.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&chunk[..n]);
+            let excess = tail.len().saturating_sub(4096);
+            tail.drain(..excess);
+        }
+        tail
+    };
+    let (status, tail) = tokio::join!(child.wait(), read_stderr);
+    let status = status.map_err(|e| e.to_string())?;
+    // Reaped: its pid may be reused, so the group is not signalled again.
+    group.0 = None;
+    if status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&tail);
+    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => Err(format!("{} exited with {status}: {line}", command[0])),
+        None => Err(format!("{} exited with {status}", command[0])),
     }
 }
 
@@ -110,7 +158,7 @@ async fn connect(target: &Target) -> Result<TcpStream, String> {
 }
 
 /// Reads until `want` appears in what the server sent, up to READ_LIMIT.
-async fn expect_bytes(stream: &mut TcpStream, want: &[u8]) -> Result<(), String> {
+async fn expect_bytes(stream: &mut TcpStream, want: &[u8], deadline: tokio::time::Instant) -> Result<(), String> {
     let mut buf = Vec::with_capacity(512);
     // On the heap: a future per backend stays small with thousands of backends.
     let mut chunk = vec![0u8; 4096];
@@ -121,7 +169,11 @@ async fn expect_bytes(stream: &mut TcpStream, want: &[u8]) -> Result<(), String>
         if buf.len() >= READ_LIMIT {
             return Err(format!("{} not in the first {READ_LIMIT} bytes received", show(want)));
         }
-        let n = stream.read(&mut chunk).await.map_err(|e| format!("reading: {e}"))?;
+        let Ok(read) = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await else {
+            let got = &buf[..buf.len().min(40)];
+            return Err(format!("{} not received in time ({} bytes came: {})", show(want), buf.len(), show(got)));
+        };
+        let n = read.map_err(|e| format!("reading: {e}"))?;
         if n == 0 {
             let got = &buf[..buf.len().min(40)];
             return Err(format!("{} not received (closed after {} bytes: {})", show(want), buf.len(), show(got)));

@@ -92,8 +92,22 @@ async fn tcp_send_then_expect_speaks_a_line_protocol() {
         let _ = s.read(&mut [0u8; 1]).await;
     })
     .await;
-    let t = target(quiet, "{type: tcp, expect: hello}");
-    assert!(tokio::time::timeout(std::time::Duration::from_millis(200), check_once(&t)).await.is_err());
+    let t = target(quiet, "{type: tcp, expect: hello, timeout: 300ms}");
+    let err = tokio::time::timeout(std::time::Duration::from_secs(5), check_once(&t)).await.expect("ends by itself");
+    assert_eq!(err, Err("\"hello\" not received in time (0 bytes came: \"\")".into()));
+    // A Redis with a password answers, and keeps the connection open: the error shows the answer.
+    let noauth = server(|mut s| async move {
+        let _ = s.write_all(b"-NOAUTH Authentication required.\r\n").await;
+        let _ = s.read(&mut [0u8; 64]).await;
+        let _ = s.read(&mut [0u8; 64]).await;
+    })
+    .await;
+    let t = target(noauth, r#"{type: tcp, send: "PING\r\n", expect: "+PONG", timeout: 300ms}"#);
+    let err = tokio::time::timeout(std::time::Duration::from_secs(5), check_once(&t)).await.expect("ends by itself");
+    assert_eq!(
+        err,
+        Err("\"+PONG\" not received in time (34 bytes came: \"-NOAUTH Authentication required.\\r\\n\")".into())
+    );
 }
 
 #[tokio::test]
@@ -291,11 +305,56 @@ async fn https_checks_verify_against_a_ca_file_and_send_sni() {
 
 #[test]
 fn a_ca_file_that_cannot_be_used_is_a_check_failure_that_says_so() {
-    let dir = std::env::temp_dir().join(format!("xdplb-test-badca-{}", std::process::id()));
+    let bad = crate::config::CaFile {
+        path: "/etc/xdplb/bad.pem".into(),
+        pem: "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(),
+    };
+    let err = tls::connector(&TlsCheck { sni: None, ca_file: Some(bad) }).unwrap_err();
+    assert!(err.starts_with("ca_file /etc/xdplb/bad.pem: "), "{err}");
+}
+
+#[tokio::test]
+async fn exec_checks_report_the_last_stderr_line_and_get_their_environment() {
+    let t = target(
+        3306,
+        r#"{type: exec, command: ["/bin/sh", "-c", "test \"$XDPLB_BACKEND_ADDRESS:$XDPLB_BACKEND_PORT\" = 127.0.0.1:3306"]}"#,
+    );
+    assert_eq!(check_once(&t).await, Ok(()));
+    let t = target(
+        80,
+        r#"{type: exec, command: ["/bin/sh", "-c", "echo connecting >&2; echo 'ERROR 1045: Access denied' >&2; echo >&2; exit 3"]}"#,
+    );
+    assert_eq!(check_once(&t).await, Err("/bin/sh exited with exit status: 3: ERROR 1045: Access denied".into()));
+    let t = target(80, r#"{type: exec, command: ["/nonexistent/check"]}"#);
+    assert!(check_once(&t).await.unwrap_err().starts_with("cannot run /nonexistent/check: "));
+}
+
+/// Whether `pid` is gone or a zombie (killed, not yet reaped by whoever inherited it).
+fn dead(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+}
+
+#[tokio::test]
+async fn an_exec_check_that_times_out_leaves_no_process_behind() {
+    let dir = std::env::temp_dir().join(format!("xdplb-test-exec-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.pem");
-    std::fs::write(&bad, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
-    let err = tls::connector(&TlsCheck { sni: None, ca_file: Some(bad.clone()) }).unwrap_err();
-    assert!(err.starts_with(&format!("ca_file {}", bad.display())), "{err}");
+    let pidfile = dir.join("grandchild.pid");
+    let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+    let t = target(80, &format!("{{type: exec, command: [/bin/sh, -c, \"{script}\"]}}"));
+    let timed_out = tokio::time::timeout(std::time::Duration::from_millis(500), check_once(&t)).await;
+    assert!(timed_out.is_err(), "the check runs until its timeout");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // SIGKILL is delivered at once, but the kernel may take a moment to tear it down: bounded wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !dead(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let alive = !dead(pid);
+    if alive {
+        // SAFETY: kill(2) on a pid this test started; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!alive, "the check's grandchild (sleep, pid {pid}) outlived the check");
 }

@@ -22,15 +22,15 @@ pub fn connector(settings: &TlsCheck) -> Result<Arc<ClientConfig>, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
     let config = match &settings.ca_file {
-        Some(path) => {
+        Some(ca) => {
+            let path = ca.path.display();
             let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+            let certs = CertificateDer::pem_slice_iter(ca.pem.as_bytes())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                .map_err(|e| format!("ca_file {path}: {e}"))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!("ca_file {}: no usable CA certificate", path.display()));
+                return Err(format!("ca_file {path}: no usable CA certificate"));
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
