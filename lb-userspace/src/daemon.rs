@@ -562,6 +562,10 @@ impl Daemon {
         notify::reloading();
         self.reload_config(why);
         let s = self.status.lock().unwrap();
+        // At once, not at the next tick: `xdplb reload` waits for this verdict.
+        if let Err(e) = status::write(&self.opts.state_dir, &s) {
+            warn!("cannot write the status file: {e:#}");
+        }
         let rejected = if s.last_reload_errors.is_empty() { "" } else { "; the last reload was rejected" };
         notify::ready(&format!(
             "serving {} VIPs, configuration generation {}{rejected}",
@@ -638,11 +642,16 @@ impl Daemon {
             error!("reload ({why}): updating the CONFIG map failed: {e:#}");
         }
         self.config_text = self.seen_text.clone();
+        let changes = desired::describe_changes(&self.file_config, &parsed);
+        for c in &changes {
+            info!("reload ({why}): {c}");
+        }
         self.file_config = parsed;
         let mut s = self.status.lock().unwrap();
         s.config_generation += 1;
         s.reloads_ok += 1;
         s.last_reload_errors.clear();
+        s.last_reload_changes = if changes.is_empty() { vec!["nothing changed".into()] } else { changes };
         info!(
             "reload ({why}) applied: generation {}, {} VIPs, in {} ms",
             s.config_generation,

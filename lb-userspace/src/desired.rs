@@ -79,6 +79,54 @@ pub fn expand_names(config: &Config, names: &BTreeMap<String, NameState>) -> Con
     out
 }
 
+/// What a reload changes, one line each, for the log and `xdplb reload`:
+/// VIPs added and removed, and per VIP the backends (by address or name)
+/// added, removed and reweighted, and a changed health check.
+pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    fn members(v: &VipConfig) -> BTreeMap<String, u32> {
+        let port = |p: Option<u16>| p.map(|p| format!(":{p}")).unwrap_or_default();
+        let by_addr = v.backends.iter().map(|b| (format!("{}{}", b.address, port(b.port)), b.weight));
+        by_addr.chain(v.named_backends.iter().map(|b| (format!("{}{}", b.name, port(b.port)), b.weight))).collect()
+    }
+    let mut out = Vec::new();
+    let key = |v: &VipConfig| v.name.clone();
+    for v in &new.vips {
+        let Some(o) = old.vips.iter().find(|o| key(o) == key(v)) else {
+            out.push(format!("VIP {} added ({}:{}, {} backends)", v.name, v.address, v.port, members(v).len()));
+            continue;
+        };
+        let (before, after) = (members(o), members(v));
+        for (b, w) in &after {
+            match before.get(b) {
+                None => out.push(format!("VIP {}: backend {b} added (weight {w})", v.name)),
+                Some(was) if was != w => out.push(format!("VIP {}: backend {b} weight {was} -> {w}", v.name)),
+                _ => {}
+            }
+        }
+        for b in before.keys().filter(|b| !after.contains_key(*b)) {
+            out.push(format!("VIP {}: backend {b} removed", v.name));
+        }
+        if (o.address, o.port, o.protocol, o.forwarding, o.hash)
+            != (v.address, v.port, v.protocol, v.forwarding, v.hash)
+        {
+            out.push(format!("VIP {}: address, port, protocol, forwarding or hash changed", v.name));
+        }
+        if o.health_check != v.health_check {
+            out.push(format!("VIP {}: health check changed (its backends are checked anew)", v.name));
+        }
+        if o.on_all_down != v.on_all_down {
+            out.push(format!("VIP {}: on_all_down changed", v.name));
+        }
+    }
+    for o in old.vips.iter().filter(|o| !new.vips.iter().any(|v| key(v) == key(o))) {
+        out.push(format!("VIP {} removed", o.name));
+    }
+    if old.resolvers != new.resolvers {
+        out.push("resolvers changed".into());
+    }
+    out
+}
+
 /// Every address the controller must resolve a next hop for.
 pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = config
@@ -208,5 +256,29 @@ mod tests {
         assert_eq!(got6, ["2001:db8::12"]);
         // Unresolved names add nothing.
         assert_eq!(expand_names(&c, &BTreeMap::new()).vips[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn a_reload_says_what_it_changed() {
+        let old = config::parse("c.yaml", CONFIG).unwrap();
+        let new_text = CONFIG
+            .replace(
+                "      - address: 198.18.0.12\n        weight: 0\n",
+                "      - address: 198.18.0.12\n        weight: 5\n      - address: web.pool.test\n",
+            )
+            .replace("      - address: 198.18.0.11\n", "")
+            + "  - name: api\n    address: 198.18.100.2\n    port: 443\n    backends: [{address: 198.18.0.21}]\n";
+        let new = config::parse("c.yaml", &new_text).unwrap();
+        assert_eq!(
+            describe_changes(&old, &new),
+            [
+                "VIP web: backend 198.18.0.12 weight 0 -> 5",
+                "VIP web: backend web.pool.test added (weight 1)",
+                "VIP web: backend 198.18.0.11 removed",
+                "VIP api added (198.18.100.2:443, 1 backends)",
+            ]
+        );
+        assert_eq!(describe_changes(&new, &old).last().map(String::as_str), Some("VIP api removed"));
+        assert!(describe_changes(&old, &old).is_empty());
     }
 }

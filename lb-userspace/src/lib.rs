@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod neighbours;
 pub mod notify;
 pub mod reconcile;
+pub mod reload;
 pub mod status;
 
 /// The dataplane's eBPF object, built by build.rs from lb-ebpf.

@@ -10,7 +10,7 @@ use lb_userspace::{
     config::XdpModeSetting,
     daemon::{self, RunOptions},
     dataplane::{self, Dataplane, MapSizes},
-    status,
+    reload, status,
 };
 
 #[derive(Parser)]
@@ -81,6 +81,17 @@ enum Cmd {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Reload the running controller's file and wait for the verdict: print
+    /// what changed and exit 0, or print every error and exit 1 (the previous
+    /// configuration stays in effect). The unit's ExecReload.
+    Reload {
+        /// Interface of the controller (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+        /// How long to wait for the verdict, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Show VIPs, backends (health, weight, state), counters, rates and drop reasons.
     Status {
@@ -169,12 +180,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Reload { iface, timeout } => {
+            let iface = match iface {
+                Some(i) => i,
+                None => status::only_running(&cli.state_dir)?,
+            };
+            match reload::reload(&cli.state_dir, &iface, std::time::Duration::from_secs(timeout))? {
+                reload::Verdict::Applied { generation, changes } => {
+                    println!("{iface}: reload applied, generation {generation}");
+                    for c in changes {
+                        println!("  {c}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                reload::Verdict::Rejected { generation, errors } => {
+                    println!("{iface}: reload REJECTED, still running generation {generation}");
+                    for e in errors {
+                        println!("  {e}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Cmd::Status { iface, json } => {
             let iface = match iface {
                 Some(i) => i,
-                None => only_running(&cli.state_dir)?,
+                None => status::only_running(&cli.state_dir)?,
             };
-            let running = status::read(&cli.state_dir, &iface).ok().filter(|s| pid_alive(s.pid));
+            let running = status::read(&cli.state_dir, &iface).ok().filter(|s| status::pid_alive(s.pid));
             let s = match running {
                 Some(s) => s,
                 None => {
@@ -206,7 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Detach { iface } => {
             require_root("detach eBPF programs")?;
             if let Ok(s) = status::read(&cli.state_dir, &iface)
-                && pid_alive(s.pid)
+                && status::pid_alive(s.pid)
             {
                 bail!("xdplb run (pid {}) is serving {iface}; stop it first (kill {}), then detach", s.pid, s.pid);
             }
@@ -277,27 +310,6 @@ fn has_bpf_capabilities(proc_status: &str) -> bool {
         .unwrap_or(0);
     let needed = (1u64 << CAP_BPF) | (1u64 << CAP_PERFMON) | (1u64 << CAP_NET_ADMIN);
     effective & needed == needed
-}
-
-fn pid_alive(pid: u32) -> bool {
-    pid != 0 && unsafe { libc::kill(pid as i32, 0) } == 0
-}
-
-fn only_running(state_dir: &std::path::Path) -> Result<String> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(state_dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if let Some(iface) = name.strip_suffix(".json") {
-                found.push(iface.to_string());
-            }
-        }
-    }
-    match found.len() {
-        0 => bail!("no xdplb controller is running (no status in {})", state_dir.display()),
-        1 => Ok(found.remove(0)),
-        _ => bail!("controllers run on {}: pick one with --iface", found.join(", ")),
-    }
 }
 
 #[cfg(test)]

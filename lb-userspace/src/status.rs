@@ -25,6 +25,9 @@ pub struct Status {
     pub reloads_failed: u64,
     /// The errors of the last rejected configuration, if the last reload failed.
     pub last_reload_errors: Vec<String>,
+    /// What the last applied reload changed (VIPs and backends added, removed, reweighted).
+    #[serde(default)]
+    pub last_reload_changes: Vec<String>,
     pub flows_tracked: u64,
     /// NAT connections tracked, and those forgotten after going idle or closing.
     pub nat_connections: u64,
@@ -160,6 +163,33 @@ pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
     std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)
         .with_context(|| format!("writing {} failed", tmp.display()))?;
     std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {} failed", dest.display()))
+}
+
+/// Whether process `pid` exists. EPERM means it does, run by another user
+/// (a non-root `xdplb status` asking about a root controller).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks for the process; no memory is involved.
+    pid != 0
+        && (unsafe { libc::kill(pid as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// The interface of the only controller with a status in `state_dir`.
+pub fn only_running(state_dir: &Path) -> Result<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(iface) = name.strip_suffix(".json") {
+                found.push(iface.to_string());
+            }
+        }
+    }
+    match found.len() {
+        0 => anyhow::bail!("no xdplb controller is running (no status in {})", state_dir.display()),
+        1 => Ok(found.remove(0)),
+        _ => anyhow::bail!("controllers run on {}: pick one with --iface", found.join(", ")),
+    }
 }
 
 pub fn read(state_dir: &Path, iface: &str) -> Result<Status> {

@@ -162,6 +162,12 @@ fn an_invalid_reload_changes_nothing() {
     let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     assert!(samples.len() > 30 && failed.is_empty(), "{} requests, failures: {failed:?}", samples.len());
     assert!(c.log("xdplb").contains("reload (the file changed) rejected"));
+    // `xdplb reload` (the unit's ExecReload) waits for the verdict and fails with every error.
+    let out = c.xdplb_in(&c.lb, &["reload"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("lb0: reload REJECTED, still running generation 1\n"), "{text}");
+    assert!(text.contains("xdplb.yaml:10:5: vips[0].colour: unknown key"), "{text}");
 }
 
 #[test]
@@ -180,6 +186,11 @@ fn a_reload_that_adds_a_backend_keeps_a_keepalive_connection_on_its_backend() {
     c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 3, ""));
     c.wait_backend_states("web", &["active", "active", "active"], WAIT);
     assert_eq!(c.status().unwrap()["config_generation"], 2);
+    assert!(c.log("xdplb").contains("reload (the file changed): VIP web: backend 198.18.0.13 added (weight 1)"));
+    let out = c.xdplb_in(&c.lb, &["reload"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text, "lb0: reload applied, generation 3\n  nothing changed\n");
     for (k, first) in &mut conns {
         for _ in 0..5 {
             let (code, b) = k.get("/").expect("the keep-alive connection survives the reload");

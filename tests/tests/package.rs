@@ -207,7 +207,7 @@ fn the_package_installs_its_files_into_a_clean_root_and_purges_them() {
 
     let unit = pkg.unit();
     assert_eq!(unit.value("Type"), "notify");
-    assert_eq!(unit.value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(unit.value("ExecReload"), "/usr/bin/xdplb reload");
     assert_eq!(unit.value("RuntimeDirectory"), "xdplb");
     assert_eq!(unit.value("LimitMEMLOCK"), "infinity");
     assert_eq!(unit.value("LimitNOFILE"), "65536");
@@ -281,6 +281,7 @@ impl NotifySocket {
 struct Controller {
     child: Child,
     log: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl Controller {
@@ -340,7 +341,19 @@ impl Controller {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdout(file.try_clone().unwrap()).stderr(file);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        Self { child, log }
+        Self { child, log, state_dir }
+    }
+
+    /// The unit's ExecReload, run as systemd would (in the namespace, with the
+    /// controller's state directory); it returns once the reload is decided.
+    fn exec_reload(&self, pkg: &Installed, ns: &Netns) -> std::process::Output {
+        let exec_reload = rooted(&pkg.unit().value("ExecReload"), pkg);
+        ns.command("env")
+            .args(exec_reload.split_whitespace())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {exec_reload}: {e}"))
     }
 
     /// The pid systemd would see: `ip netns exec` and setpriv exec, so it is xdplb's own.
@@ -482,9 +495,13 @@ fn the_unit_starts_reloads_restarts_and_stops_with_only_its_capabilities() {
         );
     }
 
-    // `systemctl reload`: ExecReload sends SIGHUP; systemd waits for RELOADING=1, then READY=1.
+    // `systemctl reload`: ExecReload (`xdplb reload`) sends SIGHUP and waits for the
+    // verdict; xdplb also says RELOADING=1, then READY=1.
     let before = monotonic_usec();
-    xdplb.signal(libc::SIGHUP);
+    let out = xdplb.exec_reload(&pkg, &ns);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ExecReload failed: {said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.starts_with("eth0: reload applied, generation 2\n"), "{said}");
     let reloading = notify.expect("RELOADING=1", &mut xdplb);
     let after = monotonic_usec();
     let stamp: u64 = field(&reloading, "MONOTONIC_USEC").parse().unwrap();

@@ -733,6 +733,10 @@ pub fn parse_dns_name(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) || s.parse::<IpAddr>().is_ok() {
         return Err(format!("`{s}` is not a DNS name"));
     }
+    // No top-level domain is a number (RFC 3696): 198.18.0.999 is a mistyped address.
+    if s.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(format!("`{s}` is not a DNS name (it ends in a number)"));
+    }
     Ok(())
 }
 

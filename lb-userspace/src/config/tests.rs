@@ -244,4 +244,9 @@ fn backends_by_name_and_resolvers() {
         "{e}"
     );
     assert!(e.contains("c.yaml:12:9: vips[0].backends[2].address: web.example is listed twice"), "{e}");
+    let e =
+        parse("c.yaml", "vips:\n  - {name: w, address: 198.18.100.1, port: 80, backends: [{address: 198.18.0.999}]}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("`198.18.0.999` is not an IPv4 or IPv6 address or a DNS name"), "{e}");
 }
