@@ -190,7 +190,7 @@ fn the_write_vip_follows_the_primary_and_reads_fall_back_to_it() {
     // listener that never sends one keeps the replica out.
     let silent = c.backends[1].enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, mariadb::PORT)).unwrap());
     let s = c.wait_status(WAIT, "a check of the silent listener", |s| {
-        backend(s, READ_VIP, 0)["last_check"].as_str().is_some_and(|l| l.contains("timed out"))
+        backend(s, READ_VIP, 0)["last_check"].as_str().is_some_and(|l| l.contains("\"MariaDB\" not received in time"))
     });
     assert_eq!(backend_states(&s, READ_VIP), ["down", "sorry"], "a silent port is not a replica");
     drop(silent);
