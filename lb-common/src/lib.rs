@@ -13,3 +13,4 @@ pub mod flow_hash;
 pub mod maglev;
 pub mod maps;
 pub mod reasons;
+pub mod trace;

@@ -43,12 +43,17 @@ pub mod names {
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    pub const TRACE_LOST: &str = "TRACE_LOST";
 }
 
 /// Program names in the object file.
 pub mod programs {
     /// The load balancer, attached to the client-facing interface.
     pub const BALANCER: &str = "xdplb_balancer";
+    /// The same, reporting every packet's decision (`xdplb trace` swaps it in).
+    pub const TRACED: &str = "xdplb_traced";
     /// IP-in-IP decapsulation, attached on backends (`xdplb decap`).
     pub const DECAP: &str = "xdplb_decap";
     /// Plain XDP_PASS, for the peer of a veth the balancer transmits on.

@@ -1,9 +1,11 @@
-//! The xdplb dataplane: one eBPF object with four XDP programs.
+//! The xdplb dataplane: one eBPF object with five XDP programs.
 //!
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
 //!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
 //!   it also translates backends' replies back. Anything else leaves with
 //!   XDP_PASS, untouched.
+//! - `xdplb_traced`: the same balancer, reporting every packet's decision and
+//!   frame to `xdplb trace`, which swaps it into the link while it runs.
 //! - `xdplb_decap`: strips the IP-in-IP header on a backend.
 //! - `xdplb_pass`: XDP_PASS, for the peer of a veth we transmit on (a veth
 //!   drops XDP_TX frames unless its peer has an XDP program).
@@ -17,6 +19,7 @@ mod floor;
 mod maps;
 mod nat;
 mod parse;
+mod trace;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -38,12 +41,23 @@ use crate::{
         BACKEND_STATS, BACKENDS, CONFIG, FLOWS, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, count_bytes, count_reason,
     },
     parse::{Packet, Parsed},
+    trace::{Observe, Untraced},
 };
 
 #[xdp]
 pub fn xdplb_balancer(ctx: XdpContext) -> u32 {
-    let (action, reason) = balance(&ctx);
+    let (action, reason) = balance(&ctx, &mut Untraced);
     count_reason(reason);
+    action
+}
+
+/// The balancer with its decision written out (`xdplb trace`).
+#[xdp]
+pub fn xdplb_traced(ctx: XdpContext) -> u32 {
+    let mut traced = trace::Traced::start();
+    let (action, reason) = balance(&ctx, &mut traced);
+    count_reason(reason);
+    trace::emit(&ctx, action, reason, traced);
     action
 }
 
@@ -64,24 +78,26 @@ pub fn xdplb_bench_floor(ctx: XdpContext) -> u32 {
     floor::floor(&ctx)
 }
 
-/// Returns the action and the one reason counted for it.
+/// Returns the action and the one reason counted for it; tells `obs` how
+/// it got there.
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> (u32, u32) {
+fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(p) => p,
         Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
         Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
-        Parsed::Fragment(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_FRAGMENT),
-        Parsed::OtherProto(dst) => return for_vip_address(&dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO),
-        Parsed::MalformedL4(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_MALFORMED_L4),
+        Parsed::Fragment(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_FRAGMENT, obs),
+        Parsed::OtherProto(dst) => return for_vip_address(&dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO, obs),
+        Parsed::MalformedL4(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_MALFORMED_L4, obs),
     };
+    obs.packet(&pkt.flow, pkt.tcp_flags);
     let vip_key =
         VipKey { addr: pkt.flow.dst, port: pkt.flow.dport, protocol: pkt.flow.protocol, family: pkt.flow.family };
     let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
         // Maybe a reply of a NAT connection, coming back from a backend.
         if let Some(cfg) = CONFIG.get(0)
             && cfg.flags & CFG_NAT != 0
-            && let Some(done) = nat::reply(ctx, &pkt, cfg)
+            && let Some(done) = nat::reply(ctx, &pkt, cfg, obs)
         {
             return done;
         }
@@ -89,6 +105,7 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
     };
     // Copy: the controller may replace the element while we run.
     let vip = *vip;
+    obs.vip(&vip_key, &vip);
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&VIP_STATS, vip.vip_id, frame_len);
 
@@ -106,9 +123,9 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
             Some(eth) => unsafe { (*eth).src },
             None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
-        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac).map(|(id, b)| (id, b, 0))
+        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
     } else {
-        choose_backend(&pkt.flow, &vip, hash, new_connection)
+        choose_backend(&pkt.flow, &vip, hash, new_connection, obs)
     };
     let (backend_id, backend, hash) = match chosen {
         Ok(b) => b,
@@ -117,6 +134,7 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
         }
         Err(reason) => return (XDP_DROP, reason),
     };
+    obs.backend(backend_id, &backend);
     count_bytes(&BACKEND_STATS, backend_id, frame_len);
     forward(ctx, &pkt, &vip, &backend, hash)
 }
@@ -124,8 +142,20 @@ fn balance(ctx: &XdpContext) -> (u32, u32) {
 /// A packet we could not balance: dropped (and counted) if it is addressed to
 /// a VIP address, passed untouched otherwise.
 #[inline(always)]
-fn for_vip_address(dst: &AddrKey, action: u32, reason: u32) -> (u32, u32) {
-    if unsafe { VIP_ADDRS.get(dst) }.is_some() { (action, reason) } else { (XDP_PASS, reasons::PASS_NOT_VIP) }
+fn for_vip_address(dst: &AddrKey, action: u32, reason: u32, obs: &mut impl Observe) -> (u32, u32) {
+    if unsafe { VIP_ADDRS.get(dst) }.is_some() {
+        obs.vip_address(dst);
+        (action, reason)
+    } else {
+        (XDP_PASS, reasons::PASS_NOT_VIP)
+    }
+}
+
+/// Counts how the connection table answered, and tells `obs`.
+#[inline(always)]
+pub(crate) fn count_conntrack(reason: u32, obs: &mut impl Observe) {
+    count_reason(reason);
+    obs.conntrack(reason);
 }
 
 /// Connection tracking first, so an established flow keeps its backend when
@@ -137,24 +167,25 @@ fn choose_backend(
     vip: &VipMeta,
     hash: impl Fn() -> u32,
     new_connection: bool,
+    obs: &mut impl Observe,
 ) -> Result<(u32, Backend, u32), u32> {
     if let Some(tracked) = unsafe { FLOWS.get(flow) } {
         let tracked = *tracked;
         let backend = BACKENDS.get(tracked.backend_id).filter(|b| b.generation == tracked.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
-                count_reason(reasons::CONNTRACK_HIT);
+                count_conntrack(reasons::CONNTRACK_HIT, obs);
                 return Ok((tracked.backend_id, *b, tracked.hash));
             }
             // A client reusing a source port opens a new connection: not to a draining server.
-            Some(b) if b.state == BACKEND_DRAINING => count_reason(reasons::CONNTRACK_SYN_RESCHEDULED),
-            _ => count_reason(reasons::CONNTRACK_STALE),
+            Some(b) if b.state == BACKEND_DRAINING => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
+            _ => count_conntrack(reasons::CONNTRACK_STALE, obs),
         }
     } else {
-        count_reason(reasons::CONNTRACK_MISS);
+        count_conntrack(reasons::CONNTRACK_MISS, obs);
     }
     let hash = hash();
-    let (id, b) = maglev_pick(vip, hash)?;
+    let (id, b) = maglev_pick(vip, hash, obs)?;
     let value = FlowValue { backend_id: id, generation: b.generation, hash, _pad: 0 };
     if FLOWS.insert(flow, &value, 0).is_err() {
         count_reason(reasons::CONNTRACK_INSERT_FAILED);
@@ -164,11 +195,13 @@ fn choose_backend(
 
 /// The backend in the VIP's Maglev table slot for `hash`.
 #[inline(always)]
-pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32) -> Result<(u32, Backend), u32> {
+pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32, obs: &mut impl Observe) -> Result<(u32, Backend), u32> {
     if vip.ring_size == 0 {
         return Err(reasons::DROP_NO_BACKEND);
     }
-    let slot = vip.ring_offset + hash % vip.ring_size;
+    let index = hash % vip.ring_size;
+    obs.maglev(hash, index);
+    let slot = vip.ring_offset + index;
     let Some(&id) = MAGLEV_POOL.get(slot) else {
         return Err(reasons::DROP_BAD_BACKEND);
     };

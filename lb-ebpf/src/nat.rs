@@ -17,9 +17,10 @@ use lb_common::{
 };
 
 use crate::{
-    maglev_pick,
-    maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS, count_reason},
+    count_conntrack, maglev_pick,
+    maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS},
     parse::{ETH_LEN, EthHdr, Packet, TCP_FIN, TCP_RST, ptr_at},
+    trace::Observe,
 };
 
 #[inline(always)]
@@ -128,6 +129,7 @@ pub fn choose_backend(
     hash: impl Fn() -> u32,
     new_connection: bool,
     client_mac: [u8; 6],
+    obs: &mut impl Observe,
 ) -> Result<(u32, Backend), u32> {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(entry) = NAT_FLOWS.get_ptr_mut(&pkt.flow) {
@@ -145,16 +147,16 @@ pub fn choose_backend(
                 if new_connection && let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b)) {
                     unsafe { (*r).state = NAT_OPEN };
                 }
-                count_reason(reasons::CONNTRACK_HIT);
+                count_conntrack(reasons::CONNTRACK_HIT, obs);
                 return Ok((e.backend_id, *b));
             }
-            Some(b) if b.state == BACKEND_DRAINING => count_reason(reasons::CONNTRACK_SYN_RESCHEDULED),
-            _ => count_reason(reasons::CONNTRACK_STALE),
+            Some(b) if b.state == BACKEND_DRAINING => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
+            _ => count_conntrack(reasons::CONNTRACK_STALE, obs),
         }
     } else {
-        count_reason(reasons::CONNTRACK_MISS);
+        count_conntrack(reasons::CONNTRACK_MISS, obs);
     }
-    let (id, b) = maglev_pick(vip, hash())?;
+    let (id, b) = maglev_pick(vip, hash(), obs)?;
     let flow = NatFlow {
         backend_id: id,
         generation: b.generation,
@@ -224,9 +226,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cfg: &LbConfig
 /// The way out: a reply of a tracked connection goes back from the VIP to
 /// the client. None if the packet is not such a reply.
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig) -> Option<(u32, u32)> {
+pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Observe) -> Option<(u32, u32)> {
     let entry = NAT_REVERSE.get_ptr_mut(&pkt.flow)?;
     let r = unsafe { *entry };
+    obs.nat_reply(&r);
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_ns();
         (*entry).state = next_state(r.state, pkt.tcp_flags);

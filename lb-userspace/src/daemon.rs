@@ -29,15 +29,18 @@ use crate::{
     attach::{self, Attached},
     config::{self, CheckKind, Config, InitialState, XdpModeSetting},
     dataplane::{self, Dataplane, MapSizes},
-    desired::{self, BackendRef, Observed},
+    desired::{self, BackendRef, Observed, Override, Overrides},
     dns,
     health::{self, Checker, Target},
-    metrics,
     neighbours::{Neighbours, Resolution},
     notify,
-    reconcile::{AdoptedBackend, Forwarding, Reconciler},
+    reconcile::{AdoptedBackend, Forwarding, HashMode, Reconciler},
+    runtime,
     status::{self, BackendStatus, Status, VipStatus},
+    web,
 };
+
+mod control;
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -171,6 +174,11 @@ struct Daemon {
     flows_by_backend: HashMap<u32, u64>,
     ticks: u64,
     publish_cost: Duration,
+    /// Runtime overrides (`xdplb set weight|drain|maint`), on top of the file.
+    overrides: Overrides,
+    /// Each backend's state as last published, since when (unix ms), and
+    /// the tick it was last published at (backends gone are forgotten).
+    state_since: HashMap<BackendRef, (String, u64, u64)>,
 }
 
 /// The resolving task of backend names, and how to tell it the names.
@@ -228,11 +236,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .or_else(|| config.interface.clone())
         .context("no interface: set `interface:` in the configuration or pass --iface")?;
     let link = link(&iface)?;
+    // Before anything is loaded: a second controller for this interface stops here.
+    let (api, mut requests) = runtime::Server::start(&opts.state_dir, &iface)?;
     let backend_link = match &config.backend_interface {
         Some(b) if *b != iface => Some(self::link(b).with_context(|| format!("backend_interface {b}"))?),
         _ => None,
     };
     let mode = opts.xdp_mode.unwrap_or(config.xdp_mode);
+    // What `xdplb doctor` would say about this host, before anything is attached.
+    crate::doctor::warn_at_start(&config, &opts.config, &iface, mode, &opts.pin_root).await;
     attach::ensure_bpffs(&opts.pin_root)?;
     let pin_dir = opts.pin_root.join(&iface);
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {} failed", pin_dir.display()))?;
@@ -286,6 +298,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         flows_by_backend: HashMap::new(),
         ticks: 0,
         publish_cost: Duration::ZERO,
+        overrides: Overrides::new(),
+        state_since: HashMap::new(),
         file_config,
         config,
         names,
@@ -295,6 +309,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     d.seed_from_adopted(&adopted);
     d.start_checks(&adopted);
     d.refresh_neighbours().await;
+    d.load_overrides();
     d.apply().context("filling the maps failed")?;
 
     // Maps are full before the program sees a packet.
@@ -327,8 +342,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         s.config_generation = 1;
     }
     if let Some(listen) = d.config.metrics_listen {
-        metrics::serve(listen, d.status.clone()).await?;
-        info!("serving Prometheus metrics on http://{listen}/metrics");
+        web::serve(listen, d.status.clone()).await?;
+        info!("serving the status page on http://{listen}/ and Prometheus metrics on http://{listen}/metrics");
     }
     d.publish_status();
     let backends: usize = d.config.vips.iter().map(|v| v.backends.len()).sum();
@@ -359,12 +374,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Some(answers) = next_answers(&mut d.dns) => d.on_dns(answers),
             _ = hup.recv() => d.reload("SIGHUP"),
+            Some(call) = requests.recv() => d.on_request(call),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => d.on_tick().await,
         }
     }
-    d.shutdown(&pin_dir)
+    let stopped = d.shutdown(&pin_dir);
+    drop(api);
+    stopped
 }
 
 impl Daemon {
@@ -408,7 +426,7 @@ impl Daemon {
     }
 
     fn apply(&mut self) -> Result<()> {
-        let specs = desired::vip_specs(&self.config, &self.observed);
+        let specs = desired::vip_specs(&self.config, &self.overrides, &self.observed);
         self.reconciler.apply(&mut self.dp, &specs)?;
         Ok(())
     }
@@ -489,6 +507,8 @@ impl Daemon {
         if self.ticks.is_multiple_of(2) && self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
             self.collect_nat();
         }
+        // A killed `xdplb trace` leaves the traced program in the link.
+        crate::trace::switch_off_abandoned(&mut self.dp, &self.opts.pin_root.join(&self.link.name));
         // With very many backends a status costs real time: keep it under 10%.
         if self.previous_at.elapsed() >= self.publish_cost * 10 {
             let started = Instant::now();
@@ -642,11 +662,13 @@ impl Daemon {
             error!("reload ({why}): updating the CONFIG map failed: {e:#}");
         }
         self.config_text = self.seen_text.clone();
-        let changes = desired::describe_changes(&self.file_config, &parsed);
+        let mut changes = desired::describe_changes(&self.file_config, &parsed);
         for c in &changes {
             info!("reload ({why}): {c}");
         }
         self.file_config = parsed;
+        // Overrides of backends that left the file go with them.
+        changes.extend(self.prune_overrides());
         let mut s = self.status.lock().unwrap();
         s.config_generation += 1;
         s.reloads_ok += 1;
@@ -719,6 +741,7 @@ impl Daemon {
             t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
         });
         self.sync_health();
+        self.prune_overrides();
         self.apply_logged("a change of backend names in DNS");
     }
 
@@ -761,13 +784,15 @@ impl Daemon {
                     continue;
                 }
                 let bref = BackendRef { vip: v.name.clone(), addr: address, port };
+                let set = if sorry { None } else { self.overrides.get(&bref).copied() };
                 let health = self.checker.table.lock().unwrap().get(&bref).cloned();
                 let value = id.and_then(|i| self.dp.backend(i).ok());
                 let c = id.and_then(|i| self.dp.backend_counter(i).ok()).unwrap_or_default();
-                let (bpps, _) = rate((v.name.clone(), address.to_string(), port), c.packets, c.bytes);
+                let (bpps, bbps) = rate((v.name.clone(), address.to_string(), port), c.packets, c.bytes);
                 let mac = self.observed.next_hop_mac.get(&address);
                 let state = match (sorry, value.map(|b| b.state), mac) {
                     (true, _, _) => "sorry",
+                    _ if set == Some(Override::Maint) => "maint",
                     (_, _, None) => "unresolved",
                     (_, Some(BACKEND_ACTIVE), _) => "active",
                     (_, Some(BACKEND_DRAINING), _) => "draining",
@@ -781,7 +806,7 @@ impl Daemon {
                 backends.push(BackendStatus {
                     address: address.to_string(),
                     port,
-                    weight,
+                    weight: set.map_or(weight, |o| o.weight(weight)),
                     health: if sorry || health.as_ref().is_some_and(|h| h.up) { "up".into() } else { "down".into() },
                     state: state.into(),
                     last_check,
@@ -790,7 +815,11 @@ impl Daemon {
                     packets: c.packets,
                     bytes: c.bytes,
                     packets_per_second: bpps,
+                    bits_per_second: bbps,
                     flows: id.and_then(|i| self.flows_by_backend.get(&i)).copied().unwrap_or(0),
+                    configured_weight: weight,
+                    r#override: set.map(|o| o.describe(weight)).unwrap_or_default(),
+                    state_since_unix_ms: state_since(&mut self.state_since, bref, state, self.ticks),
                 });
             }
             vips.push(VipStatus {
@@ -804,8 +833,15 @@ impl Daemon {
                 packets_per_second: pps,
                 bits_per_second: bps,
                 backends,
+                scheduler: match v.hash {
+                    HashMode::FiveTuple => "maglev five-tuple",
+                    HashMode::SourceIp => "maglev source-ip",
+                }
+                .into(),
             });
         }
+        let tick = self.ticks;
+        self.state_since.retain(|_, (_, _, seen)| *seen == tick);
         let reason_counts = self.dp.reasons().unwrap_or([0; reasons::COUNT as usize]);
         let nat_connections = if self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
             self.dp.nat_flows().len() as u64
@@ -875,6 +911,17 @@ pub fn remove_pins(pin_dir: &std::path::Path) {
         }
     }
     std::fs::remove_dir(pin_dir).ok();
+}
+
+/// When `backend` entered `state`: now if its state changed since the last
+/// status (or it is new), else when it did. Marks it seen at `tick`.
+fn state_since(seen: &mut HashMap<BackendRef, (String, u64, u64)>, backend: BackendRef, state: &str, tick: u64) -> u64 {
+    let entry = seen.entry(backend).or_insert_with(|| (state.to_string(), unix_ms(), tick));
+    if entry.0 != state {
+        *entry = (state.to_string(), unix_ms(), tick);
+    }
+    entry.2 = tick;
+    entry.1
 }
 
 pub fn fmt_mac(m: &[u8; 6]) -> String {

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::Xdp,
 };
 use lb_common::{
@@ -28,6 +28,7 @@ use lb_common::{
         VipKey, VipMeta, names, programs,
     },
     reasons,
+    trace::{TRACE_RING_DEFAULT_BYTES, TraceConfig},
 };
 
 /// Capacities of the maps, fixed when the object is loaded.
@@ -118,6 +119,8 @@ pub struct Dataplane {
     nat_flows: HashMap<MapData, FlowKey, NatFlow>,
     nat_reverse: HashMap<MapData, FlowKey, NatReply>,
     tx_ports: DevMap<MapData>,
+    trace_config: Array<MapData, TraceConfig>,
+    trace_lost: PerCpuArray<MapData, u64>,
 }
 
 const ALL_MAPS: &[&str] = &[
@@ -134,6 +137,9 @@ const ALL_MAPS: &[&str] = &[
     names::NAT_FLOWS,
     names::NAT_REVERSE,
     names::TX_PORTS,
+    // The trace switch: pinned so that the controller can turn off a trace
+    // whose `xdplb trace` died. Its ring buffer is each process's own.
+    names::TRACE_CONFIG,
 ];
 
 /// Sizes of maps already pinned in `dir`, if there are any.
@@ -184,6 +190,13 @@ impl Dataplane {
     /// restarted controller adopts a running dataplane), the others are
     /// created and pinned.
     pub fn open(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::open_with_trace_ring(sizes, pin_dir, TRACE_RING_DEFAULT_BYTES)
+    }
+
+    /// Like `open`, with a trace ring buffer of `trace_ring` bytes (a power
+    /// of 2, at least a page): `xdplb trace` reads the traced program's
+    /// events from it.
+    pub fn open_with_trace_ring(sizes: MapSizes, pin_dir: Option<&Path>, trace_ring: u32) -> Result<Self> {
         let sizes = match pin_dir {
             Some(dir) => pinned_sizes(dir).unwrap_or(sizes),
             None => sizes,
@@ -206,6 +219,7 @@ impl Dataplane {
             .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
             .map_max_entries(names::NAT_FLOWS, sizes.nat_table)
             .map_max_entries(names::NAT_REVERSE, sizes.nat_table)
+            .map_max_entries(names::TRACE_EVENTS, trace_ring)
             .load(crate::EBPF_OBJECT)
             .context(
                 "loading the xdplb eBPF object failed (are you root, or do you have CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN? \
@@ -239,6 +253,8 @@ impl Dataplane {
             nat_flows: HashMap::try_from(take(m, names::NAT_FLOWS)?)?,
             nat_reverse: HashMap::try_from(take(m, names::NAT_REVERSE)?)?,
             tx_ports: DevMap::try_from(take(m, names::TX_PORTS)?)?,
+            trace_config: Array::try_from(take(m, names::TRACE_CONFIG)?)?,
+            trace_lost: PerCpuArray::try_from(take(m, names::TRACE_LOST)?)?,
             pool,
             sizes,
             ebpf,
@@ -399,6 +415,35 @@ impl Dataplane {
     pub fn backend_counter(&self, backend_id: u32) -> Result<Counter> {
         sum_counters(&self.backend_stats, backend_id)
             .with_context(|| format!("reading BACKEND_STATS[{backend_id}] failed"))
+    }
+
+    /// Loads (verifies) the traced balancer, which `open` leaves out: only
+    /// `xdplb trace`, the tests and the benchmarks run it.
+    pub fn load_traced(&mut self) -> Result<&mut Xdp> {
+        let prog = self.program(programs::TRACED)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| verifier_error(programs::TRACED, e))?;
+        }
+        Ok(prog)
+    }
+
+    pub fn trace_config(&self) -> Result<TraceConfig> {
+        self.trace_config.get(&0, 0).context("reading the TRACE_CONFIG map failed")
+    }
+
+    pub fn set_trace_config(&mut self, cfg: &TraceConfig) -> Result<()> {
+        self.trace_config.set(0, cfg, 0).context("writing the TRACE_CONFIG map failed")
+    }
+
+    /// The traced program's ring buffer of `lb_common::trace::TraceRecord`s
+    /// (once: the caller owns it).
+    pub fn take_trace_events(&mut self) -> Result<RingBuf<MapData>> {
+        Ok(RingBuf::try_from(take(&mut self.ebpf, names::TRACE_EVENTS)?)?)
+    }
+
+    /// Trace records that found the ring buffer full, summed over CPUs.
+    pub fn trace_lost(&self) -> Result<u64> {
+        Ok(self.trace_lost.get(&0, 0).context("reading the TRACE_LOST map failed")?.iter().sum())
     }
 
     /// Decapsulation program counters: (decapsulated, passed untouched).

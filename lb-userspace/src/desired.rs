@@ -28,6 +28,183 @@ impl BackendRef {
     }
 }
 
+/// A backend's runtime override, set with `xdplb set weight|drain|maint`
+/// and kept (across reloads and restarts) until `xdplb ready|clear`. One per
+/// backend: the last command replaces the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Override {
+    /// This weight instead of the file's (0 drains).
+    Weight(u32),
+    /// Weight 0: established flows continue, new ones go elsewhere.
+    Drain,
+    /// No traffic at all, as if down (its flows are re-steered), while its
+    /// health checks go on.
+    Maint,
+}
+
+impl Override {
+    /// The weight the backend gets instead of `file`'s. A backend in
+    /// maintenance keeps its weight: it is out by its state, not its weight.
+    pub fn weight(self, file: u32) -> u32 {
+        match self {
+            Override::Weight(w) => w,
+            Override::Drain => 0,
+            Override::Maint => file,
+        }
+    }
+
+    /// As `status` and `show` name it: `weight 5 (file: 1)`, `drain`, `maint`.
+    pub fn describe(self, file_weight: u32) -> String {
+        match self {
+            Override::Weight(w) => format!("weight {w} (file: {file_weight})"),
+            Override::Drain => "drain".into(),
+            Override::Maint => "maint".into(),
+        }
+    }
+}
+
+/// Every override in force, by VIP name and backend address and port.
+pub type Overrides = BTreeMap<BackendRef, Override>;
+
+/// A backend as operators write it: the address, or `address:port`
+/// (`[v6]:port`) for a backend with a port of its own.
+pub fn fmt_backend(addr: IpAddr, port: u16) -> String {
+    match (port, addr) {
+        (0, a) => a.to_string(),
+        (p, IpAddr::V6(a)) => format!("[{a}]:{p}"),
+        (p, a) => format!("{a}:{p}"),
+    }
+}
+
+/// The backend of VIP `vip` that `backend` names (an address, or
+/// `address:port`), or an error that says what was not found and what exists.
+pub fn find_backend(config: &Config, vip: &str, backend: &str) -> Result<BackendRef, String> {
+    let Some(v) = config.vips.iter().find(|v| v.name == vip) else {
+        let names: Vec<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
+        return Err(format!("no VIP named {vip:?}; the VIPs are: {}", names.join(", ")));
+    };
+    let (addr, port) = match (backend.parse::<IpAddr>(), backend.parse::<std::net::SocketAddr>()) {
+        (Ok(a), _) => (a, None),
+        (_, Ok(s)) => (s.ip(), Some(s.port())),
+        _ => match backend.strip_prefix('[').and_then(|b| b.strip_suffix(']')).map(str::parse::<IpAddr>) {
+            Some(Ok(a)) => (a, None),
+            _ => return Err(format!("{backend:?} is not a backend address (ADDRESS, or ADDRESS:PORT for nat)")),
+        },
+    };
+    // A backend without a port of its own also answers to the VIP's port.
+    let matches: Vec<&BackendConfig> =
+        v.backends.iter().filter(|b| b.address == addr && port.is_none_or(|p| b.port.unwrap_or(v.port) == p)).collect();
+    match matches[..] {
+        [b] => Ok(BackendRef::of(v, b.address, b.port)),
+        [] => {
+            let all: Vec<String> = v.backends.iter().map(|b| fmt_backend(b.address, b.port.unwrap_or(0))).collect();
+            Err(format!("VIP {} has no backend {backend}; its backends are: {}", v.name, all.join(", ")))
+        }
+        _ => {
+            let all: Vec<String> = matches.iter().map(|b| fmt_backend(b.address, b.port.unwrap_or(0))).collect();
+            Err(format!(
+                "VIP {} has several backends at {addr}: {}; name one with ADDRESS:PORT",
+                v.name,
+                all.join(", ")
+            ))
+        }
+    }
+}
+
+/// The file's weight of a backend (0 when it is not in `config`).
+fn file_weight(config: &Config, b: &BackendRef) -> u32 {
+    config
+        .vips
+        .iter()
+        .filter(|v| v.name == b.vip)
+        .flat_map(|v| &v.backends)
+        .find(|c| c.address == b.addr && c.port.unwrap_or(0) == b.port)
+        .map_or(0, |c| c.weight)
+}
+
+/// `VIP BACKEND`, as the runtime commands print it.
+fn fmt_ref(b: &BackendRef) -> String {
+    format!("{} {}", b.vip, fmt_backend(b.addr, b.port))
+}
+
+/// Sets `set` on the backend `backend` of VIP `vip`; what is in force now,
+/// one line, or what was not found.
+pub fn set_override(
+    config: &Config,
+    overrides: &mut Overrides,
+    vip: &str,
+    backend: &str,
+    set: Override,
+) -> Result<String, String> {
+    let b = find_backend(config, vip, backend)?;
+    let file = file_weight(config, &b);
+    let line = match set {
+        Override::Weight(_) => format!("{}: {}", fmt_ref(&b), set.describe(file)),
+        _ => format!("{}: {} (file: weight {file})", fmt_ref(&b), set.describe(file)),
+    };
+    overrides.insert(b, set);
+    Ok(line)
+}
+
+/// `ready`: the backend goes back to what the file says.
+pub fn clear_override(config: &Config, overrides: &mut Overrides, vip: &str, backend: &str) -> Result<String, String> {
+    let b = find_backend(config, vip, backend)?;
+    let file = file_weight(config, &b);
+    let was = match overrides.remove(&b) {
+        Some(o) => format!("override {} cleared", o.describe(file)),
+        None => "it had no override".into(),
+    };
+    Ok(format!("{}: ready, weight {file} as in the file ({was})", fmt_ref(&b)))
+}
+
+/// `clear --all` (`vip` None) or `clear VIP`: removes those overrides; one
+/// line each, or one saying there were none.
+pub fn clear_overrides(config: &Config, overrides: &mut Overrides, vip: Option<&str>) -> Result<Vec<String>, String> {
+    if let Some(name) = vip
+        && !config.vips.iter().any(|v| v.name == name)
+    {
+        let names: Vec<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
+        return Err(format!("no VIP named {name:?}; the VIPs are: {}", names.join(", ")));
+    }
+    let (gone, kept): (Overrides, Overrides) =
+        std::mem::take(overrides).into_iter().partition(|(b, _)| vip.is_none_or(|n| b.vip == n));
+    *overrides = kept;
+    if gone.is_empty() {
+        return Ok(vec!["no override was set".into()]);
+    }
+    Ok(list_overrides(config, &gone).into_iter().map(|l| l + " cleared").collect())
+}
+
+/// Every override, a line each: `web 198.18.0.11: drain`.
+pub fn list_overrides(config: &Config, overrides: &Overrides) -> Vec<String> {
+    overrides.iter().map(|(b, o)| format!("{}: {}", fmt_ref(b), o.describe(file_weight(config, b)))).collect()
+}
+
+/// Drops the overrides whose backend is no longer in `config` (it left the
+/// file, or its name's answer); returns them, with a line each for the log.
+pub fn prune_overrides(overrides: &mut Overrides, config: &Config) -> Vec<String> {
+    let present = |b: &BackendRef| {
+        config
+            .vips
+            .iter()
+            .any(|v| v.name == b.vip && v.backends.iter().any(|c| c.address == b.addr && c.port.unwrap_or(0) == b.port))
+    };
+    let mut dropped = Vec::new();
+    overrides.retain(|b, o| {
+        let keep = present(b);
+        if !keep {
+            let what = match o {
+                Override::Weight(w) => format!("weight {w}"),
+                other => other.describe(0),
+            };
+            dropped.push(format!("{}: override {what} dropped: the backend is no longer configured", fmt_ref(b)));
+        }
+        keep
+    });
+    dropped
+}
+
 /// What the controller knows beyond the file.
 #[derive(Default, Clone, Debug)]
 pub struct Observed {
@@ -155,24 +332,29 @@ pub fn vip_key(v: &VipConfig) -> lb_common::maps::VipKey {
     }
 }
 
-pub fn vip_specs(config: &Config, observed: &Observed) -> Vec<VipSpec> {
-    config.vips.iter().map(|v| vip_spec(v, observed)).collect()
+/// The VIPs the dataplane should hold: the configuration, with the runtime
+/// overrides on top (weights; `maint` counts as down), and what is observed.
+pub fn vip_specs(config: &Config, overrides: &Overrides, observed: &Observed) -> Vec<VipSpec> {
+    config.vips.iter().map(|v| vip_spec(v, overrides, observed)).collect()
 }
 
-fn vip_spec(v: &VipConfig, observed: &Observed) -> VipSpec {
+fn vip_spec(v: &VipConfig, overrides: &Overrides, observed: &Observed) -> VipSpec {
     let mut backends: Vec<BackendSpec> = v
         .backends
         .iter()
         .map(|b| {
+            let bref = BackendRef::of(v, b.address, b.port);
             let mac = observed.mac_for(&b.address, v.forwarding);
-            let healthy = observed.healthy.get(&BackendRef::of(v, b.address, b.port)).copied().unwrap_or(false);
+            let healthy = observed.healthy.get(&bref).copied().unwrap_or(false);
+            let set = overrides.get(&bref).copied();
             BackendSpec {
                 addr: b.address,
                 port: b.port.unwrap_or(0),
-                weight: b.weight,
+                weight: set.map_or(b.weight, |o| o.weight(b.weight)),
                 mac: mac.unwrap_or_default(),
-                // A backend we cannot reach at layer 2 gets no traffic.
-                healthy: healthy && mac.is_some(),
+                // A backend we cannot reach at layer 2 gets no traffic; one
+                // in maintenance none either, whatever its checks say.
+                healthy: healthy && mac.is_some() && set != Some(Override::Maint),
             }
         })
         .collect();
@@ -222,17 +404,17 @@ mod tests {
     fn health_and_resolution_decide_who_is_up() {
         let c = config::parse("c.yaml", CONFIG).unwrap();
         let all = ["198.18.0.11", "198.18.0.12", "198.18.0.99"];
-        let specs = vip_specs(&c, &observed(&["198.18.0.11", "198.18.0.12"], &all));
+        let specs = vip_specs(&c, &Overrides::new(), &observed(&["198.18.0.11", "198.18.0.12"], &all));
         let b = &specs[0].backends;
         assert_eq!(b.len(), 2, "no sorry server while a backend is up");
         assert!(b[0].healthy && b[0].weight == 1 && b[1].healthy && b[1].weight == 0);
         // Healthy but unresolved: not used.
-        let specs = vip_specs(&c, &observed(&["198.18.0.11"], &["198.18.0.99"]));
+        let specs = vip_specs(&c, &Overrides::new(), &observed(&["198.18.0.11"], &["198.18.0.99"]));
         assert!(!specs[0].backends[0].healthy);
         assert_eq!(specs[0].backends.len(), 3, "no backend up: the sorry server joins");
         assert!(specs[0].backends[2].healthy && specs[0].backends[2].addr.to_string() == "198.18.0.99");
         // A draining backend being up does not keep the sorry server away.
-        let specs = vip_specs(&c, &observed(&["198.18.0.12"], &all));
+        let specs = vip_specs(&c, &Overrides::new(), &observed(&["198.18.0.12"], &all));
         assert_eq!(specs[0].backends.len(), 3);
         assert_eq!(addresses_to_resolve(&c).len(), 3);
     }
@@ -280,5 +462,136 @@ mod tests {
         );
         assert_eq!(describe_changes(&new, &old).last().map(String::as_str), Some("VIP api removed"));
         assert!(describe_changes(&old, &old).is_empty());
+    }
+
+    const TWO_VIPS: &str = "vips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: 198.18.0.11\n      - address: 198.18.0.12\n        weight: 2\n  - name: api6\n    address: 2001:db8:100::1\n    port: 443\n    forwarding: nat\n    backends:\n      - {address: 2001:db8:2::11, port: 8443}\n      - {address: 2001:db8:2::11, port: 8444}\n      - {address: 2001:db8:2::12}\n";
+
+    fn all_up(c: &Config) -> Observed {
+        let mut o = Observed::default();
+        for v in &c.vips {
+            for b in &v.backends {
+                o.healthy.insert(BackendRef::of(v, b.address, b.port), true);
+                o.next_hop_mac.insert(b.address, [2, 0, 0, 0, 0, 1]);
+            }
+        }
+        o
+    }
+
+    /// (address, weight, healthy) of VIP `i`'s backends.
+    fn weights(specs: &[VipSpec], i: usize) -> Vec<(String, u32, bool)> {
+        specs[i].backends.iter().map(|b| (fmt_backend(b.addr, b.port), b.weight, b.healthy)).collect()
+    }
+
+    #[test]
+    fn overrides_set_weights_drain_and_maint_on_top_of_the_file() {
+        let c = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let o = all_up(&c);
+        let mut set = Overrides::new();
+        assert_eq!(
+            set_override(&c, &mut set, "web", "198.18.0.11", Override::Weight(5)).unwrap(),
+            "web 198.18.0.11: weight 5 (file: 1)"
+        );
+        assert_eq!(
+            set_override(&c, &mut set, "web", "198.18.0.12", Override::Drain).unwrap(),
+            "web 198.18.0.12: drain (file: weight 2)"
+        );
+        assert_eq!(
+            set_override(&c, &mut set, "api6", "[2001:db8:2::11]:8444", Override::Maint).unwrap(),
+            "api6 [2001:db8:2::11]:8444: maint (file: weight 1)"
+        );
+        let specs = vip_specs(&c, &set, &o);
+        assert_eq!(weights(&specs, 0), [("198.18.0.11".into(), 5, true), ("198.18.0.12".into(), 0, true)]);
+        // Maintenance: out like a down backend, weight kept, whatever its checks say.
+        assert_eq!(
+            weights(&specs, 1),
+            [
+                ("[2001:db8:2::11]:8443".into(), 1, true),
+                ("[2001:db8:2::11]:8444".into(), 1, false),
+                ("2001:db8:2::12".into(), 1, true)
+            ]
+        );
+        // The last command replaces the one before; `ready` goes back to the file.
+        set_override(&c, &mut set, "web", "198.18.0.12", Override::Maint).unwrap();
+        assert_eq!(set.len(), 3);
+        assert_eq!(
+            clear_override(&c, &mut set, "web", "198.18.0.12").unwrap(),
+            "web 198.18.0.12: ready, weight 2 as in the file (override maint cleared)"
+        );
+        assert_eq!(
+            clear_override(&c, &mut set, "web", "198.18.0.12").unwrap(),
+            "web 198.18.0.12: ready, weight 2 as in the file (it had no override)"
+        );
+        assert_eq!(weights(&vip_specs(&c, &set, &o), 0)[1], ("198.18.0.12".into(), 2, true));
+        assert_eq!(clear_overrides(&c, &mut set, Some("api6")).unwrap(), ["api6 [2001:db8:2::11]:8444: maint cleared"]);
+        assert_eq!(clear_overrides(&c, &mut set, None).unwrap(), ["web 198.18.0.11: weight 5 (file: 1) cleared"]);
+        assert_eq!(clear_overrides(&c, &mut set, None).unwrap(), ["no override was set"]);
+        assert_eq!(vip_specs(&c, &set, &o), vip_specs(&c, &Overrides::new(), &o));
+    }
+
+    #[test]
+    fn draining_every_backend_brings_the_sorry_server() {
+        let c = config::parse("c.yaml", CONFIG).unwrap();
+        let o = observed(&["198.18.0.11", "198.18.0.12"], &["198.18.0.11", "198.18.0.12", "198.18.0.99"]);
+        let mut set = Overrides::new();
+        set_override(&c, &mut set, "web", "198.18.0.11", Override::Maint).unwrap();
+        let specs = vip_specs(&c, &set, &o);
+        assert_eq!(specs[0].backends.len(), 3, "no backend takes new flows: the sorry server joins");
+    }
+
+    #[test]
+    fn unknown_vips_and_backends_are_named_with_what_exists() {
+        let c = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let mut set = Overrides::new();
+        let err = |vip, backend| set_override(&c, &mut Overrides::new(), vip, backend, Override::Drain).unwrap_err();
+        assert_eq!(err("www", "198.18.0.11"), "no VIP named \"www\"; the VIPs are: web, api6");
+        assert_eq!(
+            err("web", "198.18.0.99"),
+            "VIP web has no backend 198.18.0.99; its backends are: 198.18.0.11, 198.18.0.12"
+        );
+        assert_eq!(
+            err("api6", "2001:db8:2::11"),
+            "VIP api6 has several backends at 2001:db8:2::11: [2001:db8:2::11]:8443, [2001:db8:2::11]:8444; name one with ADDRESS:PORT"
+        );
+        assert_eq!(
+            err("web", "web1.example"),
+            "\"web1.example\" is not a backend address (ADDRESS, or ADDRESS:PORT for nat)"
+        );
+        // A backend without a port of its own answers to the VIP's, and to brackets.
+        assert!(set_override(&c, &mut set, "web", "198.18.0.11:80", Override::Drain).is_ok());
+        assert!(set_override(&c, &mut set, "api6", "[2001:db8:2::12]", Override::Drain).is_ok());
+        assert!(set_override(&c, &mut set, "api6", "[2001:db8:2::12]:443", Override::Drain).is_ok());
+        assert_eq!(set.len(), 2);
+        assert!(clear_overrides(&c, &mut set, Some("www")).unwrap_err().starts_with("no VIP named \"www\""));
+    }
+
+    #[test]
+    fn overrides_of_backends_that_left_the_file_are_dropped() {
+        let c = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let mut set = Overrides::new();
+        set_override(&c, &mut set, "web", "198.18.0.11", Override::Weight(7)).unwrap();
+        set_override(&c, &mut set, "web", "198.18.0.12", Override::Drain).unwrap();
+        set_override(&c, &mut set, "api6", "[2001:db8:2::11]:8443", Override::Maint).unwrap();
+        assert!(prune_overrides(&mut set, &c).is_empty(), "a reload of the same file keeps them all");
+        let text = TWO_VIPS.replace("      - address: 198.18.0.11\n", "").replace("port: 8443", "port: 9443");
+        let reloaded = config::parse("c.yaml", &text).unwrap();
+        assert_eq!(
+            prune_overrides(&mut set, &reloaded),
+            [
+                "api6 [2001:db8:2::11]:8443: override maint dropped: the backend is no longer configured",
+                "web 198.18.0.11: override weight 7 dropped: the backend is no longer configured",
+            ]
+        );
+        assert_eq!(
+            set.into_iter().collect::<Vec<_>>(),
+            [(BackendRef { vip: "web".into(), addr: "198.18.0.12".parse().unwrap(), port: 0 }, Override::Drain)]
+        );
+    }
+
+    #[test]
+    fn overrides_are_stored_as_plain_json() {
+        let all = [Override::Weight(5), Override::Drain, Override::Maint];
+        let text = serde_json::to_string(&all).unwrap();
+        assert_eq!(text, r#"[{"weight":5},"drain","maint"]"#);
+        assert_eq!(serde_json::from_str::<Vec<Override>>(&text).unwrap(), all);
     }
 }

@@ -8,13 +8,18 @@ pub mod daemon;
 pub mod dataplane;
 pub mod desired;
 pub mod dns;
+pub mod doctor;
 pub mod health;
-pub mod metrics;
 pub mod neighbours;
 pub mod notify;
+pub mod pcap;
 pub mod reconcile;
 pub mod reload;
+pub mod runtime;
+pub mod show;
 pub mod status;
+pub mod trace;
+pub mod web;
 
 /// The dataplane's eBPF object, built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -1,6 +1,10 @@
 //! `xdplb`: an XDP layer-4 load balancer for highly available web clusters.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -10,7 +14,9 @@ use lb_userspace::{
     config::XdpModeSetting,
     daemon::{self, RunOptions},
     dataplane::{self, Dataplane, MapSizes},
-    reload, status,
+    reload,
+    runtime::{self, Request, Response},
+    show, status, trace,
 };
 
 #[derive(Parser)]
@@ -93,14 +99,73 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
-    /// Show VIPs, backends (health, weight, state), counters, rates and drop reasons.
+    /// Show VIPs, backends (health, weight, state, overrides), counters, rates and drop reasons.
     Status {
         /// Interface of the controller to ask (default: the only one running).
         #[arg(long)]
         iface: Option<String>,
-        /// Print the status as JSON.
+        /// Print the status as JSON (with --watch: one line per refresh).
         #[arg(long)]
         json: bool,
+        /// Refresh every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// A compact table of every VIP and backend, as `ipvsadm -Ln`: scheduler,
+    /// forwarding, weight (and the file's, when overridden), state, flows, since.
+    Show {
+        /// Interface of the controller (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Set a runtime override of a backend (runtime API; root only).
+    Set {
+        #[command(subcommand)]
+        what: SetCmd,
+    },
+    /// Drain a backend: weight 0 at run time; established flows continue, new
+    /// ones go to the others. Until `xdplb ready`; kept across reloads.
+    Drain(BackendArgs),
+    /// Put a backend in maintenance: no traffic at all, as if down (its flows
+    /// move to the others), while its health checks go on. Until `xdplb ready`.
+    Maint(BackendArgs),
+    /// Clear a backend's runtime override: it goes back to what the file says.
+    Ready(BackendArgs),
+    /// Clear the runtime overrides of one VIP, or all of them (--all).
+    Clear {
+        /// The VIP whose overrides go.
+        #[arg(required_unless_present = "all")]
+        vip: Option<String>,
+        /// Every override of every VIP.
+        #[arg(long, conflicts_with = "vip")]
+        all: bool,
+        /// Interface of the controller (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Show what XDP does with each packet (tcpdump cannot): VIP, connection
+    /// table hit or miss, Maglev slot, backend, rewrite, action and reason.
+    /// Optionally write the frames as they left XDP (the first 256 bytes) to
+    /// a pcap file. Tracing is on while this runs, off when it ends.
+    Trace {
+        /// Interface of the controller (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Only packets of this VIP: its name, ADDRESS or ADDRESS:PORT.
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only packets from this client address (and NAT replies to it).
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// Stop after N packets.
+        #[arg(short = 'c', long = "count", value_name = "N")]
+        count: Option<u64>,
+        /// Write the frames as they left XDP to FILE (pcap, for tcpdump -r and Wireshark).
+        #[arg(short = 'w', long = "write", value_name = "FILE")]
+        write: Option<PathBuf>,
     },
     /// Attach the IP-in-IP decapsulation program on a backend's interface
     /// (for `forwarding: ipip`; this replaces a kernel ipip device).
@@ -121,6 +186,11 @@ enum Cmd {
         #[arg(long)]
         iface: String,
     },
+    /// Check what makes a balancer silently forward nothing, on the load
+    /// balancer or (--backend) on a backend: each finding says what is wrong,
+    /// why it matters and the command that fixes it. Exit 0 without errors
+    /// (warnings may be listed), 1 with errors, 2 if the checks could not run.
+    Doctor(lb_userspace::doctor::Args),
     /// Print a completion script for SHELL to stdout.
     Completions {
         #[arg(value_enum)]
@@ -130,6 +200,30 @@ enum Cmd {
     Man {
         #[arg(long)]
         dir: PathBuf,
+    },
+}
+
+/// A backend of a VIP, as the runtime commands name it.
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// The VIP's name (`name:` in the file).
+    vip: String,
+    /// The backend's address, or ADDRESS:PORT ([V6]:PORT) for one with a port of its own (nat).
+    backend: String,
+    /// Interface of the controller (default: the only one running).
+    #[arg(long)]
+    iface: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SetCmd {
+    /// Give BACKEND weight N instead of the file's, until `xdplb ready` (0 drains).
+    Weight {
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// The weight, 0 to 65535.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
     },
 }
 
@@ -202,40 +296,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Status { iface, json } => {
+        Cmd::Status { iface, json, watch, count } => {
+            let iface = interface(&cli.state_dir, iface)?;
+            let clear = watch && std::io::stdout().is_terminal();
+            for shown in 1.. {
+                let s = current_status(&cli.pin_root, &cli.state_dir, &iface)?;
+                let text = match (json, watch) {
+                    (true, false) => serde_json::to_string_pretty(&s)? + "\n",
+                    (true, true) => serde_json::to_string(&s)? + "\n",
+                    (false, _) => status::render(&s),
+                };
+                // A terminal shows the latest only, as watch(1) does; a pipe gets each in turn.
+                print!("{}{text}", if clear { "\x1b[H\x1b[2J" } else { "" });
+                std::io::stdout().flush()?;
+                if !watch || count.is_some_and(|c| shown >= c) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Show { iface } => {
+            let iface = interface(&cli.state_dir, iface)?;
+            let s = current_status(&cli.pin_root, &cli.state_dir, &iface)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            print!("{}", show::render(&s, now));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Set { what: SetCmd::Weight { backend: b, weight } } => {
+            let set = lb_userspace::desired::Override::Weight(weight);
+            runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })
+        }
+        Cmd::Drain(b) => {
+            let set = lb_userspace::desired::Override::Drain;
+            runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })
+        }
+        Cmd::Maint(b) => {
+            let set = lb_userspace::desired::Override::Maint;
+            runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })
+        }
+        Cmd::Ready(b) => runtime_command(&cli.state_dir, b.iface, Request::Ready { vip: b.vip, backend: b.backend }),
+        Cmd::Clear { vip, all: _, iface } => runtime_command(&cli.state_dir, iface, Request::Clear { vip }),
+        Cmd::Trace { iface, vip, client, count, write } => {
+            require_root("trace the XDP program")?;
             let iface = match iface {
                 Some(i) => i,
-                None => status::only_running(&cli.state_dir)?,
+                None => trace::default_iface(&cli.pin_root, &cli.state_dir)?,
             };
-            let running = status::read(&cli.state_dir, &iface).ok().filter(|s| status::pid_alive(s.pid));
-            let s = match running {
-                Some(s) => s,
-                None => {
-                    // No controller: read what the dataplane itself holds.
-                    let dir = cli.pin_root.join(&iface);
-                    if !dataplane::has_pinned_state(&dir) {
-                        bail!(
-                            "nothing of xdplb runs on {iface}: no controller status and no pinned maps in {}",
-                            dir.display()
-                        );
-                    }
-                    require_root("read pinned BPF maps")?;
-                    let dp = Dataplane::open(MapSizes::default(), Some(&dir))?;
-                    eprintln!("xdplb: no controller runs for {iface}; this is what its pinned dataplane holds");
-                    status::from_pinned(&dp, &iface)
-                }
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", status::render(&s));
-            }
+            let names = trace::VipNames::read(&cli.state_dir, &iface);
+            let filter = trace::Filter { vip: vip.map(|v| trace::parse_vip(&v, &names)).transpose()?, client };
+            let opts =
+                trace::Options { pin_root: cli.pin_root, state_dir: cli.state_dir, iface, filter, count, pcap: write };
+            let summary = trace::run(&opts, &mut std::io::stdout().lock())?;
+            eprintln!("xdplb: {summary}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Decap { iface, xdp_mode } => {
             attach_helper(&cli.pin_root, &iface, programs::DECAP, xdp_mode.into(), "decap_link")
         }
         Cmd::Pass { iface } => attach_helper(&cli.pin_root, &iface, programs::PASS, XdpModeSetting::Auto, "pass_link"),
+        Cmd::Doctor(args) => lb_userspace::doctor::main(&args, &cli.pin_root, &cli.state_dir),
         Cmd::Detach { iface } => {
             require_root("detach eBPF programs")?;
             if let Ok(s) = status::read(&cli.state_dir, &iface)
@@ -282,6 +402,44 @@ fn attach_helper(
     let how = attach::attach(&mut dp, program, iface, mode, &dir.join(pin))?;
     println!("{iface}: {program} attached ({how:?})");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The interface named, or the only one a controller runs on.
+fn interface(state_dir: &Path, iface: Option<String>) -> Result<String> {
+    match iface {
+        Some(i) => Ok(i),
+        None => status::only_running(state_dir),
+    }
+}
+
+/// The running controller's status, or, with none, what its pinned dataplane holds.
+fn current_status(pin_root: &Path, state_dir: &Path, iface: &str) -> Result<status::Status> {
+    if let Some(s) = status::read(state_dir, iface).ok().filter(|s| status::pid_alive(s.pid)) {
+        return Ok(s);
+    }
+    let dir = pin_root.join(iface);
+    if !dataplane::has_pinned_state(&dir) {
+        bail!("nothing of xdplb runs on {iface}: no controller status and no pinned maps in {}", dir.display());
+    }
+    require_root("read pinned BPF maps")?;
+    let dp = Dataplane::open(MapSizes::default(), Some(&dir))?;
+    eprintln!("xdplb: no controller runs for {iface}; this is what its pinned dataplane holds");
+    Ok(status::from_pinned(&dp, iface))
+}
+
+/// A runtime command: its lines on stdout, or its error (exit 1).
+fn runtime_command(state_dir: &Path, iface: Option<String>, request: Request) -> Result<ExitCode> {
+    let iface = interface(state_dir, iface)?;
+    match runtime::call(state_dir, &iface, &request, std::time::Duration::from_secs(30))? {
+        Response::Done { lines } => {
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error { error } => bail!("{error}"),
+        other => bail!("unexpected answer from the controller: {other:?}"),
+    }
 }
 
 fn require_root(what: &str) -> Result<()> {

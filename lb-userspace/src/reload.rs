@@ -1,6 +1,8 @@
-//! `xdplb reload`: ask the running controller to reload its file (SIGHUP)
-//! and wait for its verdict in the status file, so a script, or systemd's
-//! `ExecReload=`, knows whether the new file is in effect.
+//! `xdplb reload`: ask the running controller to reload its file and wait
+//! for its verdict, so a script, or systemd's `ExecReload=`, knows whether
+//! the new file is in effect. The request goes over the runtime socket; a
+//! controller without one (an older version, during an upgrade) gets SIGHUP
+//! and its verdict is read from the status file.
 
 use std::{
     path::Path,
@@ -9,7 +11,10 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::status::{self, Status};
+use crate::{
+    runtime::{self, Request, Response},
+    status::{self, Status},
+};
 
 /// How a reload ended.
 pub enum Verdict {
@@ -19,8 +24,21 @@ pub enum Verdict {
     Rejected { generation: u64, errors: Vec<String> },
 }
 
-/// Signals the controller of `iface` and waits up to `timeout` for the result.
+/// Asks the controller of `iface` to reload and waits up to `timeout` for the result.
 pub fn reload(state_dir: &Path, iface: &str, timeout: Duration) -> Result<Verdict> {
+    if !runtime::has_socket(state_dir, iface) {
+        return reload_by_signal(state_dir, iface, timeout);
+    }
+    match runtime::call(state_dir, iface, &Request::Reload, timeout)? {
+        Response::Applied { generation, changes } => Ok(Verdict::Applied { generation, changes }),
+        Response::Rejected { generation, errors } => Ok(Verdict::Rejected { generation, errors }),
+        Response::Error { error } => bail!("{error}"),
+        other => bail!("unexpected answer from the controller: {other:?}"),
+    }
+}
+
+/// SIGHUP, and the verdict from the status file.
+fn reload_by_signal(state_dir: &Path, iface: &str, timeout: Duration) -> Result<Verdict> {
     let before = status::read(state_dir, iface)?;
     if !status::pid_alive(before.pid) {
         bail!(

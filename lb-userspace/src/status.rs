@@ -67,17 +67,22 @@ pub struct VipStatus {
     pub packets_per_second: f64,
     pub bits_per_second: f64,
     pub backends: Vec<BackendStatus>,
+    /// How new flows are placed: `maglev five-tuple` or `maglev source-ip`.
+    #[serde(default)]
+    pub scheduler: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackendStatus {
     pub address: String,
     pub port: u16,
+    /// The weight in effect: the file's, or a runtime override's.
     pub weight: u32,
     /// up or down, from the health checker.
     pub health: String,
     /// active (new and existing flows), draining (existing only), down, or
-    /// unresolved (no next-hop MAC), sorry (the fallback server).
+    /// unresolved (no next-hop MAC), sorry (the fallback server), maint (no
+    /// traffic by a runtime override, checks go on).
     pub state: String,
     pub last_check: String,
     /// Health changes seen by the checker.
@@ -86,8 +91,21 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub packets_per_second: f64,
+    #[serde(default)]
+    pub bits_per_second: f64,
     /// Flows in the connection table that point to this backend.
     pub flows: u64,
+    /// The weight the file gives it.
+    #[serde(default)]
+    pub configured_weight: u32,
+    /// The runtime override in force (`weight 5 (file: 1)`, `drain`,
+    /// `maint`), empty when none: set by `xdplb set weight|drain|maint`.
+    #[serde(default)]
+    pub r#override: String,
+    /// When this controller saw the backend enter its current `state` (for a
+    /// state it found at start: when it started); 0 when not known.
+    #[serde(default)]
+    pub state_since_unix_ms: u64,
 }
 
 /// A status read straight from a pinned dataplane, for when no controller
@@ -180,7 +198,8 @@ pub fn only_running(state_dir: &Path) -> Result<String> {
     if let Ok(entries) = std::fs::read_dir(state_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(iface) = name.strip_suffix(".json") {
+            // IFACE.overrides.json holds the runtime overrides (see `runtime`), not a status.
+            if let Some(iface) = name.strip_suffix(".json").filter(|_| !name.ends_with(".overrides.json")) {
                 found.push(iface.to_string());
             }
         }
@@ -208,6 +227,37 @@ fn si(v: f64) -> String {
     }
 }
 
+/// A table as `status` and `show` draw them: no borders, columns two
+/// spaces apart, each as wide as its widest cell (a full IPv6 address too).
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    t
+}
+
+/// Right-aligns the numeric columns of `t`.
+pub fn align_right(t: &mut comfy_table::Table, columns: &[usize]) {
+    for &i in columns {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+}
+
+/// A backend as operators write it: `198.18.0.11`, `[2001:db8::11]:8080`.
+pub fn backend_text(b: &BackendStatus) -> String {
+    match b.address.parse::<std::net::IpAddr>() {
+        Ok(a) => crate::desired::fmt_backend(a, b.port),
+        Err(_) if b.port != 0 => format!("{}:{}", b.address, b.port),
+        Err(_) => b.address.clone(),
+    }
+}
+
 /// The table `xdplb status` prints.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
@@ -232,10 +282,10 @@ pub fn render(s: &Status) -> String {
     for v in &s.vips {
         let _ = writeln!(
             o,
-            "\nVIP {} {}:{}/{} {}  {} pkts {} bytes  {} pkt/s {}bit/s",
+            "\nVIP {} {}/{} {}  {} pkts {} bytes  {} pkt/s {}bit/s",
             v.name,
-            v.address,
-            v.port,
+            // [2001:db8::1]:80, as a backend with a port is written.
+            backend_text(&BackendStatus { address: v.address.clone(), port: v.port, ..Default::default() }),
             v.protocol,
             v.forwarding,
             v.packets,
@@ -243,26 +293,36 @@ pub fn render(s: &Status) -> String {
             si(v.packets_per_second),
             si(v.bits_per_second)
         );
-        let _ = writeln!(
-            o,
-            "  {:<28} {:>6} {:<6} {:<10} {:>12} {:>14} {:>9} {:>7}  last check",
-            "backend", "weight", "health", "state", "packets", "bytes", "pkt/s", "flows"
-        );
+        let mut t = table(&[
+            "backend",
+            "weight",
+            "health",
+            "state",
+            "override",
+            "packets",
+            "bytes",
+            "pkt/s",
+            "flows",
+            "last check",
+        ]);
         for b in &v.backends {
-            let addr = if b.port != 0 { format!("{}:{}", b.address, b.port) } else { b.address.clone() };
-            let _ = writeln!(
-                o,
-                "  {:<28} {:>6} {:<6} {:<10} {:>12} {:>14} {:>9} {:>7}  {}",
-                addr,
-                b.weight,
-                b.health,
-                b.state,
-                b.packets,
-                b.bytes,
+            let row: [String; 10] = [
+                backend_text(b),
+                b.weight.to_string(),
+                b.health.clone(),
+                b.state.clone(),
+                b.r#override.clone(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
                 si(b.packets_per_second),
-                b.flows,
-                b.last_check
-            );
+                b.flows.to_string(),
+                b.last_check.clone(),
+            ];
+            t.add_row(row);
+        }
+        align_right(&mut t, &[1, 5, 6, 7, 8]);
+        for line in t.lines() {
+            let _ = writeln!(o, "  {}", line.trim_end());
         }
     }
     if !s.dns.is_empty() {

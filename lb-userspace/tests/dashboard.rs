@@ -1,12 +1,12 @@
 //! The Grafana dashboard the package installs only queries metrics and
 //! labels that `/metrics` really exports: renaming a metric or a label in
-//! metrics.rs without updating packaging/grafana-dashboard.json fails here.
+//! web/metrics.rs without updating packaging/grafana-dashboard.json fails here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_userspace::{
-    metrics,
     status::{BackendStatus, Status, VipStatus},
+    web::metrics,
 };
 use serde_json::Value;
 

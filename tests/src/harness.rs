@@ -4,16 +4,21 @@
 
 use std::net::IpAddr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun as _, TestRunOptions},
+};
 use lb_common::{
     flow_hash,
     maps::{CFG_NAT, LbConfig, VipKey, programs},
     reasons,
+    trace::{TraceConfig, TraceEvent},
 };
 use lb_userspace::{
     addr,
     dataplane::{Dataplane, MapSizes},
     reconcile::{BackendSpec, Forwarding, HashMode, Reconciler, VipSpec},
+    trace,
 };
 
 use crate::packets::{L4, LB_MAC};
@@ -128,6 +133,13 @@ impl Engine {
     /// The backend (its index in `spec.backends`) that Maglev assigns to a new
     /// flow, computed in userspace from the table in the kernel.
     pub fn predicted_backend(&self, spec: &VipSpec, src: IpAddr, sport: u16) -> usize {
+        let (_, _, id) = self.maglev_choice(spec, src, sport);
+        self.backend_index(spec, id).expect("slot holds one of the VIP's backends")
+    }
+
+    /// For a new flow, computed in userspace: its hash, its slot in the
+    /// VIP's Maglev table, and the backend id in that slot.
+    pub fn maglev_choice(&self, spec: &VipSpec, src: IpAddr, sport: u16) -> (u32, u32, u32) {
         let key: VipKey = spec.key();
         let meta = self.reconciler.vip_meta(&key).expect("VIP applied");
         let (s, d) = (addr::words(src), addr::words(spec.addr));
@@ -135,9 +147,25 @@ impl Engine {
             HashMode::FiveTuple => flow_hash::five_tuple(&s, &d, sport.to_be(), spec.port.to_be(), spec.protocol),
             HashMode::SourceIp => flow_hash::source_ip(&s),
         };
-        let slot = meta.ring_offset + hash % meta.ring_size;
-        let id = self.dp.read_pool(slot, 1)[0];
-        self.backend_index(spec, id).expect("slot holds one of the VIP's backends")
+        let index = hash % meta.ring_size;
+        (hash, index, self.dp.read_pool(meta.ring_offset + index, 1)[0])
+    }
+
+    /// Loads the traced balancer and turns tracing on, with `filter`, until
+    /// a minute from now; returns the reader of its ring buffer.
+    pub fn start_trace(&mut self, filter: &trace::Filter) -> RingBuf<MapData> {
+        self.dp.load_traced().expect("the traced balancer loads and verifies");
+        self.set_trace(filter.config(trace::monotonic_ns() + 60_000_000_000, std::process::id()));
+        self.dp.take_trace_events().expect("TRACE_EVENTS is a ring buffer")
+    }
+
+    pub fn set_trace(&mut self, cfg: TraceConfig) {
+        self.dp.set_trace_config(&cfg).expect("TRACE_CONFIG writable");
+    }
+
+    /// Runs the traced balancer (loaded by `start_trace`).
+    pub fn run_traced(&mut self, frame: &[u8]) -> Outcome {
+        self.run_program(programs::TRACED, frame)
     }
 
     /// Index in `spec.backends` of backend id `id`.
@@ -150,6 +178,16 @@ impl Default for Engine {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Every record in the trace ring buffer: the event and its frame bytes.
+pub fn trace_events(ring: &mut RingBuf<MapData>) -> Vec<(TraceEvent, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        let (e, frame) = trace::parse_record(&item).expect("a whole record");
+        out.push((e, frame.to_vec()));
+    }
+    out
 }
 
 /// Index of the backend whose MAC a transmitted frame is addressed to.

@@ -260,6 +260,9 @@ impl Cluster {
                         b.ip(&format!("addr add {v4}/32 dev lo"));
                         b.ip(&format!("addr add {v6}/128 dev lo"));
                     }
+                    // ...and answer no ARP for it (LVS-DR's rule; `xdplb doctor --backend` checks it).
+                    b.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+                    b.sysctl("net.ipv4.conf.all.arp_announce", "2");
                 }
             }
             Some(arms) => {

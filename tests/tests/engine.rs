@@ -4,10 +4,21 @@
 
 use std::net::IpAddr;
 
-use lb_common::{maps::programs, reasons};
-use lb_userspace::reconcile::{Forwarding, HashMode, VipSpec};
+use lb_common::{
+    maps::programs,
+    reasons,
+    trace::{
+        TRACE_F_BACKEND, TRACE_F_FLOW, TRACE_F_MAGLEV, TRACE_F_NAT_REPLY, TRACE_F_VIP, TRACE_F_VIP_ADDR, TRACE_NONE,
+        TRACE_SNAPLEN,
+    },
+};
+use lb_userspace::{
+    addr,
+    reconcile::{Forwarding, HashMode, VipSpec},
+    trace,
+};
 use tests::{
-    harness::{Engine, MTU, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of, vip},
+    harness::{Engine, MTU, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of, trace_events, vip},
     packets::{self, L4, LB_MAC, frame},
 };
 
@@ -683,4 +694,141 @@ fn a_failed_apply_gives_back_what_it_took() {
     assert_eq!(e.run(&frame(L4::Tcp, client(false, 1), 1000, a.addr, 80)).action, XDP_TX);
     e.apply(&[a.clone(), b.clone()]);
     assert_eq!(e.run(&frame(L4::Tcp, client(false, 1), 1000, b.addr, 80)).action, XDP_TX);
+}
+
+/// The traced balancer (`xdplb trace`) forwards exactly as the untraced one
+/// and reports each packet: the decision, and the frame as it left XDP.
+#[test]
+fn trace_reports_the_decision_and_the_frame_as_it_left() {
+    for (v6, fwd) in
+        [(false, Forwarding::Dsr), (true, Forwarding::Dsr), (false, Forwarding::Ipip), (true, Forwarding::Nat)]
+    {
+        let what = format!("v6={v6} {fwd:?}");
+        let mut e = Engine::new();
+        let s = if fwd == Forwarding::Nat { nat_spec(v6, L4::Tcp) } else { spec(v6, L4::Tcp, fwd) };
+        e.apply(std::slice::from_ref(&s));
+        let mut ring = e.start_trace(&trace::Filter::default());
+        let src = client(v6, 5);
+        let input = frame(L4::Tcp, src, 42_000, s.addr, s.port);
+        let out = e.run_traced(&input);
+        assert_eq!(out.action, XDP_TX, "{what}");
+        let (hash, slot, id) = e.maglev_choice(&s, src, 42_000);
+        let b = e.backend_index(&s, id).unwrap();
+        assert_eq!(backend_of(&out.frame), b, "{what}: the traced program forwards as the balancer does");
+
+        let events = trace_events(&mut ring);
+        assert_eq!(events.len(), 1, "{what}: one event per packet");
+        let (ev, bytes) = &events[0];
+        let f = TRACE_F_FLOW | TRACE_F_VIP | TRACE_F_MAGLEV | TRACE_F_BACKEND;
+        assert_eq!(ev.flags, f, "{what}: flags");
+        assert_eq!((ev.action, ev.reason, ev.conntrack), (XDP_TX, reasons::TX, reasons::CONNTRACK_MISS), "{what}");
+        assert_eq!((ev.flow.src, ev.flow.dst), (addr::words(src), addr::words(s.addr)), "{what}: flow as it came in");
+        assert_eq!((ev.flow.sport, ev.flow.dport), (42_000u16.to_be(), s.port.to_be()));
+        assert_eq!(ev.tcp_flags, input[if v6 { 54 } else { 34 } + 13]);
+        assert_eq!((ev.vip_addr, ev.vip_port), (addr::words(s.addr), s.port.to_be()), "{what}: the VIP");
+        assert_eq!(ev.forwarding as u32, fwd as u32, "{what}");
+        assert_eq!(
+            (ev.hash, ev.maglev_slot),
+            (hash, slot),
+            "{what}: Maglev's hash and slot, as userspace computes them"
+        );
+        assert_eq!(ev.backend_id, id, "{what}: the backend in that slot");
+        assert_eq!(ev.backend_addr, addr::words(s.backends[b].addr), "{what}: its address");
+        assert_eq!(ev.backend_port, s.backends[b].port.to_be());
+        assert_eq!(ev.frame_len as usize, out.frame.len(), "{what}: frame length as it left");
+        assert_eq!(ev.cap_len as usize, out.frame.len().min(TRACE_SNAPLEN));
+        assert_eq!(bytes[..], out.frame[..ev.cap_len as usize], "{what}: the frame bytes as they left XDP");
+
+        // The same flow again: the connection table answers, Maglev is not asked.
+        let again = e.run_traced(&input);
+        assert_eq!(again.frame, out.frame, "{what}");
+        let events = trace_events(&mut ring);
+        let (ev, _) = &events[0];
+        assert_eq!((ev.conntrack, ev.flags), (reasons::CONNTRACK_HIT, TRACE_F_FLOW | TRACE_F_VIP | TRACE_F_BACKEND));
+        assert_eq!((ev.backend_id, ev.maglev_slot), (id, TRACE_NONE), "{what}");
+
+        if fwd == Forwarding::Nat {
+            // The backend's reply: translated back to the VIP, reported as such.
+            let reply = reply_to(&input, s.backends[b].addr, 8080, src, 42_000, L4::Tcp, backend_mac(b));
+            let back = e.run_traced(&reply);
+            assert_eq!(back.action, XDP_TX);
+            let events = trace_events(&mut ring);
+            let (ev, bytes) = &events[0];
+            assert_eq!(ev.flags, TRACE_F_FLOW | TRACE_F_NAT_REPLY, "{what}: a NAT reply");
+            assert_eq!(
+                (ev.vip_addr, ev.vip_port, ev.reason),
+                (addr::words(s.addr), s.port.to_be(), reasons::NAT_REPLY)
+            );
+            assert_eq!(bytes[..], back.frame[..], "{what}: the translated reply");
+        }
+        // Not for a VIP: passed untouched, and said so.
+        let other = frame(L4::Tcp, src, 42_000, if v6 { "2001:db8::200" } else { "198.18.0.200" }.parse().unwrap(), 80);
+        assert_eq!(e.run_traced(&other).action, XDP_PASS);
+        let events = trace_events(&mut ring);
+        let (ev, bytes) = &events[0];
+        assert_eq!((ev.flags, ev.action, ev.reason), (TRACE_F_FLOW, XDP_PASS, reasons::PASS_NOT_VIP), "{what}");
+        assert_eq!((ev.backend_id, ev.conntrack), (TRACE_NONE, TRACE_NONE));
+        assert_eq!(bytes[..], other[..]);
+        // Each packet still counts exactly one outcome.
+        let r = e.reasons();
+        let nat_reply = if fwd == Forwarding::Nat { 1 } else { 0 };
+        assert_eq!((r[reasons::TX as usize], r[reasons::PASS_NOT_VIP as usize]), (2, 1), "{what}");
+        assert_eq!(r[reasons::NAT_REPLY as usize], nat_reply);
+        assert_eq!(e.dp.trace_lost().unwrap(), 0);
+    }
+}
+
+/// Frames longer than the snapshot length are cut, their length kept; the
+/// VIP and client filters, the deadline, and the untraced balancer: no event.
+#[test]
+fn trace_filters_cuts_and_stops_at_its_deadline() {
+    let mut e = Engine::new();
+    let s = spec(false, L4::Udp, Forwarding::Dsr);
+    let other = vip("other", "198.18.0.101", 53, L4::Udp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(&[s.clone(), other.clone()]);
+    let (c1, c2) = (client(false, 1), client(false, 2));
+    let filter = trace::Filter { vip: Some((s.addr, 53)), client: Some(c1) };
+    let mut ring = e.start_trace(&filter);
+    let (IpAddr::V4(from), IpAddr::V4(to)) = (c1, s.addr) else { unreachable!() };
+    let mut big = Vec::new();
+    etherparse::PacketBuilder::ethernet2(packets::CLIENT_MAC, LB_MAC)
+        .ipv4(from.octets(), to.octets(), 64)
+        .udp(1000, 53)
+        .write(&mut big, &[0x5a; 600])
+        .unwrap();
+    let out = e.run_traced(&big);
+    assert_eq!(out.action, XDP_TX);
+    let events = trace_events(&mut ring);
+    assert_eq!(events.len(), 1);
+    let (ev, bytes) = &events[0];
+    assert_eq!((ev.frame_len as usize, ev.cap_len as usize), (big.len(), TRACE_SNAPLEN), "cut, length kept");
+    assert_eq!(bytes[..], out.frame[..TRACE_SNAPLEN]);
+
+    for (what, pkt) in [
+        ("another client", frame(L4::Udp, c2, 1000, s.addr, 53)),
+        ("another VIP", frame(L4::Udp, c1, 1000, other.addr, 53)),
+        ("the VIP address, another port", frame(L4::Udp, c1, 1000, s.addr, 54)),
+    ] {
+        e.run_traced(&pkt);
+        assert!(trace_events(&mut ring).is_empty(), "{what}: filtered out in the kernel");
+    }
+    // The VIP's address alone matches any port, fragments to it too.
+    let by_address = trace::Filter { vip: Some((s.addr, 0)), client: None };
+    e.set_trace(by_address.config(trace::monotonic_ns() + 60_000_000_000, 1));
+    let fragment = packets::as_ipv4_fragment(&frame(L4::Udp, c2, 1000, s.addr, 53), 0x2000);
+    assert_eq!(e.run_traced(&fragment).action, XDP_DROP);
+    let events = trace_events(&mut ring);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].0.flags, events[0].0.reason), (TRACE_F_VIP_ADDR, reasons::DROP_FRAGMENT));
+
+    // The untraced balancer never writes an event, tracing on or not.
+    e.set_trace(filter.config(trace::monotonic_ns() + 60_000_000_000, 1));
+    assert_eq!(e.run(&big).action, XDP_TX);
+    assert!(trace_events(&mut ring).is_empty(), "the attached balancer does not trace");
+    // A deadline in the past (a killed `xdplb trace`), or none: nothing.
+    for deadline in [trace::monotonic_ns() - 1_000_000_000, 0] {
+        e.set_trace(filter.config(deadline, 1));
+        assert_eq!(e.run_traced(&big).action, XDP_TX);
+        assert!(trace_events(&mut ring).is_empty(), "deadline {deadline}");
+    }
 }

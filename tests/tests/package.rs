@@ -1,7 +1,7 @@
 //! The Debian package as an operator gets it: installed with dpkg into a
 //! clean root, its files checked, and its unit's own command run the way
 //! systemd runs it: the unit's capability bounding set and environment, a
-//! NOTIFY_SOCKET, SIGHUP for `systemctl reload`, SIGTERM for `systemctl stop`.
+//! NOTIFY_SOCKET, ExecReload for `systemctl reload`, SIGTERM for `systemctl stop`.
 //!
 //! The package is target/debian/xdplb_VERSION_ARCH.deb from
 //! `cargo xtask deb --debug` (`cargo xtask test` builds it and passes its
@@ -495,8 +495,8 @@ fn the_unit_starts_reloads_restarts_and_stops_with_only_its_capabilities() {
         );
     }
 
-    // `systemctl reload`: ExecReload (`xdplb reload`) sends SIGHUP and waits for the
-    // verdict; xdplb also says RELOADING=1, then READY=1.
+    // `systemctl reload`: ExecReload (`xdplb reload`) asks over the runtime socket
+    // and waits for the verdict; xdplb also says RELOADING=1, then READY=1.
     let before = monotonic_usec();
     let out = xdplb.exec_reload(&pkg, &ns);
     let said = String::from_utf8_lossy(&out.stdout);
@@ -511,7 +511,7 @@ fn the_unit_starts_reloads_restarts_and_stops_with_only_its_capabilities() {
     assert!(
         wait_until(WAIT, || std::fs::read_to_string(&xdplb.log)
             .unwrap_or_default()
-            .contains("reload (SIGHUP) applied")),
+            .contains("reload (xdplb reload) applied")),
         "{}",
         xdplb.log()
     );

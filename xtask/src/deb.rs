@@ -214,7 +214,8 @@ fn control(stage: &Path, arch: &str) -> Result<String> {
     writeln!(c, "Installed-Size: {kib}")?;
     // What the binary links (ldd): glibc 2.34+ (merged libpthread) and libgcc_s for unwinding.
     writeln!(c, "Depends: libc6 (>= 2.34), libgcc-s1")?;
-    writeln!(c, "Recommends: bpftool")?;
+    // `xdplb doctor` (and the start-up checks of `xdplb run`) read `ip -j` and `ethtool -k`.
+    writeln!(c, "Recommends: bpftool, iproute2, ethtool")?;
     writeln!(c, "Section: net")?;
     writeln!(c, "Priority: optional")?;
     writeln!(c, "Description: {DESCRIPTION}")?;

@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "iperf3",
     "fonts-dejavu-core",
+    // Headless browser of the status page test (tests/tests/status_page.rs).
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

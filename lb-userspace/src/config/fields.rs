@@ -332,7 +332,8 @@ impl<'f> Fields<'f> {
             }
         });
         let address = self.required(&m, at, "address", |s| {
-            s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))
+            let a = s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address"))?;
+            unicast(a, "a VIP")
         });
         let port = self.required(&m, at, "port", parse_port);
         let protocol = self
@@ -447,6 +448,7 @@ impl<'f> Fields<'f> {
             let sm = self.map(n, &path, &["address", "port"])?;
             let address = self.required(&sm, n.pos, "address", |s| {
                 let a = s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address"))?;
+                let a = unicast(a, "a sorry server")?;
                 match vip {
                     Some(v) if v.is_ipv4() != a.is_ipv4() => Err(format!("{a} is not of the VIP's address family")),
                     _ => Ok(a),
@@ -475,7 +477,7 @@ impl<'f> Fields<'f> {
     fn backend(&mut self, node: &Node, path: &str, forwarding: Forwarding) -> Option<Backend> {
         let m = self.map(node, path, &["address", "port", "weight"])?;
         let address = self.required(&m, node.pos, "address", |s| match s.parse::<IpAddr>() {
-            Ok(a) => Ok(Ok(a)),
+            Ok(a) => unicast(a, "a backend").map(Ok),
             Err(_) => match parse_dns_name(s) {
                 Ok(()) => Ok(Err(s.trim_end_matches('.').to_ascii_lowercase())),
                 Err(_) => Err(format!("`{s}` is not an IPv4 or IPv6 address or a DNS name")),
@@ -591,7 +593,19 @@ impl<'f> Fields<'f> {
                     }
                     Some(n) => match &n.value {
                         Value::Seq(items) if !items.is_empty() => {
-                            items.iter().filter_map(scalar).map(str::to_string).collect()
+                            let argv: Vec<String> = items.iter().filter_map(scalar).map(str::to_string).collect();
+                            // Checks run with a cleared environment: no PATH lookup decides what runs.
+                            if argv.len() != items.len() || !argv[0].starts_with('/') {
+                                self.error(
+                                    items[0].pos,
+                                    &m.path("command"),
+                                    format!(
+                                        "must be a list of words starting with an absolute path (e.g. [/bin/sh, -c, \"...\"]), not `{}`",
+                                        argv.first().map_or("", String::as_str)
+                                    ),
+                                );
+                            }
+                            argv
                         }
                         _ => {
                             self.error(n.pos, &m.path("command"), "must be a non-empty list: [program, args...]");
@@ -700,6 +714,26 @@ fn read_ca_file(s: &str) -> Result<CaFile, String> {
         return Err(format!("{s} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
     }
     Ok(CaFile { path, pem })
+}
+
+/// An address that can be a VIP or a server: one host, reachable on a
+/// network. 0.0.0.0, broadcast, multicast and loopback addresses cannot.
+fn unicast(a: IpAddr, what: &str) -> Result<IpAddr, String> {
+    let why = match a {
+        IpAddr::V4(v) if v.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(v) if v.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v) if v.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v) if v.is_loopback() => Some("a loopback address (this host only)"),
+        IpAddr::V6(v) if v.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v) if v.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v) if v.is_loopback() => Some("a loopback address (this host only)"),
+        IpAddr::V6(v) if v.to_ipv4_mapped().is_some() => Some("an IPv4-mapped address (write the IPv4 address)"),
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(format!("{a} cannot be {what}: it is {why}")),
+        None => Ok(a),
+    }
 }
 
 /// `0a0d ff`: pairs of hex digits, spaces allowed between them.

@@ -250,3 +250,41 @@ fn backends_by_name_and_resolvers() {
             .to_string();
     assert!(e.contains("`198.18.0.999` is not an IPv4 or IPv6 address or a DNS name"), "{e}");
 }
+
+#[test]
+fn addresses_that_cannot_be_a_vip_or_a_server_are_rejected() {
+    let cases = [
+        ("0.0.0.0", "198.18.0.11", "vips[0].address: 0.0.0.0 cannot be a VIP: it is the unspecified address"),
+        ("255.255.255.255", "198.18.0.11", "it is the broadcast address"),
+        ("224.0.0.1", "198.18.0.11", "224.0.0.1 cannot be a VIP: it is a multicast address"),
+        (
+            "198.18.100.1",
+            "127.0.0.1",
+            "vips[0].backends[0].address: 127.0.0.1 cannot be a backend: it is a loopback address",
+        ),
+        ("2001:db8:100::1", "::", ":: cannot be a backend: it is the unspecified address"),
+        ("ff02::1", "2001:db8::11", "ff02::1 cannot be a VIP: it is a multicast address"),
+        ("::ffff:198.18.100.1", "2001:db8::11", "it is an IPv4-mapped address (write the IPv4 address)"),
+    ];
+    for (vip, backend, want) in cases {
+        let text =
+            format!("vips:\n  - {{name: w, address: \"{vip}\", port: 80, backends: [{{address: \"{backend}\"}}]}}\n");
+        let e = parse("c.yaml", &text).unwrap_err().to_string();
+        assert!(e.contains(want), "{vip} / {backend}: {e}");
+    }
+    let sorry = "vips:\n  - {name: w, address: 198.18.100.1, port: 80, backends: [{address: 198.18.0.11}], on_all_down: sorry_server, sorry_server: {address: 127.0.0.1}}\n";
+    assert!(parse("c.yaml", sorry).unwrap_err().to_string().contains("127.0.0.1 cannot be a sorry server"));
+}
+
+#[test]
+fn exec_commands_start_with_an_absolute_path() {
+    let e = one_check("{type: exec, command: [check.sh, --fast]}").unwrap_err().to_string();
+    assert!(
+        e.contains("health_check.command: must be a list of words starting with an absolute path")
+            && e.contains("`check.sh`"),
+        "{e}"
+    );
+    let e = one_check("{type: exec, command: [/bin/check, [nested]]}").unwrap_err().to_string();
+    assert!(e.contains("must be a list of words"), "{e}");
+    assert!(one_check("{type: exec, command: [/bin/true]}").is_ok());
+}

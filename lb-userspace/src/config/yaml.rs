@@ -108,15 +108,46 @@ impl MarkedEventReceiver for Builder {
     }
 }
 
-/// Parses one YAML document. An empty document is an empty mapping.
+/// How deep mappings and lists may nest: a configuration needs 5 levels; a
+/// hostile file of 25,000 nested lists must be an error, not a stack overflow.
+pub const MAX_DEPTH: usize = 64;
+/// How large a configuration file may be (1,000 VIPs × 100 backends is about 6 MiB).
+pub const MAX_BYTES: usize = 32 << 20;
+
+/// Parses one YAML document. An empty document is an empty mapping. More
+/// than one document, nesting deeper than MAX_DEPTH or a text larger than
+/// MAX_BYTES is an error at the position where it happens.
 pub fn parse(text: &str) -> Result<Node, (Pos, String)> {
+    if text.len() > MAX_BYTES {
+        return Err((Pos { line: 1, col: 1 }, format!("the file is larger than {} MiB", MAX_BYTES >> 20)));
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
-        return Err((Pos::from(*e.marker()), e.info().to_string()));
-    }
-    if let Some(err) = builder.error {
-        return Err(err);
+    let mut documents = 0;
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| (Pos::from(*e.marker()), e.info().to_string()))?;
+        match event {
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                documents += 1;
+                if documents > 1 {
+                    return Err((
+                        Pos::from(mark),
+                        "a second YAML document (after `---`): xdplb reads exactly one; \
+                         remove the `---` line or split the file"
+                            .into(),
+                    ));
+                }
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) if builder.stack.len() >= MAX_DEPTH => {
+                return Err((Pos::from(mark), format!("nested more than {MAX_DEPTH} levels deep")));
+            }
+            _ => {}
+        }
+        builder.on_event(event, mark);
+        if let Some(err) = builder.error.take() {
+            return Err(err);
+        }
     }
     Ok(builder.root.unwrap_or(Node { value: Value::Map(Vec::new()), pos: Pos { line: 1, col: 1 } }))
 }
@@ -134,6 +165,21 @@ mod tests {
         let Value::Map(item) = &items[0].value else { panic!() };
         assert_eq!((item[1].0.as_str(), item[1].1), ("y", Pos { line: 4, col: 5 }));
         assert_eq!(item[1].2.pos, Pos { line: 4, col: 8 });
+    }
+
+    #[test]
+    fn hostile_shapes_are_positioned_errors() {
+        let deep = "- ".repeat(25_000) + "x\n";
+        let (pos, msg) = parse(&deep).unwrap_err();
+        assert_eq!((pos.line, msg.as_str()), (1, "nested more than 64 levels deep"));
+        let flow = format!("a: {}{}", "[".repeat(25_000), "]".repeat(25_000));
+        assert!(parse(&flow).is_err());
+        let (pos, msg) = parse("vips: []\n---\nvips: []\n").unwrap_err();
+        assert_eq!(pos.line, 2, "{msg}");
+        assert!(msg.starts_with("a second YAML document"), "{msg}");
+        assert!(parse("---\nvips: []\n...\n").is_ok(), "one explicit document is fine");
+        let big = "#".repeat(MAX_BYTES + 1);
+        assert_eq!(parse(&big).unwrap_err().1, "the file is larger than 32 MiB");
     }
 
     #[test]

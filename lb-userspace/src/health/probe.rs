@@ -103,6 +103,10 @@ impl Drop for KillGroup {
 async fn run_command(command: &[String], target: &Target) -> Result<(), String> {
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
+        // A cleared environment: what the controller was started with (a
+        // systemd unit's, a shell's) never changes what a check does.
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("XDPLB_BACKEND_ADDRESS", target.addr.to_string())
         .env("XDPLB_BACKEND_PORT", target.port.to_string())
         .env("XDPLB_VIP", target.vip.to_string())

@@ -325,6 +325,14 @@ async fn exec_checks_report_the_last_stderr_line_and_get_their_environment() {
         r#"{type: exec, command: ["/bin/sh", "-c", "echo connecting >&2; echo 'ERROR 1045: Access denied' >&2; echo >&2; exit 3"]}"#,
     );
     assert_eq!(check_once(&t).await, Err("/bin/sh exited with exit status: 3: ERROR 1045: Access denied".into()));
+    // Only PATH and the documented variables reach the command.
+    // SAFETY: set_var in a test before any check runs; no other thread reads this variable.
+    unsafe { std::env::set_var("XDPLB_TEST_SECRET", "leaked") };
+    let t = target(
+        80,
+        r#"{type: exec, command: ["/bin/sh", "-c", "test -z \"$XDPLB_TEST_SECRET\" && test -n \"$XDPLB_VIP\" && test -n \"$PATH\""]}"#,
+    );
+    assert_eq!(check_once(&t).await, Ok(()));
     let t = target(80, r#"{type: exec, command: ["/nonexistent/check"]}"#);
     assert!(check_once(&t).await.unwrap_err().starts_with("cannot run /nonexistent/check: "));
 }

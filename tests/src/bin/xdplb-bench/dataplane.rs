@@ -13,7 +13,10 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
-use lb_common::maps::{FAMILY_V4, FlowKey, FlowValue, programs};
+use lb_common::{
+    maps::{FAMILY_V4, FlowKey, FlowValue, programs},
+    trace::TraceConfig,
+};
 use lb_userspace::{addr, dataplane::MapSizes, reconcile::Forwarding};
 use tests::{
     harness::{Engine, XDP_PASS, XDP_TX, vip},
@@ -134,10 +137,52 @@ pub fn run(report: &mut Report, quick: bool) {
         }
     }
 
+    trace(report, &mut e, calls, floor_repeat, floor_call);
     let e = live_frames(report, e, &tcp4);
     let mut e = e;
     nat(report, &mut e, calls, floor_call);
     map_sizes(report, quick, calls);
+}
+
+/// `xdplb trace`, on the established tcp4 dsr flow. Off, the attached
+/// program is the untraced balancer ("tcp4 dsr established" above: its code
+/// is the same as before tracing existed). Here: the traced program with its
+/// deadline passed (what a killed `xdplb trace` leaves in the link until the
+/// controller swaps it back), and tracing on, every packet written to the
+/// ring buffer, which is drained between calls (outside the timed run).
+fn trace(report: &mut Report, e: &mut Engine, calls: usize, floor_repeat: f64, floor_call: f64) {
+    let pkt = frame(L4::Tcp, source(7, false), 40_000, "198.18.0.100".parse().unwrap(), 80);
+    let on = lb_userspace::trace::Filter::default();
+    let mut ring = e.start_trace(&on);
+    e.set_trace(on.config(lb_userspace::trace::monotonic_ns() - 1_000_000_000, std::process::id()));
+    let case = "tcp4 dsr established, traced program, deadline passed";
+    let ns = repeated(e, programs::TRACED, &pkt, XDP_TX);
+    report.add("dataplane", case, "xdplb", "ns_per_packet", ns, "ns");
+    report.add("dataplane", case, "xdplb", "ratio_to_floor", ns / floor_repeat, "x");
+
+    let untraced = per_call(e, programs::BALANCER, std::slice::from_ref(&pkt), calls, XDP_TX);
+    let case = "tcp4 dsr established per-call";
+    report.add("dataplane", case, "xdplb", "ns_per_packet", untraced, "ns");
+    report.add("dataplane", case, "xdplb", "ratio_to_floor", untraced / floor_call, "x");
+    e.set_trace(on.config(lb_userspace::trace::monotonic_ns() + 3_600_000_000_000, std::process::id()));
+    let traced = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let mut total = 0u128;
+                for _ in 0..calls {
+                    let (action, d) = run_once(e, programs::TRACED, &pkt, 1);
+                    assert_eq!(action, XDP_TX);
+                    total += d.as_nanos();
+                    assert_eq!(tests::harness::trace_events(&mut ring).len(), 1, "one event per packet");
+                }
+                total as f64 / calls as f64
+            })
+            .collect(),
+    );
+    let case = "tcp4 dsr established per-call, tracing on";
+    report.add("dataplane", case, "xdplb", "ns_per_packet", traced, "ns");
+    report.add("dataplane", case, "xdplb", "ratio_to_floor", traced / floor_call, "x");
+    e.set_trace(TraceConfig::default());
 }
 
 /// NAT, tcp4: the way in (established and new) and the way back.

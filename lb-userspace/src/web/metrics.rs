@@ -1,18 +1,6 @@
-//! Prometheus text exposition of the status snapshot, served over a minimal
-//! HTTP/1.1 endpoint (GET /metrics).
+//! Prometheus text exposition of the status snapshot (`GET /metrics`).
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
-
-use anyhow::{Context as _, Result};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
-use tracing::warn;
+use std::fmt::Write as _;
 
 use crate::status::Status;
 
@@ -129,36 +117,4 @@ pub fn render(s: &Status) -> String {
         name(&|d| f64::from(u8::from(!d.last_error.is_empty()))),
     );
     o
-}
-
-/// Serves `/metrics` from the shared snapshot until the task is dropped.
-pub async fn serve(listen: SocketAddr, status: Arc<Mutex<Status>>) -> Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen for metrics on {listen}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, peer)) = listener.accept().await else { continue };
-            let status = status.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let (code, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
-                    ("200 OK", render(&status.lock().unwrap()))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let response = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                if let Err(e) = conn.write_all(response.as_bytes()).await {
-                    warn!("metrics: writing to {peer} failed: {e}");
-                }
-            });
-        }
-    });
-    Ok(())
 }
