@@ -217,6 +217,11 @@ impl<'f> Fields<'f> {
             None => Resolvers::default(),
         };
         let mut vips = Vec::new();
+        if m.get("vips").is_none() {
+            // An empty or cut-short file must never read as "no VIPs": every VIP
+            // would be removed. A configuration without VIPs says `vips: []`.
+            self.error(root.pos, "vips", "is required (write `vips: []` for a configuration without VIPs)");
+        }
         if let Some(items) = self.list(&m, "vips") {
             for (i, item) in items.iter().enumerate() {
                 if let Some(v) = self.vip(item, &format!("vips[{i}]")) {

@@ -5,6 +5,7 @@
 //! Nothing here touches the kernel.
 
 mod fields;
+pub mod watch;
 pub mod yaml;
 
 use std::{

@@ -288,3 +288,12 @@ fn exec_commands_start_with_an_absolute_path() {
     assert!(e.contains("must be a list of words"), "{e}");
     assert!(one_check("{type: exec, command: [/bin/true]}").is_ok());
 }
+
+#[test]
+fn vips_is_required_so_an_empty_file_is_no_configuration() {
+    for empty in ["", "\n", "# nothing yet\n", "interface: eth0\n"] {
+        let e = parse("c.yaml", empty).unwrap_err().to_string();
+        assert!(e.contains("c.yaml:1:1: vips: is required (write `vips: []` for a configuration without VIPs)"), "{e}");
+    }
+    assert!(parse("c.yaml", "vips: []\n").unwrap().vips.is_empty());
+}
