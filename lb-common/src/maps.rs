@@ -25,6 +25,11 @@ pub const DEFAULT_MAGLEV_POOL: u32 = 32 * 65_537;
 /// not one syscall per slot.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// The layout version of the pinned maps: bump it on any change to a
+/// `#[repr(C)]` type stored in a map, or to a map's meaning. `xdplb run`
+/// refuses to adopt maps pinned with another version (`xdplb detach` first).
+pub const MAPS_ABI: u32 = 1;
+
 /// Sentinel in a Maglev slot: the VIP has no backend.
 pub const NO_BACKEND: u32 = u32::MAX;
 

@@ -21,11 +21,9 @@ use aya::programs::{
     loaded_programs,
     xdp::{XdpLink, XdpMode},
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{config::XdpModeSetting, dataplane::Dataplane};
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// How a program came to be on the interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,35 +32,6 @@ pub enum Attached {
     New(&'static str),
     /// Swapped into a link pinned by an earlier run.
     Replaced,
-}
-
-/// Makes sure `pin_root` exists on a BPF filesystem, mounting one at
-/// /sys/fs/bpf if that is where it should be and none is mounted.
-pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
-    let is_bpffs = |p: &Path| -> bool {
-        let Ok(c) = CString::new(p.as_os_str().as_bytes()) else { return false };
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC }
-    };
-    let sys_bpf = Path::new("/sys/fs/bpf");
-    if pin_root.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
-        std::fs::create_dir_all(sys_bpf).ok();
-        let (src, dst, fs) = (c"bpf", CString::new("/sys/fs/bpf").unwrap(), c"bpf");
-        if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("mounting a BPF filesystem at /sys/fs/bpf failed");
-        }
-        info!("mounted a BPF filesystem at /sys/fs/bpf");
-    }
-    std::fs::create_dir_all(pin_root)
-        .with_context(|| format!("creating the pin directory {} failed", pin_root.display()))?;
-    if !is_bpffs(pin_root) {
-        bail!(
-            "{} is not on a BPF filesystem, so pinned maps would not survive a restart; \
-             mount one (mount -t bpf bpf DIR) and pass --pin-root DIR",
-            pin_root.display()
-        );
-    }
-    Ok(())
 }
 
 /// Attaches `program` to `iface`, or swaps it into the link pinned at

@@ -123,7 +123,8 @@ pub struct Dataplane {
     trace_lost: PerCpuArray<MapData, u64>,
 }
 
-const ALL_MAPS: &[&str] = &[
+/// Every map pinned in the pin directory (see `pins`).
+pub const PINNED_MAPS: &[&str] = &[
     names::VIPS,
     names::VIP_ADDRS,
     names::BACKENDS,
@@ -141,6 +142,21 @@ const ALL_MAPS: &[&str] = &[
     // whose `xdplb trace` died. Its ring buffer is each process's own.
     names::TRACE_CONFIG,
 ];
+
+/// The maps whose capacity `sizes` sets, and that capacity.
+pub fn sized_maps(sizes: MapSizes) -> [(&'static str, u32); 9] {
+    [
+        (names::VIPS, sizes.max_vips),
+        (names::VIP_ADDRS, sizes.max_vips),
+        (names::VIP_STATS, sizes.max_vips),
+        (names::BACKENDS, sizes.max_backends),
+        (names::BACKEND_STATS, sizes.max_backends),
+        (names::FLOWS, sizes.conntrack),
+        (names::MAGLEV_POOL, sizes.maglev_pool),
+        (names::NAT_FLOWS, sizes.nat_table),
+        (names::NAT_REVERSE, sizes.nat_table),
+    ]
+}
 
 /// Sizes of maps already pinned in `dir`, if there are any.
 fn pinned_sizes(dir: &Path) -> Option<MapSizes> {
@@ -203,22 +219,16 @@ impl Dataplane {
         };
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> = match pin_dir {
-            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            Some(dir) => PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        for (name, entries) in sized_maps(sizes) {
+            loader.map_max_entries(name, entries);
+        }
         let mut ebpf = loader
-            .map_max_entries(names::VIPS, sizes.max_vips)
-            .map_max_entries(names::VIP_ADDRS, sizes.max_vips)
-            .map_max_entries(names::VIP_STATS, sizes.max_vips)
-            .map_max_entries(names::BACKENDS, sizes.max_backends)
-            .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
-            .map_max_entries(names::FLOWS, sizes.conntrack)
-            .map_max_entries(names::MAGLEV_POOL, sizes.maglev_pool)
-            .map_max_entries(names::NAT_FLOWS, sizes.nat_table)
-            .map_max_entries(names::NAT_REVERSE, sizes.nat_table)
             .map_max_entries(names::TRACE_EVENTS, trace_ring)
             .load(crate::EBPF_OBJECT)
             .context(
@@ -348,12 +358,14 @@ impl Dataplane {
 
     /// Number of tracked flows (walks the table).
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(|k| k.is_ok()).count()
+        self.flows.keys().filter(|k| k.is_ok()).take(self.sizes.conntrack as usize).count()
     }
 
     /// Every tracked flow and its backend.
+    /// A walk restarts from the first key when the program deletes the one
+    /// it stands on, so it can see a flow twice: it stops at the table's capacity.
     pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.flows.iter().filter_map(|kv| kv.ok()).collect()
+        self.flows.iter().filter_map(|kv| kv.ok()).take(self.sizes.conntrack as usize).collect()
     }
 
     /// Where NAT sends packets: the client-facing and backend-facing interfaces.
@@ -382,6 +394,22 @@ impl Dataplane {
 
     pub fn remove_nat_reply(&mut self, key: &FlowKey) {
         let _ = self.nat_reverse.remove(key);
+    }
+
+    /// Handles of their own to the maps the whole-table walks read, for a
+    /// blocking thread (see `walks`).
+    pub fn walk_maps(&self) -> Result<crate::walks::WalkMaps> {
+        use crate::walks::{dup_map, dup_map_data};
+        use aya::maps::IterableMap as _;
+        Ok(crate::walks::WalkMaps {
+            flows: dup_map_data(self.flows.map())?,
+            conntrack: self.sizes.conntrack,
+            nat: crate::walks::NatMaps {
+                nat_flows: HashMap::try_from(dup_map(self.nat_flows.map())?)?,
+                nat_reverse: HashMap::try_from(dup_map(self.nat_reverse.map())?)?,
+                backends: Array::try_from(dup_map(self.backends.map())?)?,
+            },
+        })
     }
 
     /// Packets per reason (see `lb_common::reasons`), summed over CPUs.

@@ -7,9 +7,14 @@ use std::{
     net::IpAddr,
 };
 
+use lb_common::maps::{CFG_NAT, DEFAULT_MAGLEV_POOL, LbConfig};
+
 use crate::{
+    addr,
     config::{BackendConfig, Config, OnAllDown, VipConfig},
+    dataplane::MapSizes,
     dns::NameState,
+    health,
     reconcile::{BackendSpec, Forwarding, VipSpec},
 };
 
@@ -209,7 +214,7 @@ pub fn prune_overrides(overrides: &mut Overrides, config: &Config) -> Vec<String
 #[derive(Default, Clone, Debug)]
 pub struct Observed {
     /// Health by backend; absent means down.
-    pub healthy: HashMap<BackendRef, bool>,
+    pub healthy: HashMap<health::Key, bool>,
     /// MAC of the next hop toward each backend address; absent = unresolved.
     pub next_hop_mac: HashMap<IpAddr, [u8; 6]>,
     /// The interface each backend address is reached through, when known.
@@ -304,6 +309,31 @@ pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
+/// VIPs and servers that are this host's own addresses: a VIP there takes
+/// the host's own traffic on that port, a backend there loops. One message
+/// per problem, naming the VIP and the address.
+pub fn own_address_conflicts(config: &Config, own: &[IpAddr]) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in &config.vips {
+        if own.contains(&v.address) {
+            out.push(format!(
+                "vips `{}`: address {} is this load balancer's own address; a VIP must be an address routed to it",
+                v.name, v.address
+            ));
+        }
+        let sorry = match v.on_all_down {
+            OnAllDown::SorryServer { address, .. } => Some(address),
+            _ => None,
+        };
+        for a in v.backends.iter().map(|b| b.address).chain(sorry) {
+            if own.contains(&a) {
+                out.push(format!("vips `{}`: backend {a} is this load balancer's own address", v.name));
+            }
+        }
+    }
+    out
+}
+
 /// Every address the controller must resolve a next hop for.
 pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = config
@@ -345,7 +375,7 @@ fn vip_spec(v: &VipConfig, overrides: &Overrides, observed: &Observed) -> VipSpe
         .map(|b| {
             let bref = BackendRef::of(v, b.address, b.port);
             let mac = observed.mac_for(&b.address, v.forwarding);
-            let healthy = observed.healthy.get(&bref).copied().unwrap_or(false);
+            let healthy = observed.healthy.get(&health_key(v, b.address, b.port)).copied().unwrap_or(false);
             let set = overrides.get(&bref).copied();
             BackendSpec {
                 addr: b.address,
@@ -382,6 +412,86 @@ fn vip_spec(v: &VipConfig, overrides: &Overrides, observed: &Observed) -> VipSpe
     }
 }
 
+/// Interface facts the dataplane needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// The CONFIG map entry for the interfaces and configuration.
+pub fn lb_config(link: &Link, backend_link: Option<&Link>, config: &Config) -> LbConfig {
+    let v4 = config.ipip_source_v4;
+    let v4_mask: u32 = if v4.len == 0 { 0 } else { u32::MAX << (32 - v4.len) };
+    let v4_base = addr::words(v4.addr)[0] & v4_mask.to_be();
+    let v6 = config.ipip_source_v6;
+    let host_bits = 128 - v6.len as u32;
+    let v6_last_mask: u32 = if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
+    let mut v6_base = addr::words(v6.addr);
+    v6_base[3] &= (!v6_last_mask).to_be();
+    let uses_nat = config.vips.iter().any(|v| v.forwarding == Forwarding::Nat);
+    let back = backend_link.unwrap_or(link);
+    LbConfig {
+        if_mac: link.mac,
+        flags: if uses_nat { CFG_NAT } else { 0 },
+        backend_if_mac: back.mac,
+        _pad: [0; 2],
+        client_ifindex: link.index,
+        backend_ifindex: back.index,
+        mtu: link.mtu,
+        ipip_src_v4: v4_base,
+        ipip_src_v4_host_mask: (!v4_mask).to_be(),
+        ipip_src_v6: v6_base,
+        ipip_src_v6_host_mask: v6_last_mask.to_be(),
+    }
+}
+
+/// Pool slots for a configuration: every table twice (the live one and its
+/// replacement during a swap), and never less than the default.
+pub fn pool_size(config: &Config) -> u32 {
+    let tables: u64 = config.vips.iter().map(|v| v.table_size as u64).sum();
+    (2 * tables + 2 * 65_537).clamp(DEFAULT_MAGLEV_POOL as u64, u32::MAX as u64 / 2) as u32
+}
+
+/// Map capacities for a configuration, with room to grow by reloads.
+pub fn map_sizes(config: &Config) -> MapSizes {
+    let d = MapSizes::default();
+    // A name may stand for several servers: room for 16 each before a restart.
+    let backends: usize = config.vips.iter().map(|v| v.backends.len() + 16 * v.named_backends.len() + 1).sum();
+    MapSizes {
+        max_vips: d.max_vips.max((config.vips.len() * 2).next_power_of_two() as u32),
+        max_backends: d.max_backends.max((backends * 2).next_power_of_two() as u32),
+        conntrack: config.conntrack_size,
+        maglev_pool: pool_size(config),
+        nat_table: config.nat.table_size,
+    }
+}
+
+/// How health knows backend `addr`(`:port`) of VIP `v`: by the VIP's
+/// address, port and protocol, so a renamed VIP keeps its backends' health.
+pub fn health_key(v: &VipConfig, addr: IpAddr, port: Option<u16>) -> health::Key {
+    health::Key { vip: v.address, vip_port: v.port, protocol: v.protocol.number(), addr, port: port.unwrap_or(0) }
+}
+
+/// What the health checker checks: every configured backend of every VIP.
+pub fn health_targets(config: &Config) -> Vec<health::Target> {
+    config
+        .vips
+        .iter()
+        .flat_map(|v| {
+            v.backends.iter().map(move |b| health::Target {
+                key: health_key(v, b.address, b.port),
+                addr: b.address,
+                port: v.health_check.port.or(b.port).unwrap_or(v.port),
+                vip: v.address,
+                check: v.health_check.clone(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,7 +502,14 @@ mod tests {
     fn observed(up: &[&str], resolved: &[&str]) -> Observed {
         let mut o = Observed::default();
         for a in up {
-            o.healthy.insert(BackendRef { vip: "web".into(), addr: a.parse().unwrap(), port: 0 }, true);
+            let key = health::Key {
+                vip: "198.18.0.100".parse().unwrap(),
+                vip_port: 80,
+                protocol: 6,
+                addr: a.parse().unwrap(),
+                port: 0,
+            };
+            o.healthy.insert(key, true);
         }
         for a in resolved {
             o.next_hop_mac.insert(a.parse().unwrap(), [2, 0, 0, 0, 0, 1]);
@@ -470,7 +587,7 @@ mod tests {
         let mut o = Observed::default();
         for v in &c.vips {
             for b in &v.backends {
-                o.healthy.insert(BackendRef::of(v, b.address, b.port), true);
+                o.healthy.insert(health_key(v, b.address, b.port), true);
                 o.next_hop_mac.insert(b.address, [2, 0, 0, 0, 0, 1]);
             }
         }
@@ -593,5 +710,76 @@ mod tests {
         let text = serde_json::to_string(&all).unwrap();
         assert_eq!(text, r#"[{"weight":5},"drain","maint"]"#);
         assert_eq!(serde_json::from_str::<Vec<Override>>(&text).unwrap(), all);
+    }
+
+    fn link(name: &str, index: u32, last: u8) -> Link {
+        Link { name: name.into(), index, mac: [2, 0, 0, 0, 0, last], mtu: 1500 }
+    }
+
+    #[test]
+    fn lb_config_masks_the_ipip_sources_and_flags_nat() {
+        let text = "ipip_source_v4: 198.19.255.7/24\nipip_source_v6: 2001:db8:ffff::1234:5678/96\nvips:\n  - {name: web, address: 198.18.100.1, port: 80, backends: [{address: 198.18.0.11}]}\n";
+        let c = config::parse("c.yaml", text).unwrap();
+        let cfg = lb_config(&link("lb0", 3, 1), None, &c);
+        assert_eq!((cfg.client_ifindex, cfg.backend_ifindex, cfg.mtu, cfg.flags), (3, 3, 1500, 0));
+        assert_eq!(cfg.if_mac, cfg.backend_if_mac, "one arm: replies leave where requests came in");
+        assert_eq!(cfg.ipip_src_v4, u32::from_be_bytes([198, 19, 255, 0]).to_be(), "host bits cleared");
+        assert_eq!(cfg.ipip_src_v4_host_mask, 0xffu32.to_be());
+        assert_eq!(cfg.ipip_src_v6[3], 0, "the last 32 bits are the host's");
+        assert_eq!(cfg.ipip_src_v6_host_mask, u32::MAX.to_be());
+        let nat = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let cfg = lb_config(&link("lb0", 3, 1), Some(&link("lb1", 4, 2)), &nat);
+        assert_eq!((cfg.flags, cfg.backend_ifindex, cfg.backend_if_mac[5]), (CFG_NAT, 4, 2));
+    }
+
+    #[test]
+    fn map_sizes_leave_room_for_reloads_and_every_table_twice() {
+        let c = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let d = MapSizes::default();
+        let sizes = map_sizes(&c);
+        assert_eq!((sizes.max_vips, sizes.max_backends), (d.max_vips, d.max_backends), "small: the defaults");
+        assert_eq!(pool_size(&c), DEFAULT_MAGLEV_POOL, "never below the default");
+        let mut big = c.clone();
+        for v in &mut big.vips {
+            v.table_size = 4_194_301;
+        }
+        assert_eq!(pool_size(&big), 2 * 2 * 4_194_301 + 2 * 65_537, "each table twice, plus one spare");
+        let mut many = c.clone();
+        many.vips = (0..3000).map(|_| c.vips[0].clone()).collect();
+        assert_eq!(map_sizes(&many).max_vips, 8192, "twice the VIPs, a power of two");
+    }
+
+    #[test]
+    fn health_targets_follow_the_vip_not_its_name() {
+        let c = config::parse("c.yaml", TWO_VIPS).unwrap();
+        let targets = health_targets(&c);
+        assert_eq!(targets.len(), 5);
+        let api = &targets[2];
+        assert_eq!((api.addr, api.port, api.key.port), ("2001:db8:2::11".parse().unwrap(), 8443, 8443));
+        assert_eq!(targets[0].port, 80, "no port of its own: the VIP's");
+        // A renamed VIP is the same VIP to health: its checkers and their state stay.
+        let renamed = config::parse("c.yaml", &TWO_VIPS.replace("name: web", "name: www")).unwrap();
+        assert_eq!(health_targets(&renamed), targets);
+        // Another port is another VIP.
+        let moved = config::parse("c.yaml", &TWO_VIPS.replace("port: 80", "port: 8080")).unwrap();
+        assert_ne!(health_targets(&moved)[0].key, targets[0].key);
+    }
+
+    #[test]
+    fn the_balancers_own_addresses_are_no_vip_and_no_server() {
+        let c = config::parse("c.yaml", CONFIG).unwrap();
+        let own: Vec<IpAddr> = vec!["198.18.0.12".parse().unwrap(), "198.18.0.99".parse().unwrap()];
+        assert_eq!(
+            own_address_conflicts(&c, &own),
+            [
+                "vips `web`: backend 198.18.0.12 is this load balancer's own address",
+                "vips `web`: backend 198.18.0.99 is this load balancer's own address",
+            ]
+        );
+        let own: Vec<IpAddr> = vec!["198.18.0.100".parse().unwrap()];
+        assert!(
+            own_address_conflicts(&c, &own)[0].contains("address 198.18.0.100 is this load balancer's own address")
+        );
+        assert!(own_address_conflicts(&c, &["198.18.0.2".parse().unwrap()]).is_empty());
     }
 }

@@ -10,15 +10,18 @@ pub mod desired;
 pub mod dns;
 pub mod doctor;
 pub mod health;
+pub mod mounts;
 pub mod neighbours;
 pub mod notify;
 pub mod pcap;
+pub mod pins;
 pub mod reconcile;
 pub mod reload;
 pub mod runtime;
 pub mod show;
 pub mod status;
 pub mod trace;
+pub mod walks;
 pub mod web;
 
 /// The dataplane's eBPF object, built by build.rs from lb-ebpf.

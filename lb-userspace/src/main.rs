@@ -13,8 +13,8 @@ use lb_userspace::{
     attach, config,
     config::XdpModeSetting,
     daemon::{self, RunOptions},
-    dataplane::{self, Dataplane, MapSizes},
-    reload,
+    dataplane::{Dataplane, MapSizes},
+    pins, reload,
     runtime::{self, Request, Response},
     show, status, trace,
 };
@@ -33,7 +33,8 @@ xdplb status\n  kill -HUP $(pidof xdplb)     # reload (systemctl reload xdplb)"
 )]
 struct Cli {
     /// Directory on a BPF filesystem where maps and links are pinned, one
-    /// subdirectory per interface (mounted at /sys/fs/bpf if missing).
+    /// subdirectory per interface (mounted at /sys/fs/bpf if missing). It must
+    /// outlive the process: under `ip netns exec` pass one the host mounted.
     #[arg(long, global = true, env = "XDPLB_PIN_ROOT", default_value = "/sys/fs/bpf/xdplb")]
     pin_root: PathBuf,
     /// Where the running controller publishes its status (IFACE.json).
@@ -82,6 +83,11 @@ enum Cmd {
         /// so an upgrade or restart loses no traffic.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Accept a pin root whose pins die with this process (as /sys/fs/bpf
+        /// under `ip netns exec`): the XDP program then stops when xdplb
+        /// exits, even by `kill -9`, and a restart cannot adopt the flows.
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// Validate FILE: exit 0, or print every error as FILE:LINE:COL: field: problem.
     Check {
@@ -174,12 +180,19 @@ enum Cmd {
         iface: String,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: Mode,
+        /// Accept a pin root whose pins die with this process: the program is
+        /// detached again when xdplb exits (as `xdplb run --ephemeral`).
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// Attach a pass-everything XDP program: needed on the peer of a veth that
     /// xdplb transmits on, or the veth drops XDP_TX frames.
     Pass {
         #[arg(long)]
         iface: String,
+        /// As for `xdplb decap`.
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// Detach xdplb programs from IFACE and remove its pinned maps.
     Detach {
@@ -259,7 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Cmd::Run { config, iface, xdp_mode, detach_on_exit } => {
+        Cmd::Run { config, iface, xdp_mode, detach_on_exit, ephemeral } => {
             require_root("load and attach eBPF programs")?;
             // Health checks, netlink and metrics run on worker threads, so the
             // control loop's map walks never delay a check.
@@ -271,6 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pin_root: cli.pin_root,
                 state_dir: cli.state_dir,
                 detach_on_exit,
+                ephemeral,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -351,10 +365,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("xdplb: {summary}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Decap { iface, xdp_mode } => {
-            attach_helper(&cli.pin_root, &iface, programs::DECAP, xdp_mode.into(), "decap_link")
+        Cmd::Decap { iface, xdp_mode, ephemeral } => {
+            attach_helper(&cli.pin_root, &iface, programs::DECAP, xdp_mode.into(), "decap_link", ephemeral)
         }
-        Cmd::Pass { iface } => attach_helper(&cli.pin_root, &iface, programs::PASS, XdpModeSetting::Auto, "pass_link"),
+        Cmd::Pass { iface, ephemeral } => {
+            attach_helper(&cli.pin_root, &iface, programs::PASS, XdpModeSetting::Auto, "pass_link", ephemeral)
+        }
         Cmd::Doctor(args) => lb_userspace::doctor::main(&args, &cli.pin_root, &cli.state_dir),
         Cmd::Detach { iface } => {
             require_root("detach eBPF programs")?;
@@ -364,11 +380,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("xdplb run (pid {}) is serving {iface}; stop it first (kill {}), then detach", s.pid, s.pid);
             }
             let dir = cli.pin_root.join(&iface);
-            let mut any = false;
-            for link in ["link", "decap_link", "pass_link"] {
-                any |= attach::detach(&dir.join(link))?;
-            }
-            daemon::remove_pins(&dir);
+            // A controller whose status lives in another state dir still holds the lock.
+            let _lock = if dir.exists() { Some(pins::lock(&dir, &iface)?) } else { None };
+            let any = pins::remove_all(&dir)?;
             println!("{iface}: {}", if any { "xdplb detached" } else { "nothing of xdplb was attached" });
             Ok(ExitCode::SUCCESS)
         }
@@ -391,9 +405,10 @@ fn attach_helper(
     program: &str,
     mode: XdpModeSetting,
     pin: &str,
+    ephemeral: bool,
 ) -> Result<ExitCode> {
     require_root("attach eBPF programs")?;
-    attach::ensure_bpffs(pin_root)?;
+    pins::ensure_bpffs(pin_root, ephemeral)?;
     let dir = pin_root.join(iface);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {} failed", dir.display()))?;
     // Small maps: only the program's counters matter here.
@@ -418,10 +433,20 @@ fn current_status(pin_root: &Path, state_dir: &Path, iface: &str) -> Result<stat
         return Ok(s);
     }
     let dir = pin_root.join(iface);
-    if !dataplane::has_pinned_state(&dir) {
-        bail!("nothing of xdplb runs on {iface}: no controller status and no pinned maps in {}", dir.display());
+    let nothing = || {
+        anyhow::anyhow!(
+            "nothing of xdplb runs on {iface}: no controller status and no pinned maps in {}",
+            dir.display()
+        )
+    };
+    if !dir.exists() {
+        return Err(nothing());
     }
     require_root("read pinned BPF maps")?;
+    // Read only a complete set of this build's layout: a changed struct would be read into a buffer of the wrong size.
+    if pins::verify(&dir, iface)? == pins::Pinned::Nothing {
+        return Err(nothing());
+    }
     let dp = Dataplane::open(MapSizes::default(), Some(&dir))?;
     eprintln!("xdplb: no controller runs for {iface}; this is what its pinned dataplane holds");
     Ok(status::from_pinned(&dp, iface))

@@ -7,10 +7,17 @@
 //! next hop's MAC from the neighbour table. A missing entry is solicited by sending an
 //! empty UDP datagram to the next hop's discard port, which makes the kernel
 //! resolve it (ARP or neighbour discovery).
+//!
+//! Netlink can stall (a kernel busy with a huge table, a socket whose buffer
+//! overflowed): every dump has a time limit, and after a failure the next
+//! refresh opens a new connection. A backend whose next hop stops resolving
+//! is withdrawn only after `WITHDRAW_AFTER` consecutive failed rounds, so one
+//! flapping neighbour entry does not reshuffle its flows.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -54,8 +61,61 @@ pub enum Resolution {
 
 pub struct Neighbours {
     handle: Handle,
+    /// The connection's task; aborted when the connection is rebuilt.
+    conn: tokio::task::JoinHandle<()>,
+    /// The last dump failed: open a new connection before the next one.
+    broken: bool,
+    /// How long one dump may take.
+    timeout: Duration,
     /// The interfaces xdplb can send through: (index, name).
     ifaces: Vec<(u32, String)>,
+    misses: Misses,
+}
+
+/// How long a routing or neighbour table dump may take.
+pub const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Consecutive failed resolutions after which a backend that had a next hop
+/// is withdrawn.
+pub const WITHDRAW_AFTER: u32 = 3;
+
+/// Consecutive failed resolutions per backend address: decides which MAC
+/// the dataplane keeps using.
+#[derive(Debug, Default)]
+pub struct Misses {
+    failed: HashMap<IpAddr, u32>,
+}
+
+impl Misses {
+    /// The MAC to use for `addr` after this round's resolution `r`, given
+    /// the one used so far: a resolved one, or the previous one until
+    /// `WITHDRAW_AFTER` rounds in a row have failed.
+    pub fn mac_to_use(&mut self, addr: IpAddr, before: Option<[u8; 6]>, r: &Resolution) -> Option<[u8; 6]> {
+        match r {
+            Resolution::Resolved { mac, .. } => {
+                self.failed.remove(&addr);
+                Some(*mac)
+            }
+            Resolution::Unresolved(_) => {
+                let n = self.failed.entry(addr).or_default();
+                *n = n.saturating_add(1);
+                if *n >= WITHDRAW_AFTER { None } else { before }
+            }
+        }
+    }
+
+    /// Forgets the addresses not in `addrs`.
+    pub fn retain(&mut self, addrs: &[IpAddr]) {
+        self.failed.retain(|a, _| addrs.contains(a));
+    }
+}
+
+/// Runs one netlink exchange, failing if it takes longer than `limit`.
+async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what} did not answer within {} ms", limit.as_millis()),
+    }
 }
 
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
@@ -69,9 +129,23 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 impl Neighbours {
     /// Opens a netlink connection (its task runs on the current tokio runtime).
     pub fn new(ifaces: Vec<(u32, String)>) -> Result<Self> {
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket failed")?;
-        tokio::spawn(conn);
-        Ok(Self { handle, ifaces })
+        let (handle, conn) = connect()?;
+        Ok(Self { handle, conn, broken: false, timeout: NETLINK_TIMEOUT, ifaces, misses: Misses::default() })
+    }
+
+    /// The MAC to use for a backend after this round (see `Misses`).
+    pub fn mac_to_use(&mut self, addr: IpAddr, before: Option<[u8; 6]>, r: &Resolution) -> Option<[u8; 6]> {
+        self.misses.mac_to_use(addr, before, r)
+    }
+
+    /// Opens a new netlink connection in place of one that failed.
+    fn reconnect(&mut self) -> Result<()> {
+        let (handle, conn) = connect()?;
+        self.conn.abort();
+        self.handle = handle;
+        self.conn = conn;
+        self.broken = false;
+        Ok(())
     }
 
     /// The main routing table, both families: one dump, however many backends.
@@ -161,9 +235,25 @@ impl Neighbours {
 
     /// Resolves every address; solicits the next hops not yet in the table.
     /// Fails only when the kernel's tables cannot be read at all.
-    pub async fn resolve(&self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Resolution>> {
-        let routes = self.routes().await?;
-        let table = self.table().await?;
+    /// Each dump is bounded by the timeout; after a failure the connection
+    /// is rebuilt before the next call.
+    pub async fn resolve(&mut self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Resolution>> {
+        if self.broken {
+            self.reconnect().context("reopening the netlink connection failed")?;
+        }
+        self.misses.retain(addrs);
+        let tables = async {
+            let routes = within(self.timeout, "the routing table dump", self.routes()).await?;
+            let table = within(self.timeout, "the neighbour table dump", self.table()).await?;
+            Ok::<_, anyhow::Error>((routes, table))
+        };
+        let (routes, table) = match tables.await {
+            Ok(t) => t,
+            Err(e) => {
+                self.broken = true;
+                return Err(e);
+            }
+        };
         let mut out = HashMap::new();
         for &addr in addrs {
             let r = match self.next_hop(&routes, addr) {
@@ -183,6 +273,11 @@ impl Neighbours {
     }
 }
 
+fn connect() -> Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket failed")?;
+    Ok((handle, tokio::spawn(conn)))
+}
+
 /// Makes the kernel resolve `addr` by sending it an empty datagram to the
 /// discard port (9).
 fn solicit(addr: IpAddr) {
@@ -194,7 +289,60 @@ fn solicit(addr: IpAddr) {
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use std::time::Duration;
+
+    use super::{Misses, Neighbours, Resolution, WITHDRAW_AFTER, contains};
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+    fn resolved(mac: [u8; 6]) -> Resolution {
+        Resolution::Resolved { next_hop: "198.18.0.1".parse().unwrap(), mac, ifindex: 2 }
+    }
+
+    #[test]
+    fn a_backend_is_withdrawn_only_after_consecutive_failures() {
+        let addr = "198.18.0.9".parse().unwrap();
+        let down = Resolution::Unresolved("waiting for the MAC address".into());
+        let mut m = Misses::default();
+        let mut mac = m.mac_to_use(addr, None, &resolved(MAC));
+        assert_eq!(mac, Some(MAC));
+        for _ in 1..WITHDRAW_AFTER {
+            mac = m.mac_to_use(addr, mac, &down);
+            assert_eq!(mac, Some(MAC), "withdrawn before {WITHDRAW_AFTER} failures in a row");
+        }
+        // A success in between starts the count again.
+        mac = m.mac_to_use(addr, mac, &resolved(MAC));
+        for _ in 1..WITHDRAW_AFTER {
+            mac = m.mac_to_use(addr, mac, &down);
+        }
+        assert_eq!(mac, Some(MAC));
+        mac = m.mac_to_use(addr, mac, &down);
+        assert_eq!(mac, None, "still used after {WITHDRAW_AFTER} failures in a row");
+        // Never resolved: never used.
+        let other = "198.18.0.10".parse().unwrap();
+        assert_eq!(m.mac_to_use(other, None, &down), None);
+        // A new MAC is taken at once.
+        assert_eq!(m.mac_to_use(addr, Some(MAC), &resolved([2, 0, 0, 0, 0, 2])), Some([2, 0, 0, 0, 0, 2]));
+    }
+
+    /// A netlink connection whose task never runs never answers: the dump
+    /// must give up, and the next call must work on a new connection.
+    #[tokio::test]
+    async fn a_stalled_netlink_connection_times_out_and_is_rebuilt() {
+        let mut n = Neighbours::new(Vec::new()).unwrap();
+        let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+        n.conn.abort();
+        n.handle = handle;
+        n.timeout = Duration::from_millis(200);
+        let addrs = ["198.18.0.9".parse().unwrap()];
+        let first = tokio::time::timeout(Duration::from_secs(10), n.resolve(&addrs)).await;
+        let err = first.expect("a dump on a stalled connection never returned").unwrap_err();
+        assert!(format!("{err:#}").contains("did not answer"), "{err:#}");
+        drop(conn);
+        let second = tokio::time::timeout(Duration::from_secs(10), n.resolve(&addrs)).await;
+        let r = second.expect("the rebuilt connection never answered").expect("the rebuilt connection failed");
+        assert!(matches!(r.get(&addrs[0]), Some(Resolution::Unresolved(_))));
+    }
 
     #[test]
     fn prefixes_contain_addresses() {

@@ -344,15 +344,71 @@ impl Reconciler {
                 bail!("VIP {}: {}:{} is declared twice", spec.name, spec.addr, spec.port);
             }
         }
+        // One VIP that cannot be applied does not stop the others: each is
+        // applied (or removed) on its own, and the errors come back together.
+        let mut failed = Vec::new();
         for (key, spec) in &wanted {
-            self.apply_vip(dp, key, spec, &mut report)?;
+            if let Err(e) = self.apply_vip(dp, key, spec, &mut report) {
+                failed.push(format!("{e:#}"));
+            }
         }
         let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in gone {
-            self.remove_vip(dp, &key)?;
-            report.vips_removed += 1;
+            match self.remove_vip(dp, &key) {
+                Ok(()) => report.vips_removed += 1,
+                Err(e) => failed.push(format!("removing VIP {key:?}: {e:#}")),
+            }
+        }
+        if !failed.is_empty() {
+            bail!("{} of {} VIPs not applied: {}", failed.len(), wanted.len(), failed.join("; "));
         }
         Ok(report)
+    }
+
+    /// Compares the VIP and backend maps with what this reconciler wrote
+    /// and rewrites what differs (an entry changed or removed behind its
+    /// back, a VIP it does not know); a line per repair. The Maglev pool is
+    /// not read back (megabytes per VIP): its region is checked by the VIP
+    /// entry that points to it.
+    pub fn repair_drift(&mut self, dp: &mut Dataplane) -> Vec<String> {
+        let mut repaired = Vec::new();
+        for (key, vip) in &self.vips {
+            let name = format!("VIP {}:{}", vip.addr, u16::from_be(key.port));
+            match dp.vip(key) {
+                Some(meta) if meta == vip.meta => {}
+                found => {
+                    let what = if found.is_some() { "changed" } else { "missing" };
+                    match dp.set_vip(key, &vip.meta) {
+                        Ok(()) => repaired.push(format!("{name}: its entry was {what} in the VIP map; rewritten")),
+                        Err(e) => repaired.push(format!("{name}: its entry was {what}; rewriting it failed: {e:#}")),
+                    }
+                }
+            }
+            for ((addr, port), b) in &vip.backends {
+                if dp.backend(b.id).is_ok_and(|v| v == b.value) {
+                    continue;
+                }
+                let who = match port {
+                    0 => format!("{name}: backend {addr}"),
+                    p => format!("{name}: backend {addr} port {p}"),
+                };
+                match dp.set_backend(b.id, &b.value) {
+                    Ok(()) => repaired.push(format!("{who}: slot {} differed from what was written; rewritten", b.id)),
+                    Err(e) => repaired.push(format!("{who}: slot {} differs; rewriting it failed: {e:#}", b.id)),
+                }
+            }
+        }
+        for (key, _) in dp.vips() {
+            if !self.vips.contains_key(&key) {
+                let a = addr::from_words(&key.addr, key.family);
+                let line = match dp.remove_vip(&key) {
+                    Ok(()) => format!("VIP {a}:{}: in the VIP map but not configured; removed", u16::from_be(key.port)),
+                    Err(e) => format!("VIP {a}:{}: not configured; removing it failed: {e:#}", u16::from_be(key.port)),
+                };
+                repaired.push(line);
+            }
+        }
+        repaired
     }
 
     /// Applies one VIP; if that fails, gives back what it took (new backend

@@ -39,6 +39,16 @@ pub struct Status {
     /// Backend names and what they resolve to.
     #[serde(default)]
     pub dns: Vec<DnsStatus>,
+    /// Applies of the desired state that failed (each VIP that failed once
+    /// per attempt counts one attempt); the controller retries every second.
+    #[serde(default)]
+    pub apply_failures: u64,
+    /// Why the maps do not hold the desired state yet; empty when they do.
+    #[serde(default)]
+    pub apply_pending: String,
+    /// Map entries found changed behind the controller's back, and rewritten.
+    #[serde(default)]
+    pub drift_repairs: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -134,7 +144,7 @@ pub fn from_pinned(dp: &crate::dataplane::Dataplane, iface: &str) -> Status {
             health: if b.state == BACKEND_DOWN { "down".into() } else { "up".into() },
             state: state.into(),
             last_check: "(no controller running)".into(),
-            next_hop_mac: crate::daemon::fmt_mac(&b.mac),
+            next_hop_mac: crate::addr::fmt_mac(&b.mac),
             packets: c.packets,
             bytes: c.bytes,
             ..Default::default()
@@ -174,13 +184,28 @@ pub fn path(state_dir: &Path, iface: &str) -> PathBuf {
     state_dir.join(format!("{iface}.json"))
 }
 
+/// Writes `status` to STATE_DIR/IFACE.json: into a new file of its own
+/// (O_EXCL, O_NOFOLLOW: never through a symlink someone left there), renamed
+/// over the old one. Refuses a state directory that other users can write.
 pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {} failed", state_dir.display()))?;
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    crate::runtime::check_state_dir(state_dir)?;
     let dest = path(state_dir, &status.interface);
-    let tmp = dest.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)
-        .with_context(|| format!("writing {} failed", tmp.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {} failed", dest.display()))
+    let tmp = state_dir.join(format!(".{}.json.{}.tmp", status.interface, std::process::id()));
+    std::fs::remove_file(&tmp).ok();
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(status)?))
+        .and_then(|()| std::fs::rename(&tmp, &dest));
+    if let Err(e) = written {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e).with_context(|| format!("writing {} failed", dest.display()));
+    }
+    Ok(())
 }
 
 /// Whether process `pid` exists. EPERM means it does, run by another user

@@ -277,3 +277,57 @@ fn sigterm_keeps_the_dataplane_unless_asked_to_detach() {
     let r = c.client.enter(|| http_get(vip(VIP4, 80), "/", Duration::from_millis(1000)));
     assert!(r.is_err(), "nothing balances the VIP any more: {r:?}");
 }
+
+#[test]
+fn a_file_truncated_in_place_changes_nothing() {
+    let c = cluster(2);
+    let good = config(&[("web", VIP4, "dsr")], 2, "");
+    let path = c.write_config("xdplb.yaml", &good);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    let stream = RequestStream::start(&c.client, vip(VIP4, 80), Duration::from_millis(20), 10_000);
+    // As `cat > file` or an editor leaves it for a moment, here for several polls:
+    // an empty file (which used to read as "no VIPs": every VIP removed).
+    std::fs::write(&path, "").unwrap();
+    let s = c.wait_status(WAIT, "the empty file rejected", |s| s["reloads_failed"] == 1);
+    assert!(
+        s["last_reload_errors"][0].as_str().is_some_and(|e| e.contains("vips: is required")),
+        "{}",
+        s["last_reload_errors"]
+    );
+    assert_eq!(backend_states(&s, "web"), ["active", "active"]);
+    std::thread::sleep(Duration::from_secs(2));
+    // The whole file again: nothing to change, service never stopped.
+    std::fs::write(&path, &good).unwrap();
+    c.wait_status(WAIT, "the file back", |s| s["reloads_ok"] == 1);
+    let samples = stream.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    assert!(samples.len() > 50 && failed.is_empty(), "{} requests, failures: {failed:?}", samples.len());
+    assert_eq!(c.status().unwrap()["last_reload_changes"], serde_json::json!(["nothing changed"]));
+}
+
+#[test]
+fn the_balancers_own_address_is_no_vip_and_no_backend() {
+    let c = cluster(2);
+    let own = config(&[("web", VIP4, "dsr")], 2, "").replace("198.18.0.12", topology::LB4);
+    let path = c.write_config("own.yaml", &own);
+    let out = c.xdplb_in(&c.lb, &["run", "--config", path.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("vips `web`: backend 198.18.0.2 is this load balancer's own address"), "{err}");
+    // A running controller rejects such a reload and keeps serving.
+    let good = config(&[("web", VIP4, "dsr")], 2, "");
+    let path = c.write_config("xdplb.yaml", &good);
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    c.write_config("xdplb.yaml", &good.replace(&format!("address: {VIP4}"), &format!("address: {}", topology::LB4)));
+    let s = c.wait_status(WAIT, "the rejected reload", |s| s["reloads_failed"] == 1);
+    assert!(
+        s["last_reload_errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("address 198.18.0.2 is this load balancer's own address")),
+        "{}",
+        s["last_reload_errors"]
+    );
+    assert_eq!(backend_states(&s, "web"), ["active", "active"]);
+}

@@ -429,8 +429,12 @@ fn a_pin_root_that_dies_with_the_process() {
     assert!(f.what.contains("exists only in this process's own mount namespace"), "{}", f.what);
 
     // What the finding warns of: a program attached that way is gone when xdplb exits.
-    let out =
-        c.xdplb_in(&c.client, &["pass", "--iface", "cl0"]).env("XDPLB_PIN_ROOT", "/sys/fs/bpf/xdplb").output().unwrap();
+    // (`xdplb pass` refuses such a pin root unless told --ephemeral.)
+    let out = c
+        .xdplb_in(&c.client, &["pass", "--iface", "cl0", "--ephemeral"])
+        .env("XDPLB_PIN_ROOT", "/sys/fs/bpf/xdplb")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(topology::wait_until(WAIT, || !xdp_on(&c.client, "cl0")), "the program stayed attached");
 

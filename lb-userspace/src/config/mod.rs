@@ -303,16 +303,7 @@ pub const DEFAULT_IPIP_SOURCE_V6: Prefix =
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
-    // Bounded: a path to a device or a runaway file is an error, not a hang.
-    let read = || -> std::io::Result<String> {
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(std::fs::File::open(path)?, yaml::MAX_BYTES as u64 + 1),
-            &mut text,
-        )?;
-        Ok(text)
-    };
-    let text = read().map_err(|e| {
+    let text = read_file(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: file.clone(),
             pos: Pos { line: 0, col: 0 },
@@ -321,6 +312,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         }])
     })?;
     parse(&file, &text)
+}
+
+/// Reads a configuration file once, bounded: a path to a device or a runaway
+/// file is an error (too large for `parse`), not a hang.
+pub fn read_file(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path)?, yaml::MAX_BYTES as u64 + 1),
+        &mut text,
+    )?;
+    Ok(text)
 }
 
 /// Validates configuration text; `file` names it in errors.

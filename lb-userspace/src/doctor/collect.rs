@@ -2,13 +2,7 @@
 //! the system (`ip`, `ethtool`, /proc, netlink). A fact that cannot be read
 //! is left out, and the check that needs it says nothing.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures_util::TryStreamExt as _;
@@ -17,13 +11,13 @@ use tracing::debug;
 
 use super::{
     backend::{BackendFacts, Conf},
-    bpffs::{self, NsOwner, PinFacts, Process},
     lb::{Controller, LbFacts},
     system::{self, Link, Peer, PeerRef, XdpMode},
 };
 use crate::{
     config::{Config, XdpModeSetting},
     dataplane,
+    pins::PinFacts,
     reconcile::Forwarding,
     status,
 };
@@ -139,52 +133,9 @@ async fn remote_link(netnsid: i32, ifindex: u32) -> Result<(String, bool)> {
     Ok((name, driver))
 }
 
-/// `path` made absolute with symlinks resolved, also when its last parts do not exist yet.
-fn resolve(path: &Path) -> PathBuf {
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_else(|_| "/".into()).join(path)
-    };
-    let mut existing = abs.as_path();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else { break };
-        rest.push(name);
-        existing = parent;
-    }
-    let mut out = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
-    for part in rest.into_iter().rev() {
-        out.push(part);
-    }
-    out
-}
-
-/// Every process: its parent and mount namespace.
-fn processes() -> Vec<Process> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let ppid = system::parse_ppid(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)?;
-            let mnt_ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok().map(|p| p.display().to_string());
-            Some(Process { pid, ppid, mnt_ns })
-        })
-        .collect()
-}
-
+/// Whether pins under `pin_root` outlive the process (shared with `xdplb run`).
 pub fn pin(pin_root: &Path) -> PinFacts {
-    let pin_root = resolve(pin_root);
-    let mounts =
-        std::fs::read_to_string("/proc/self/mountinfo").map(|t| system::parse_mountinfo(&t)).unwrap_or_default();
-    let owner = bpffs::ns_owner(&processes(), std::process::id());
-    let outer_mounts = match owner {
-        NsOwner::ThisProcessTree { outer } => {
-            std::fs::read_to_string(format!("/proc/{outer}/mountinfo")).ok().map(|t| system::parse_mountinfo(&t))
-        }
-        _ => None,
-    };
-    PinFacts { mount: system::mount_of(&mounts, &pin_root).cloned(), pin_root, owner, outer_mounts }
+    crate::pins::facts(pin_root)
 }
 
 /// Whether a controller serves `iface`, and its `drop_too_big` counter.

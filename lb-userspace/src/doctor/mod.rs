@@ -11,7 +11,7 @@ mod bpffs;
 mod collect;
 mod findings;
 mod lb;
-mod system;
+pub(crate) mod system;
 
 use std::{
     net::IpAddr,

@@ -24,6 +24,27 @@ use crate::config::{CheckKind, StatusMatch};
 /// What a check reads at most: a body to search, a banner to match.
 const READ_LIMIT: usize = 64 * 1024;
 
+/// Why a check did not pass: the backend failed it, or (`not_run`) a local
+/// reason kept it from running (no socket, a `source:` address this host
+/// does not have), which says nothing about the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub not_run: bool,
+    pub text: String,
+}
+
+impl From<String> for Failure {
+    fn from(text: String) -> Self {
+        Self { not_run: false, text }
+    }
+}
+
+impl Failure {
+    fn not_run(text: String) -> Self {
+        Self { not_run: true, text }
+    }
+}
+
 /// A target with what its checks need prepared once (the TLS client).
 pub struct Probe {
     target: Target,
@@ -41,7 +62,7 @@ impl Probe {
     }
 
     /// One check, without the timeout (the caller applies it).
-    pub async fn check(&self) -> Result<(), String> {
+    pub async fn check(&self) -> Result<(), Failure> {
         let target = &self.target;
         match &target.check.kind {
             CheckKind::None => Ok(()),
@@ -54,7 +75,7 @@ impl Probe {
                 // answers something else says what it answered.
                 let deadline = tokio::time::Instant::now() + target.check.timeout.mul_f64(0.9);
                 match expect {
-                    Some(want) => expect_bytes(&mut stream, want, deadline).await,
+                    Some(want) => Ok(expect_bytes(&mut stream, want, deadline).await?),
                     None => Ok(()),
                 }
             }
@@ -74,9 +95,9 @@ impl Probe {
                         };
                         let stream =
                             connector.connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
-                        http_get(stream, path, &host, want).await
+                        Ok(http_get(stream, path, &host, want).await?)
                     }
-                    _ => http_get(stream, path, &host, want).await,
+                    _ => Ok(http_get(stream, path, &host, want).await?),
                 }
             }
             CheckKind::Exec { command } => run_command(command, target).await,
@@ -100,7 +121,7 @@ impl Drop for KillGroup {
 
 /// An exec check: exit 0 passes; a failure names the exit status and the
 /// command's last line on stderr (what an operator needs: "Access denied…").
-async fn run_command(command: &[String], target: &Target) -> Result<(), String> {
+async fn run_command(command: &[String], target: &Target) -> Result<(), Failure> {
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         // A cleared environment: what the controller was started with (a
@@ -116,7 +137,14 @@ async fn run_command(command: &[String], target: &Target) -> Result<(), String> 
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", command[0]))?;
+        .map_err(|e| {
+            let text = format!("cannot run {}: {e}", command[0]);
+            // Out of processes or file descriptors: this host's trouble, not the backend's.
+            match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM) => Failure::not_run(text),
+                _ => Failure::from(text),
+            }
+        })?;
     let mut group = KillGroup(child.id().map(|p| p as i32));
     let mut stderr = child.stderr.take().expect("piped above");
     // Bounded: the last 4 KiB of stderr are kept, the rest read and dropped.
@@ -134,7 +162,7 @@ async fn run_command(command: &[String], target: &Target) -> Result<(), String> 
         tail
     };
     let (status, tail) = tokio::join!(child.wait(), read_stderr);
-    let status = status.map_err(|e| e.to_string())?;
+    let status = status.map_err(|e| Failure::from(e.to_string()))?;
     // Reaped: its pid may be reused, so the group is not signalled again.
     group.0 = None;
     if status.success() {
@@ -142,23 +170,29 @@ async fn run_command(command: &[String], target: &Target) -> Result<(), String> 
     }
     let text = String::from_utf8_lossy(&tail);
     match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
-        Some(line) => Err(format!("{} exited with {status}: {line}", command[0])),
-        None => Err(format!("{} exited with {status}", command[0])),
+        Some(line) => Err(format!("{} exited with {status}: {line}", command[0]).into()),
+        None => Err(format!("{} exited with {status}", command[0]).into()),
     }
 }
 
 /// One check of `target`, preparing it first (tests and one-off checks).
 pub async fn check_once(target: &Target) -> Result<(), String> {
-    Probe::new(target).check().await
+    Probe::new(target).check().await.map_err(|f| f.text)
 }
 
-async fn connect(target: &Target) -> Result<TcpStream, String> {
+/// A connection to the target. Creating or binding the socket fails only
+/// for local reasons (EMFILE, a `source:` address not on this host): then
+/// the check was not run.
+async fn connect(target: &Target) -> Result<TcpStream, Failure> {
     let addr = SocketAddr::new(target.addr, target.port);
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        .map_err(|e| Failure::not_run(format!("cannot create a socket: {e}")))?;
     if let Some(src) = target.check.source {
-        socket.bind(SocketAddr::new(src, 0)).map_err(|e| format!("cannot use source address {src}: {e}"))?;
+        socket
+            .bind(SocketAddr::new(src, 0))
+            .map_err(|e| Failure::not_run(format!("cannot use source address {src}: {e}")))?;
     }
-    socket.connect(addr).await.map_err(|e| format!("connect to {addr}: {e}"))
+    Ok(socket.connect(addr).await.map_err(|e| format!("connect to {addr}: {e}"))?)
 }
 
 /// Reads until `want` appears in what the server sent, up to READ_LIMIT.

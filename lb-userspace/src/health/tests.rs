@@ -31,7 +31,7 @@ fn target(port: u16, yaml_check: &str) -> Target {
     );
     let c = config::parse("t.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
     Target {
-        backend: BackendRef { vip: "t".into(), addr: LOCAL, port: 0 },
+        key: Key { vip: c.vips[0].address, vip_port: 80, protocol: 6, addr: LOCAL, port: 0 },
         addr: LOCAL,
         port,
         vip: c.vips[0].address,
@@ -365,4 +365,113 @@ async fn an_exec_check_that_times_out_leaves_no_process_behind() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!alive, "the check's grandchild (sleep, pid {pid}) outlived the check");
+}
+
+// The rise/fall state machine, without time: a list of outcomes in, the
+// transitions out.
+fn run_steps(up: bool, outcomes: &[Outcome], rise: u32, fall: u32) -> (RiseFall, Vec<(usize, bool)>) {
+    let mut s = RiseFall::new(up);
+    let mut changes = Vec::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        let (n, changed) = step(s, o, rise, fall);
+        s = n;
+        if let Some(up) = changed {
+            changes.push((i, up));
+        }
+    }
+    (s, changes)
+}
+
+fn fail() -> Outcome {
+    Outcome::Failed("connection refused".into())
+}
+
+fn not_run() -> Outcome {
+    Outcome::NotRun("cannot create a socket: Too many open files".into())
+}
+
+#[test]
+fn rise_passes_bring_a_backend_up_and_fall_failures_take_it_down() {
+    use Outcome::Passed;
+    let (s, changes) = run_steps(false, &[Passed, Passed, fail(), fail(), fail(), Passed], 2, 3);
+    assert_eq!(changes, [(1, true), (4, false)]);
+    assert!(!s.up && s.passes == 1 && s.decided);
+    // A failure in between starts the count again.
+    let (_, changes) = run_steps(false, &[Passed, fail(), Passed, Passed], 2, 3);
+    assert_eq!(changes, [(3, true)]);
+    // Already up: passes change nothing.
+    assert_eq!(run_steps(true, &[Passed, Passed, Passed], 2, 3).1, []);
+}
+
+#[test]
+fn a_check_not_run_neither_passes_nor_fails() {
+    // Up, two failures, then local trouble for a while: the third failure is still needed.
+    let (s, changes) = run_steps(true, &[fail(), fail(), not_run(), not_run(), not_run()], 2, 3);
+    assert_eq!(changes, []);
+    assert!(s.up && s.fails == 2 && !s.decided);
+    let (_, changes) = run_steps(true, &[fail(), fail(), not_run(), fail()], 2, 3);
+    assert_eq!(changes, [(3, false)]);
+    // Never run: never decided, never up.
+    let (s, changes) = run_steps(false, &[not_run(), not_run(), not_run()], 1, 1);
+    assert!(changes.is_empty() && !s.up && !s.decided);
+}
+
+#[test]
+fn the_first_decision_is_rise_passes_or_fall_failures() {
+    use Outcome::Passed;
+    let (s, _) = run_steps(true, &[Passed], 2, 3);
+    assert!(!s.decided, "one pass of two");
+    let (s, _) = run_steps(true, &[Passed, Passed], 2, 3);
+    assert!(s.decided && s.up, "up and confirmed: decided without a transition");
+    let (s, _) = run_steps(false, &[fail(), fail(), fail()], 2, 3);
+    assert!(s.decided && !s.up);
+}
+
+#[tokio::test]
+async fn a_check_without_a_free_slot_is_not_run_after_its_timeout() {
+    let t = target(1, "{type: tcp, timeout: 100ms}");
+    let none_free = tokio::sync::Semaphore::new(0);
+    let outcome = check_with_permit(&Probe::new(&t), &none_free, t.check.timeout).await;
+    assert_eq!(outcome, Outcome::NotRun("no check slot free within 100ms (too many checks at once)".into()));
+}
+
+#[tokio::test]
+async fn a_source_address_this_host_lacks_means_the_check_was_not_run() {
+    // 192.0.2.1 (TEST-NET-1) is on no interface here: bind fails with EADDRNOTAVAIL.
+    let port = server(|_| async {}).await;
+    let t = target(port, "{type: tcp, source: 192.0.2.1}");
+    let permits = tokio::sync::Semaphore::new(1);
+    let outcome = check_with_permit(&Probe::new(&t), &permits, t.check.timeout).await;
+    match outcome {
+        Outcome::NotRun(e) => assert!(e.starts_with("cannot use source address 192.0.2.1:"), "{e}"),
+        other => panic!("a local error is not a backend failure: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_backend_whose_checks_cannot_run_keeps_its_state_and_says_why() {
+    let port = server(|_| async {}).await;
+    let mut t = target(port, "{type: tcp, source: 192.0.2.1, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}");
+    t.check.initial_state = crate::config::InitialState::Up;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut checker = Checker::with_limit(tx, 4);
+    checker.sync(vec![t.clone()], |_| true);
+    let last = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let h = checker.table.lock().unwrap()[&t.key].clone();
+        if h.last_result != "not checked yet" {
+            break h;
+        }
+    };
+    assert!(last.up && !last.decided && last.failures == 0, "{last:?}");
+    assert!(last.last_result.starts_with("check not run: cannot use source address 192.0.2.1"), "{last:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "no transition");
+    assert!(checker.is_up(&t.key));
+}
+
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let limit = raise_open_files_limit().unwrap();
+    assert_eq!(open_files_limit().unwrap(), (limit, limit));
 }

@@ -84,6 +84,18 @@ pub fn render(s: &Status) -> String {
         ],
     );
     family(
+        "xdplb_apply_failures_total",
+        "counter",
+        "Failed attempts to write the desired state to the maps (retried every second).",
+        vec![(String::new(), s.apply_failures as f64)],
+    );
+    family(
+        "xdplb_map_drift_repairs_total",
+        "counter",
+        "Map entries found changed behind the controller's back, and rewritten.",
+        vec![(String::new(), s.drift_repairs as f64)],
+    );
+    family(
         "xdplb_config_generation",
         "gauge",
         "Generation of the configuration in effect.",

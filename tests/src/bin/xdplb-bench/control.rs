@@ -1,6 +1,8 @@
 //! The control plane at scale: Maglev build time, start and reload with
-//! 1,000 VIPs × 100 backends (the real `xdplb run`), and the health
-//! checker's CPU for 2,000 backends checked every second.
+//! 1,000 VIPs × 100 backends (the real `xdplb run`), how fast a running
+//! controller answers signals and health changes and how old its status is
+//! with 1M tracked flows, and the health checker's CPU for 2,000 backends
+//! checked every second.
 
 use std::{
     collections::HashMap,
@@ -13,8 +15,7 @@ use std::{
 use lb_common::maglev::{self, MaglevBackend};
 use lb_userspace::{
     config::HealthCheck,
-    desired::BackendRef,
-    health::{Checker, Target},
+    health::{Checker, Key, Target},
 };
 use tests::topology::{self, NETNS_PREFIX, Netns, unique_tag};
 
@@ -42,6 +43,7 @@ pub fn run(report: &mut Report, quick: bool) {
         report.add("control", &format!("maglev build, {n} backends, 65537 slots"), "xdplb", "milliseconds", ms, "ms");
     }
     scale(report);
+    stalls(report, if quick { 3 } else { 5 });
     checker_cpu(report, if quick { 5 } else { 10 });
 }
 
@@ -148,6 +150,158 @@ fn scale(report: &mut Report) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Polls `done` every 2 ms for up to `limit`; the time it took, if it became true.
+fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<f64> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if done() {
+            return Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+fn median_max(v: &[f64]) -> (f64, f64) {
+    (median(v.to_vec()), v.iter().copied().fold(0.0, f64::max))
+}
+
+/// `xdplb run` with 1M flows in its connection table (written through the
+/// pinned FLOWS map), while it counts them for the status every tick:
+/// SIGHUP → new generation in the status file; a health check's result
+/// changing → the backend's state in the BACKENDS map (this includes the
+/// check's 100 ms interval); and the status file's age.
+fn stalls(report: &mut Report, rounds: usize) {
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::{Array, Map, MapData};
+    use lb_common::maps::{Backend, FlowKey, FlowValue, names};
+
+    const FLOWS: u32 = 1_000_000;
+    let case = "1M tracked flows";
+    let tag = unique_tag();
+    let ns = Netns::create(format!("{NETNS_PREFIX}{tag}-stall"));
+    ns.ip("link add s0 type veth peer name s1");
+    ns.ip("link set s1 up");
+    ns.ip("addr add 198.18.0.1/24 dev s0");
+    ns.ip("link set s0 up");
+    for b in ["198.18.0.2", "198.18.0.3"] {
+        ns.ip(&format!("neigh add {b} lladdr 02:00:00:00:00:02 dev s0 nud permanent"));
+    }
+    let dir = std::env::temp_dir().join(format!("xdplb-test-{tag}"));
+    std::fs::create_dir_all(dir.join("bpffs")).unwrap();
+    let mounted =
+        Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.join("bpffs")).status().is_ok_and(|s| s.success());
+    assert!(mounted, "mounting a BPF filesystem failed");
+    let flag = dir.join("healthy");
+    std::fs::write(&flag, "").unwrap();
+    let y = format!(
+        "interface: s0\nxdp_mode: skb\nvips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    \
+         health_check: {{type: exec, command: [/usr/bin/test, -e, {}], interval: 100ms, timeout: 100ms, rise: 1, fall: 1, initial_state: up}}\n    \
+         backends:\n      - address: 198.18.0.2\n      - address: 198.18.0.3\n",
+        flag.display()
+    );
+    let path = dir.join("stall.yaml");
+    std::fs::write(&path, &y).unwrap();
+    let (pin_root, state_dir) = (dir.join("bpffs/xdplb"), dir.join("run"));
+    let log_path = dir.join("xdplb.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = ns
+        .command(topology::bin_dir().join("xdplb"))
+        .args(["run", "--detach-on-exit", "--config"])
+        .arg(&path)
+        .env("XDPLB_PIN_ROOT", &pin_root)
+        .env("XDPLB_STATE_DIR", &state_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let status = || lb_userspace::status::read(&state_dir, "s0").ok();
+    let ready = time_until(Duration::from_secs(60), || read_log().contains("ready in")).is_some()
+        && time_until(Duration::from_secs(10), || status().is_some()).is_some();
+    if !ready {
+        report.note(format!("stalls: xdplb did not become ready within 60 s; log:\n{}", read_log()));
+    } else {
+        let pins = pin_root.join("s0");
+        let flows = MapData::from_pin(pins.join(names::FLOWS)).unwrap();
+        let entries: Vec<(FlowKey, FlowValue)> = (0..FLOWS)
+            .map(|i| {
+                let key = FlowKey {
+                    src: [(0xc612_0000 | (i >> 16)).to_be(), 0, 0, 0],
+                    dst: [0xc612_6401u32.to_be(), 0, 0, 0],
+                    sport: (i as u16).to_be(),
+                    dport: 80u16.to_be(),
+                    protocol: 6,
+                    family: 4,
+                    _pad: [0; 2],
+                };
+                (key, FlowValue { backend_id: i % 2, generation: 0, hash: i, _pad: 0 })
+            })
+            .collect();
+        let written = lb_userspace::walks::insert_batched(flows.fd().as_fd(), &entries).unwrap_or(0);
+        println!("stalls: {written} flows written to FLOWS");
+        let backends: Array<MapData, Backend> =
+            Array::try_from(Map::Array(MapData::from_pin(pins.join(names::BACKENDS)).unwrap())).unwrap();
+        let states = || -> Vec<u8> { (0..8).map(|i| backends.get(&i, 0).map_or(0, |b| b.state)).collect() };
+        // Let the first counts of the full table come and go.
+        std::thread::sleep(Duration::from_secs(3));
+        let mut age = Vec::new();
+        let mut tracked = 0;
+        for _ in 0..50 {
+            if let Some(s) = status() {
+                let now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+                age.push(now.saturating_sub(s.updated_unix_ms) as f64);
+                tracked = tracked.max(s.flows_tracked);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (_, age_max) = median_max(&age);
+        report.add("control", case, "xdplb", "status_age_max", age_max / 1000.0, "s");
+        report.add("control", case, "xdplb", "flows_tracked", tracked as f64, "flows");
+        let mut hup = Vec::new();
+        for _ in 0..rounds {
+            let generation = status().map_or(0, |s| s.config_generation);
+            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+            match time_until(Duration::from_secs(60), || status().is_some_and(|s| s.config_generation > generation)) {
+                Some(ms) => hup.push(ms),
+                None => report.note("stalls: a SIGHUP was not answered within 60 s"),
+            }
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        if !hup.is_empty() {
+            let (med, max) = median_max(&hup);
+            report.add("control", case, "xdplb", "sighup_to_reload_median", med, "ms");
+            report.add("control", case, "xdplb", "sighup_to_reload_max", max, "ms");
+        }
+        let mut health = Vec::new();
+        for round in 0..rounds * 2 {
+            let before = states();
+            if round % 2 == 0 {
+                let _ = std::fs::remove_file(&flag);
+            } else {
+                std::fs::write(&flag, "").unwrap();
+            }
+            match time_until(Duration::from_secs(60), || states() != before) {
+                Some(ms) => health.push(ms),
+                None => report.note("stalls: a health change did not reach the dataplane within 60 s"),
+            }
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        if !health.is_empty() {
+            let (med, max) = median_max(&health);
+            report.add("control", case, "xdplb", "check_change_to_dataplane_median", med, "ms");
+            report.add("control", case, "xdplb", "check_change_to_dataplane_max", max, "ms");
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = Command::new("umount").arg("-l").arg(dir.join("bpffs")).status();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
@@ -188,7 +342,7 @@ fn checker_cpu(report: &mut Report, secs: u64) {
             let targets: Vec<Target> = addrs
                 .iter()
                 .map(|a| Target {
-                    backend: BackendRef { vip: "v".into(), addr: *a, port: 0 },
+                    key: Key { vip: "198.18.100.1".parse().unwrap(), vip_port: 80, protocol: 6, addr: *a, port: 0 },
                     addr: *a,
                     port: 80,
                     vip: "198.18.100.1".parse().unwrap(),
@@ -201,7 +355,7 @@ fn checker_cpu(report: &mut Report, secs: u64) {
             let deadline = Instant::now() + Duration::from_secs(10);
             while up.len() < N && Instant::now() < deadline {
                 if let Ok(Some(t)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
-                    up.insert(t.backend, t.up);
+                    up.insert(t.key, t.up);
                 }
             }
             let (c0, t0) = (thread_cpu(), Instant::now());

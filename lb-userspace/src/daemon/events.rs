@@ -1,0 +1,378 @@
+//! The event loop's handlers: health transitions, DNS answers, the
+//! one-second tick (file watch, next hops, retries, drift checks, status),
+//! reloads, and the stop. Each ends in the one apply path.
+
+use std::{net::IpAddr, time::Instant};
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{DRIFT_CHECK_EVERY_TICKS, Daemon, DnsTask, health_view};
+use crate::{
+    addr::fmt_mac,
+    attach,
+    config::{self, CheckKind, Config, InitialState},
+    desired, dns, health,
+    neighbours::Resolution,
+    notify,
+    reconcile::Forwarding,
+    status,
+};
+
+impl Daemon {
+    /// The configured name of the VIP a health key belongs to, for logs.
+    fn vip_name(&self, key: &health::Key) -> String {
+        self.config
+            .vips
+            .iter()
+            .find(|v| v.address == key.vip && v.port == key.vip_port && v.protocol.number() == key.protocol)
+            .map_or_else(|| format!("{}:{}", key.vip, key.vip_port), |v| v.name.clone())
+    }
+
+    fn sync_health(&mut self) {
+        self.observed.healthy = health_view(&self.checker);
+    }
+
+    /// Takes the maps to the desired state. A VIP that fails does not stop
+    /// the others; until all succeed, every tick tries again (`unapplied`).
+    pub(super) fn apply(&mut self) -> Result<()> {
+        let specs = desired::vip_specs(&self.config, &self.overrides, &self.observed);
+        let result = self.reconciler.apply(&mut self.dp, &specs);
+        match &result {
+            Ok(_) => {
+                if self.unapplied.take().is_some() {
+                    info!("the dataplane holds the desired state again");
+                }
+            }
+            Err(_) => self.status.lock().unwrap().apply_failures += 1,
+        }
+        result.map(|_| ())
+    }
+
+    pub(super) fn apply_logged(&mut self, why: &str) {
+        if let Err(e) = self.apply() {
+            let text = format!("{e:#}");
+            // Logged once per distinct error: a retry every second says nothing new.
+            if self.unapplied.as_ref() != Some(&text) {
+                error!("updating the dataplane after {why} failed: {text}; retrying every second");
+            }
+            self.unapplied = Some(text);
+        }
+    }
+
+    /// Health transitions: this one and every one already queued, one apply.
+    pub(super) fn on_transitions(
+        &mut self,
+        first: health::Transition,
+        more: &mut mpsc::UnboundedReceiver<health::Transition>,
+    ) {
+        let mut batch = vec![first];
+        while let Ok(t) = more.try_recv() {
+            batch.push(t);
+        }
+        for t in batch {
+            let vip = self.vip_name(&t.key);
+            if t.up {
+                info!(vip, backend = %t.key.addr, "backend UP: {}", t.reason);
+            } else {
+                warn!(vip, backend = %t.key.addr, "backend DOWN: {}", t.reason);
+            }
+            self.observed.healthy.insert(t.key, t.up);
+        }
+        self.apply_logged("a health change");
+    }
+
+    pub(super) async fn on_tick(&mut self) {
+        self.ticks += 1;
+        // A file being written is not reloaded half-way: only once it reads the same twice.
+        if let Some(text) = self.watch.observe(config::read_file(&self.opts.config), Instant::now()) {
+            self.reload_with("the file changed", Ok(text));
+        }
+        if self.refresh_neighbours().await {
+            self.apply_logged("a next-hop change");
+        } else if self.unapplied.is_some() {
+            self.apply_logged("a retry");
+        }
+        if self.ticks.is_multiple_of(DRIFT_CHECK_EVERY_TICKS) && self.unapplied.is_none() {
+            self.repair_drift();
+        }
+        if self.ticks.is_multiple_of(2) && self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
+            self.collect_nat();
+        }
+        // A killed `xdplb trace` leaves the traced program in the link.
+        crate::trace::switch_off_abandoned(&mut self.dp, &self.pin_dir);
+        // With very many backends a status costs real time: keep it under 10%.
+        if self.previous_at.elapsed() >= self.publish_cost * 10 {
+            let started = Instant::now();
+            self.publish_status();
+            self.publish_cost = started.elapsed();
+        }
+    }
+
+    /// Compares the maps with what the controller wrote; anything changed
+    /// behind its back (a stray `bpftool map update`, another tool) is put
+    /// back and logged.
+    fn repair_drift(&mut self) {
+        let repaired = self.reconciler.repair_drift(&mut self.dp);
+        for line in &repaired {
+            warn!("map drift repaired: {line}");
+        }
+        self.status.lock().unwrap().drift_repairs += repaired.len() as u64;
+    }
+
+    pub(super) async fn refresh_neighbours(&mut self) -> bool {
+        let addrs = desired::addresses_to_resolve(&self.config);
+        let resolved = match self.neighbours.resolve(&addrs).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep what we knew: a netlink hiccup must not take backends down.
+                warn!("reading routes and neighbours failed, keeping the last known next hops: {e:#}");
+                return false;
+            }
+        };
+        let mut changed = false;
+        for (addr, r) in &resolved {
+            let before = self.observed.next_hop_mac.get(addr).copied();
+            if let Resolution::Resolved { ifindex, .. } = r {
+                self.observed.next_hop_ifindex.insert(*addr, *ifindex);
+            }
+            // Kept through a few failed rounds (a solicitation, a flapping entry).
+            let now = self.neighbours.mac_to_use(*addr, before, r);
+            if before != now {
+                changed = true;
+                match (before, now, r) {
+                    (_, Some(mac), Resolution::Resolved { next_hop, .. }) => {
+                        info!(backend = %addr, "next hop {next_hop} is at {}", fmt_mac(&mac))
+                    }
+                    (Some(_), None, Resolution::Unresolved(why)) => warn!(backend = %addr, "backend not used: {why}"),
+                    _ => {}
+                }
+                match now {
+                    Some(m) => self.observed.next_hop_mac.insert(*addr, m),
+                    None => self.observed.next_hop_mac.remove(addr),
+                };
+            }
+        }
+        self.observed.next_hop_mac.retain(|a, _| addrs.contains(a));
+        self.resolution = resolved;
+        changed
+    }
+
+    /// A reload as systemd sees it: RELOADING=1, then READY=1 once the file
+    /// is applied or rejected (`systemctl reload` waits for that).
+    pub(super) fn reload(&mut self, why: &str) {
+        // Read once: this text is what is parsed and what the watcher will not reload again.
+        let read = config::read_file(&self.opts.config);
+        if let Ok(text) = &read {
+            self.watch.seen(text);
+        }
+        self.reload_with(why, read);
+    }
+
+    fn reload_with(&mut self, why: &str, read: std::io::Result<String>) {
+        notify::reloading();
+        self.reload_config(why, read);
+        let s = self.status.lock().unwrap();
+        // At once, not at the next tick: `xdplb reload` waits for this verdict.
+        if let Err(e) = status::write(&self.opts.state_dir, &s) {
+            warn!("cannot write the status file: {e:#}");
+        }
+        let rejected = if s.last_reload_errors.is_empty() { "" } else { "; the last reload was rejected" };
+        notify::ready(&format!(
+            "serving {} VIPs, configuration generation {}{rejected}",
+            self.config.vips.len(),
+            s.config_generation
+        ));
+    }
+
+    fn reload_config(&mut self, why: &str, read: std::io::Result<String>) {
+        let started = Instant::now();
+        let path = self.opts.config.display().to_string();
+        let generation = self.status.lock().unwrap().config_generation;
+        let text = match read {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("{path}: cannot read: {e}");
+                error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+                self.reject(vec![msg]);
+                return;
+            }
+        };
+        let parsed = match config::parse(&path, &text) {
+            Ok(c) => c,
+            Err(errs) => {
+                for e in &errs.0 {
+                    error!("{e}");
+                }
+                error!(
+                    "reload ({why}) rejected: {} error(s) in {path}; still running generation {generation}",
+                    errs.0.len()
+                );
+                self.reject(errs.0.iter().map(ToString::to_string).collect());
+                return;
+            }
+        };
+        if parsed.interface.as_deref().is_some_and(|i| i != self.link.name) && self.opts.iface.is_none() {
+            let msg = format!("{path}: interface: changing the interface needs a restart of xdplb");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        let conflicts = desired::own_address_conflicts(&parsed, &crate::addr::local_addresses());
+        if !conflicts.is_empty() {
+            let errors: Vec<String> = conflicts.iter().map(|c| format!("{path}: {c}")).collect();
+            error!("reload ({why}) rejected: {}; still running generation {generation}", errors.join("; "));
+            self.reject(errors);
+            return;
+        }
+        if parsed.backend_interface != self.config.backend_interface {
+            let msg = format!("{path}: backend_interface: changing the backend interface needs a restart of xdplb");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        if let Err(e) = self.follow_names(&parsed) {
+            let msg = format!("{path}: resolvers: {e:#}");
+            error!("reload ({why}) rejected: {msg}; still running generation {generation}");
+            self.reject(vec![msg]);
+            return;
+        }
+        let new = desired::expand_names(&parsed, &self.names.states);
+        // The health of every backend now, to restore if the new file cannot be applied.
+        let health_before = health_view(&self.checker);
+        let old = std::mem::replace(&mut self.config, new);
+        self.checker.sync(desired::health_targets(&self.config), |t| {
+            t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
+        });
+        self.sync_health();
+        if let Err(e) = self.apply() {
+            error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");
+            self.config = old;
+            let file_config = self.file_config.clone();
+            if let Err(e) = self.follow_names(&file_config) {
+                error!("restoring the previous backend names failed: {e:#}");
+            }
+            self.checker
+                .sync(desired::health_targets(&self.config), |t| health_before.get(&t.key).copied().unwrap_or(false));
+            self.sync_health();
+            self.apply_logged("restoring the previous configuration");
+            self.reject(vec![format!("{path}: {e:#}")]);
+            return;
+        }
+        // NAT on or off, IP-in-IP sources: the CONFIG map follows the file.
+        if let Err(e) = self.dp.set_config(&desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config)) {
+            error!("reload ({why}): updating the CONFIG map failed: {e:#}");
+        }
+        self.config_text = text;
+        let mut changes = desired::describe_changes(&self.file_config, &parsed);
+        for c in &changes {
+            info!("reload ({why}): {c}");
+        }
+        self.file_config = parsed;
+        // Overrides of backends that left the file go with them.
+        changes.extend(self.prune_overrides());
+        let mut s = self.status.lock().unwrap();
+        s.config_generation += 1;
+        s.reloads_ok += 1;
+        s.last_reload_errors.clear();
+        s.last_reload_changes = if changes.is_empty() { vec!["nothing changed".into()] } else { changes };
+        info!(
+            "reload ({why}) applied: generation {}, {} VIPs, in {} ms",
+            s.config_generation,
+            self.config.vips.len(),
+            started.elapsed().as_millis()
+        );
+    }
+
+    /// Resolves the backend names of `config` from now on: starts, restarts
+    /// (other resolver settings) or stops the resolving task, and forgets
+    /// names that are gone.
+    fn follow_names(&mut self, config: &Config) -> Result<()> {
+        let wanted = dns::names_of(config);
+        self.names.retain(&wanted);
+        if wanted.is_empty() {
+            self.dns = None;
+            return Ok(());
+        }
+        match &self.dns {
+            Some(t) if t.settings == config.resolvers => {
+                t.names.send_if_modified(|names| {
+                    let changed = *names != wanted;
+                    *names = wanted;
+                    changed
+                });
+            }
+            _ => self.dns = Some(DnsTask::start(&config.resolvers, wanted)?),
+        }
+        Ok(())
+    }
+
+    /// A round of DNS answers: log what failed or recovered, and apply the
+    /// backends the names stand for now.
+    pub(super) fn on_dns(&mut self, answers: Vec<dns::Answer>) {
+        let changes = self.names.update(answers, Instant::now(), self.file_config.resolvers.hold_obsolete);
+        for (name, e) in &changes.failed {
+            let kept = self.names.states.get(name).map_or(0, |s| s.current.len());
+            warn!(name, "cannot resolve backend name: {e}; keeping its last known {kept} addresses");
+        }
+        for name in &changes.recovered {
+            info!(name, "backend name resolves again");
+        }
+        if !changes.backends {
+            return;
+        }
+        let new = desired::expand_names(&self.file_config, &self.names.states);
+        if new == self.config {
+            return;
+        }
+        for (name, s) in &self.names.states {
+            let list =
+                |set: &mut dyn Iterator<Item = &IpAddr>| set.map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            info!(
+                name,
+                "backend name resolves to [{}]; draining [{}]",
+                list(&mut s.current.iter()),
+                list(&mut s.obsolete.keys())
+            );
+        }
+        self.config = new;
+        // New addresses start as the check's initial state says (down: not
+        // before `rise` checks pass), so a server that just appeared in DNS
+        // gets no traffic before it is known to work.
+        self.checker.sync(desired::health_targets(&self.config), |t| {
+            t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
+        });
+        self.sync_health();
+        self.prune_overrides();
+        self.apply_logged("a change of backend names in DNS");
+    }
+
+    fn reject(&mut self, errors: Vec<String>) {
+        let mut s = self.status.lock().unwrap();
+        s.reloads_failed += 1;
+        s.last_reload_errors = errors;
+    }
+
+    /// Stops: the status goes; the dataplane stays (adopted by the next
+    /// `xdplb run`) unless `--detach-on-exit`.
+    pub(super) fn shutdown(self) -> Result<()> {
+        notify::stopping();
+        let iface = self.link.name.clone();
+        std::fs::remove_file(status::path(&self.opts.state_dir, &iface)).ok();
+        if self.opts.detach_on_exit {
+            let pin_dir = self.pin_dir.clone();
+            drop(self.dp);
+            attach::detach(&pin_dir.join("link"))?;
+            attach::detach(&pin_dir.join("backend_link"))?;
+            crate::pins::remove_maps(&pin_dir);
+            info!(interface = iface, "stopped; XDP program detached and pinned maps removed");
+        } else {
+            info!(
+                interface = iface,
+                "stopped; the dataplane keeps forwarding with the last state (`xdplb run` adopts it, `xdplb detach --iface {iface}` removes it)"
+            );
+        }
+        Ok(())
+    }
+}
