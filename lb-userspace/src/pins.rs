@@ -670,10 +670,35 @@ fn write_abi(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Mount tables of the host and of `ip netns exec`, shared by the tests of
+/// this module and of `doctor`.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::Path;
+
+    use super::{NsOwner, PinFacts};
+    use crate::mounts::parse_mountinfo;
+
+    pub(crate) fn pin_facts(pin_root: &str, mountinfo: &str, owner: NsOwner, outer: Option<&str>) -> PinFacts {
+        let mounts = parse_mountinfo(mountinfo);
+        PinFacts {
+            pin_root: pin_root.into(),
+            mount: crate::mounts::mount_of(&mounts, Path::new(pin_root)).cloned(),
+            owner,
+            outer_mounts: outer.map(parse_mountinfo),
+        }
+    }
+
+    pub(crate) const HOST: &str = "27 1 254:0 / / rw - ext4 /dev/vda rw\n23 27 0:22 / /sys rw - sysfs sysfs rw\n\
+                        60 27 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
+    pub(crate) const NETNS: &str = "45 44 254:0 / / rw - ext4 /dev/vda rw\n48 45 0:39 / /sys rw - sysfs ns1 rw\n\
+                         70 45 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
+    pub(crate) const PRIVATE: NsOwner = NsOwner::ThisProcessTree { outer: 20 };
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::mounts::parse_mountinfo;
+    use super::{fixtures::*, *};
 
     fn p(pid: u32, ppid: u32, ns: &str) -> Process {
         Process { pid, ppid, mnt_ns: (!ns.is_empty()).then(|| format!("mnt:[{ns}]")) }
@@ -710,25 +735,9 @@ mod tests {
         assert_eq!(ns_owner(&procs, 99), NsOwner::Unknown);
     }
 
-    fn facts(pin_root: &str, mountinfo: &str, owner: NsOwner, outer: Option<&str>) -> PinFacts {
-        let mounts = parse_mountinfo(mountinfo);
-        PinFacts {
-            pin_root: pin_root.into(),
-            mount: mounts::mount_of(&mounts, Path::new(pin_root)).cloned(),
-            owner,
-            outer_mounts: outer.map(parse_mountinfo),
-        }
-    }
-
-    const HOST: &str = "27 1 254:0 / / rw - ext4 /dev/vda rw\n23 27 0:22 / /sys rw - sysfs sysfs rw\n\
-                        60 27 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
-    const NETNS: &str = "45 44 254:0 / / rw - ext4 /dev/vda rw\n48 45 0:39 / /sys rw - sysfs ns1 rw\n\
-                         70 45 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
-    const PRIVATE: NsOwner = NsOwner::ThisProcessTree { outer: 20 };
-
     #[test]
     fn pins_lifetime_of_each_pin_root() {
-        let l = |root, info, owner, outer| lifetime(&facts(root, info, owner, outer));
+        let l = |root, info, owner, outer| lifetime(&pin_facts(root, info, owner, outer));
         assert_eq!(l("/sys/fs/bpf/xdplb", NETNS, PRIVATE, Some(HOST)), Lifetime::DiesNeedsMount("sysfs".into()));
         assert_eq!(l("/sys/fs/bpf/xdplb", HOST, NsOwner::Shared, None), Lifetime::MountSysFsBpf);
         assert_eq!(l("/tmp/t/bpffs/xdplb", NETNS, PRIVATE, Some(HOST)), Lifetime::Survives);

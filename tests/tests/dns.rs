@@ -18,6 +18,29 @@ fn hosts_file(c: &Cluster, backends: &[usize]) -> std::path::PathBuf {
     c.write_config("dns-hosts", &text)
 }
 
+/// dnsmasq in a namespace of its own at DNS4, answering for NAME with `backends`
+/// from a hosts file (records from that file only, re-read on SIGHUP, TTL 0).
+fn start_dnsmasq(c: &Cluster, backends: &[usize]) -> tests::topology::Netns {
+    let dns = c.add_host("dns", DNS4, "2001:db8::53");
+    let hosts = hosts_file(c, backends);
+    c.spawn(
+        "dnsmasq",
+        dns.command("dnsmasq").args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={DNS4}"),
+            &format!("--addn-hosts={}", hosts.display()),
+            "--local-ttl=0",
+            "--user=root",
+            "--pid-file=",
+        ]),
+    );
+    dns
+}
+
 fn addresses(s: &serde_json::Value) -> Vec<String> {
     s["dns"][0]["addresses"].as_array().map_or(vec![], |a| a.iter().map(|v| v.as_str().unwrap().into()).collect())
 }
@@ -29,24 +52,7 @@ fn a_changed_record_moves_traffic_without_a_failed_request_and_a_dead_dns_server
     for i in 0..3 {
         c.start_server(i, 80);
     }
-    let dns = c.add_host("dns", DNS4, "2001:db8::53");
-    let hosts = hosts_file(&c, &[0, 1]);
-    c.spawn(
-        "dnsmasq",
-        dns.command("dnsmasq").args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={DNS4}"),
-            // Records from this file only, re-read on SIGHUP, never cached by clients.
-            &format!("--addn-hosts={}", hosts.display()),
-            "--local-ttl=0",
-            "--user=root",
-            "--pid-file=",
-        ]),
-    );
+    let dns = start_dnsmasq(&c, &[0, 1]);
     let yaml = format!(
         "interface: lb0\nmetrics_listen: 127.0.0.1:9464\n\
          resolvers:\n  nameservers: [{DNS4}]\n  interval: 500ms\n  timeout: 200ms\n  hold_obsolete: 3s\n\
@@ -143,22 +149,7 @@ fn without_a_resolvers_section_names_resolve_through_the_system_resolver() {
     for i in 0..2 {
         c.start_server(i, 80);
     }
-    let dns = c.add_host("dns", DNS4, "2001:db8::53");
-    let hosts = hosts_file(&c, &[0, 1]);
-    c.spawn(
-        "dnsmasq",
-        dns.command("dnsmasq").args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={DNS4}"),
-            &format!("--addn-hosts={}", hosts.display()),
-            "--user=root",
-            "--pid-file=",
-        ]),
-    );
+    let _dns = start_dnsmasq(&c, &[0, 1]);
     // As on a real host: the balancer's /etc/resolv.conf names the DNS server.
     let _resolv = NetnsResolvConf::new(&c.lb.name, DNS4);
     let yaml = format!(

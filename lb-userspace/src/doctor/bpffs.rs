@@ -57,63 +57,41 @@ pub fn decide(p: &PinFacts, starting: bool) -> Option<Finding> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::{
-        mounts::{mount_of, parse_mountinfo},
-        pins::NsOwner,
-    };
-
-    fn facts(pin_root: &str, mountinfo: &str, owner: NsOwner, outer: Option<&str>) -> PinFacts {
-        let mounts = parse_mountinfo(mountinfo);
-        PinFacts {
-            pin_root: pin_root.into(),
-            mount: mount_of(&mounts, Path::new(pin_root)).cloned(),
-            owner,
-            outer_mounts: outer.map(parse_mountinfo),
-        }
-    }
-
-    const HOST: &str = "27 1 254:0 / / rw - ext4 /dev/vda rw\n23 27 0:22 / /sys rw - sysfs sysfs rw\n\
-                        60 27 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
-    /// `ip netns exec`: root copied, a fresh sysfs on /sys.
-    const NETNS: &str = "45 44 254:0 / / rw - ext4 /dev/vda rw\n48 45 0:39 / /sys rw - sysfs ns1 rw\n\
-                         70 45 0:50 / /tmp/t/bpffs rw - bpf bpf rw\n";
-    const PRIVATE: NsOwner = NsOwner::ThisProcessTree { outer: 20 };
+    use crate::pins::{NsOwner, fixtures::*};
 
     #[test]
     fn sys_fs_bpf_under_ip_netns_exec_is_an_error() {
-        let f = decide(&facts("/sys/fs/bpf/xdplb", NETNS, PRIVATE, Some(HOST)), false).expect("a finding");
+        let f = decide(&pin_facts("/sys/fs/bpf/xdplb", NETNS, PRIVATE, Some(HOST)), false).expect("a finding");
         assert_eq!(f.check, "pin-root");
         assert!(f.what.contains("needs a BPF filesystem at /sys/fs/bpf") && f.what.contains("sysfs"), "{}", f.what);
         assert!(f.fix[0].contains("mount -t bpf bpf /run/xdplb-bpffs"));
         assert!(f.fix[1].contains("XDPLB_PIN_ROOT=/run/xdplb-bpffs/xdplb"));
         // Also at start-up: xdplb would mount one that dies with it.
-        assert!(decide(&facts("/sys/fs/bpf/xdplb", NETNS, PRIVATE, Some(HOST)), true).is_some());
+        assert!(decide(&pin_facts("/sys/fs/bpf/xdplb", NETNS, PRIVATE, Some(HOST)), true).is_some());
         // In the host's namespace, xdplb mounts one and it stays.
-        assert_eq!(decide(&facts("/sys/fs/bpf/xdplb", HOST, NsOwner::Shared, None), false), None);
+        assert_eq!(decide(&pin_facts("/sys/fs/bpf/xdplb", HOST, NsOwner::Shared, None), false), None);
     }
 
     #[test]
     fn a_bpffs_from_outside_survives_one_mounted_inside_does_not() {
-        assert_eq!(decide(&facts("/tmp/t/bpffs/xdplb", NETNS, PRIVATE, Some(HOST)), false), None);
+        assert_eq!(decide(&pin_facts("/tmp/t/bpffs/xdplb", NETNS, PRIVATE, Some(HOST)), false), None);
         let inside = format!("{NETNS}80 48 0:77 / /sys/fs/bpf rw - bpf bpf rw\n");
-        let f = decide(&facts("/sys/fs/bpf/xdplb", &inside, PRIVATE, Some(HOST)), false).expect("a finding");
+        let f = decide(&pin_facts("/sys/fs/bpf/xdplb", &inside, PRIVATE, Some(HOST)), false).expect("a finding");
         assert!(f.what.contains("exists only in this process's own mount namespace"), "{}", f.what);
         // Not our namespace alone: fine wherever it came from.
-        assert_eq!(decide(&facts("/sys/fs/bpf/xdplb", &inside, NsOwner::Shared, None), false), None);
+        assert_eq!(decide(&pin_facts("/sys/fs/bpf/xdplb", &inside, NsOwner::Shared, None), false), None);
         // Outside unreadable: a propagating mount has its copy elsewhere.
         let slave = format!("{NETNS}80 48 0:77 / /sys/fs/bpf rw master:3 - bpf bpf rw\n");
-        assert_eq!(decide(&facts("/sys/fs/bpf/xdplb", &slave, PRIVATE, None), false), None);
-        assert!(decide(&facts("/sys/fs/bpf/xdplb", &inside, PRIVATE, None), false).is_some());
+        assert_eq!(decide(&pin_facts("/sys/fs/bpf/xdplb", &slave, PRIVATE, None), false), None);
+        assert!(decide(&pin_facts("/sys/fs/bpf/xdplb", &inside, PRIVATE, None), false).is_some());
     }
 
     #[test]
     fn a_pin_root_on_another_filesystem_cannot_hold_pins() {
-        let f = decide(&facts("/var/lib/xdplb", HOST, NsOwner::Shared, None), false).expect("a finding");
+        let f = decide(&pin_facts("/var/lib/xdplb", HOST, NsOwner::Shared, None), false).expect("a finding");
         assert!(f.what.contains("of type ext4"), "{}", f.what);
         assert_eq!(f.fix, vec!["mkdir -p /var/lib/xdplb && mount -t bpf bpf /var/lib/xdplb"]);
-        assert_eq!(decide(&facts("/var/lib/xdplb", HOST, NsOwner::Shared, None), true), None, "xdplb run says it");
+        assert_eq!(decide(&pin_facts("/var/lib/xdplb", HOST, NsOwner::Shared, None), true), None, "xdplb run says it");
     }
 }
