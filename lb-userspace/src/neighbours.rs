@@ -69,7 +69,6 @@ pub struct Neighbours {
     timeout: Duration,
     /// The interfaces xdplb can send through: (index, name).
     ifaces: Vec<(u32, String)>,
-    misses: Misses,
 }
 
 /// How long a routing or neighbour table dump may take.
@@ -130,12 +129,19 @@ impl Neighbours {
     /// Opens a netlink connection (its task runs on the current tokio runtime).
     pub fn new(ifaces: Vec<(u32, String)>) -> Result<Self> {
         let (handle, conn) = connect()?;
-        Ok(Self { handle, conn, broken: false, timeout: NETLINK_TIMEOUT, ifaces, misses: Misses::default() })
+        Ok(Self { handle, conn, broken: false, timeout: NETLINK_TIMEOUT, ifaces })
     }
 
-    /// The MAC to use for a backend after this round (see `Misses`).
-    pub fn mac_to_use(&mut self, addr: IpAddr, before: Option<[u8; 6]>, r: &Resolution) -> Option<[u8; 6]> {
-        self.misses.mac_to_use(addr, before, r)
+    /// A resolver whose connection never answers (its task is not run while
+    /// the returned guard lives): every dump times out after `timeout`.
+    #[cfg(test)]
+    pub(crate) fn stalled(timeout: Duration) -> (Self, Box<dyn std::any::Any + Send>) {
+        let mut n = Self::new(Vec::new()).unwrap();
+        let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+        n.conn.abort();
+        n.handle = handle;
+        n.timeout = timeout;
+        (n, Box::new(conn))
     }
 
     /// Opens a new netlink connection in place of one that failed.
@@ -241,7 +247,6 @@ impl Neighbours {
         if self.broken {
             self.reconnect().context("reopening the netlink connection failed")?;
         }
-        self.misses.retain(addrs);
         let tables = async {
             let routes = within(self.timeout, "the routing table dump", self.routes()).await?;
             let table = within(self.timeout, "the neighbour table dump", self.table()).await?;

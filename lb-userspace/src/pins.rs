@@ -110,9 +110,12 @@ pub enum NsOwner {
 pub fn ns_owner(procs: &[Process], me: u32) -> NsOwner {
     let by_pid: HashMap<u32, &Process> = procs.iter().map(|p| (p.pid, p)).collect();
     let Some(own) = by_pid.get(&me).and_then(|p| p.mnt_ns.as_deref()) else { return NsOwner::Unknown };
-    // The topmost ancestor in this namespace, and the one above it.
+    // The topmost ancestor in this namespace, and the one above it. /proc is
+    // read one process at a time: a pid reused meanwhile can make the parents
+    // a cycle, so the walk stops after as many steps as there are processes.
     let mut top = me;
-    let outer = loop {
+    let mut outer = None;
+    for _ in 0..procs.len() {
         let parent = by_pid[&top].ppid;
         if parent == 0 {
             // The first process of this PID namespace is in it: not ours alone.
@@ -120,10 +123,14 @@ pub fn ns_owner(procs: &[Process], me: u32) -> NsOwner {
         }
         match by_pid.get(&parent).map(|p| p.mnt_ns.as_deref()) {
             Some(Some(ns)) if ns == own => top = parent,
-            Some(Some(_)) => break parent,
+            Some(Some(_)) => {
+                outer = Some(parent);
+                break;
+            }
             _ => return NsOwner::Unknown,
         }
-    };
+    }
+    let Some(outer) = outer else { return NsOwner::Unknown };
     let descends_from_top = |mut pid: u32| {
         for _ in 0..procs.len() + 1 {
             if pid == top {
@@ -157,8 +164,10 @@ pub struct PinFacts {
 pub enum Lifetime {
     /// On a BPF filesystem that outlives the process.
     Survives,
-    /// /sys/fs/bpf has no BPF filesystem, in a mount namespace that
-    /// outlives the process: mounting one there makes pins that survive.
+    /// /sys/fs/bpf has no BPF filesystem, in a mount namespace not known to
+    /// be this process tree's own: mounting one there makes pins that
+    /// survive where the namespace is [`NsOwner::Shared`]; with
+    /// [`NsOwner::Unknown`] nobody can say (see [`mounted_note`]).
     MountSysFsBpf,
     /// On a BPF filesystem mounted at `.0` only in this process's own mount
     /// namespace: it vanishes with the process.
@@ -263,14 +272,65 @@ fn is_bpffs(p: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC }
 }
 
-fn mount_sys_fs_bpf() -> Result<()> {
-    std::fs::create_dir_all("/sys/fs/bpf").ok();
-    let (src, dst, fs) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-    // SAFETY: all three are NUL-terminated static strings; no data argument.
-    if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("mounting a BPF filesystem at /sys/fs/bpf failed");
+/// Mounts a BPF filesystem at `dir` unless one is there already; whether
+/// this call mounted it. The check and the mount are done under an
+/// exclusive flock on `dir` itself (the directory mounted over, outside any
+/// BPF filesystem), so of two controllers starting together only one mounts:
+/// a second mount on top of the first would hide the first one's pins.
+pub fn mount_bpffs_once(dir: &Path) -> Result<bool> {
+    if is_bpffs(dir) {
+        return Ok(false);
     }
-    Ok(())
+    std::fs::create_dir_all(dir).ok();
+    let held = File::open(dir).with_context(|| format!("opening {} failed", dir.display()))?;
+    // SAFETY: flock on an fd this function owns; no memory is involved.
+    if unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {} failed", dir.display()));
+    }
+    // Another process may have mounted one while this one waited for the lock.
+    if is_bpffs(dir) {
+        return Ok(false);
+    }
+    let dst = CString::new(dir.as_os_str().as_bytes())?;
+    let (src, fs) = (c"bpf", c"bpf");
+    // SAFETY: all three are NUL-terminated strings alive for the call; no data argument.
+    if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting a BPF filesystem at {} failed", dir.display()));
+    }
+    Ok(true)
+}
+
+fn mount_sys_fs_bpf() -> Result<bool> {
+    mount_bpffs_once(Path::new("/sys/fs/bpf"))
+}
+
+/// What xdplb says after mounting a BPF filesystem at /sys/fs/bpf, and
+/// whether it is a warning: it says the pins outlive xdplb only where it
+/// knows the mount namespace is shared ([`NsOwner::Shared`]).
+pub fn mounted_note(owner: NsOwner) -> (bool, String) {
+    match owner {
+        NsOwner::Unknown => (
+            true,
+            "mounted a BPF filesystem at /sys/fs/bpf; whether this mount namespace outlives xdplb could not be \
+             determined (the mount namespace of an ancestor process cannot be read, as with a reduced capability \
+             set): if it was made for xdplb alone (`ip netns exec`, `unshare -m`), the pins go when xdplb exits. \
+             Check with `xdplb doctor`, run as root with every capability in the same way xdplb is started"
+                .to_string(),
+        ),
+        NsOwner::Shared => (
+            false,
+            "mounted a BPF filesystem at /sys/fs/bpf (in a mount namespace that other processes share: the pins \
+             outlive xdplb)"
+                .to_string(),
+        ),
+        NsOwner::ThisProcessTree { .. } => (
+            true,
+            "--ephemeral: mounted a BPF filesystem at /sys/fs/bpf in this process's own mount namespace: it, the \
+             XDP program and its maps go when xdplb exits"
+                .to_string(),
+        ),
+    }
 }
 
 /// The error of a pin root whose pins would die with the process.
@@ -290,11 +350,16 @@ fn refusal(pin_root: &Path, what: &str) -> anyhow::Error {
 /// With `ephemeral`, a BPF filesystem that dies with the process is
 /// accepted (and mounted at /sys/fs/bpf if need be), with a warning.
 pub fn ensure_bpffs(pin_root: &Path, ephemeral: bool) -> Result<()> {
-    match lifetime(&facts(pin_root)) {
+    let known = facts(pin_root);
+    match lifetime(&known) {
         Lifetime::Survives | Lifetime::Unknown | Lifetime::NotBpffs(_) => {}
         Lifetime::MountSysFsBpf => {
-            mount_sys_fs_bpf()?;
-            info!("mounted a BPF filesystem at /sys/fs/bpf (in the host's mount namespace: the pins outlive xdplb)");
+            if mount_sys_fs_bpf()? {
+                match mounted_note(known.owner) {
+                    (true, note) => warn!("{note}"),
+                    (false, note) => info!("{note}"),
+                }
+            }
         }
         Lifetime::DiesMountedAt(at) if ephemeral => warn!(
             "--ephemeral: the BPF filesystem at {} exists only in this process's mount namespace: the XDP program \
@@ -311,11 +376,9 @@ pub fn ensure_bpffs(pin_root: &Path, ephemeral: bool) -> Result<()> {
             return Err(refusal(pin_root, &what));
         }
         Lifetime::DiesNeedsMount(_) if ephemeral => {
+            // Only this process tree is in the namespace: mounted now or by its own member, it dies with it.
             mount_sys_fs_bpf()?;
-            warn!(
-                "--ephemeral: mounted a BPF filesystem at /sys/fs/bpf in this process's own mount namespace: it, the \
-                 XDP program and its maps go when xdplb exits"
-            );
+            warn!("{}", mounted_note(known.owner).1);
         }
         Lifetime::DiesNeedsMount(fstype) => {
             let what = format!(
@@ -733,6 +796,27 @@ mod tests {
         let procs = [p(1, 0, ""), p(20, 1, "1"), p(30, 20, "1")];
         assert_eq!(ns_owner(&procs, 30), NsOwner::Unknown);
         assert_eq!(ns_owner(&procs, 99), NsOwner::Unknown);
+    }
+
+    #[test]
+    fn pins_a_parent_cycle_from_reused_pids_ends_the_walk() {
+        // /proc read while 20 exited and its pid went to a child of 30.
+        let procs = [p(1, 0, "1"), p(20, 30, "1"), p(30, 20, "1")];
+        assert_eq!(ns_owner(&procs, 30), NsOwner::Unknown);
+        let procs = [p(30, 30, "1")];
+        assert_eq!(ns_owner(&procs, 30), NsOwner::Unknown);
+    }
+
+    #[test]
+    fn pins_an_unknown_namespace_owner_claims_no_lifetime() {
+        let (warns, note) = mounted_note(NsOwner::Unknown);
+        assert!(warns, "{note}");
+        assert!(!note.contains("outlive xdplb"), "it cannot know that: {note}");
+        assert!(note.contains("could not be determined") && note.contains("xdplb doctor"), "{note}");
+        let (warns, note) = mounted_note(NsOwner::Shared);
+        assert!(!warns && note.contains("the pins outlive xdplb"), "{note}");
+        let (warns, note) = mounted_note(PRIVATE);
+        assert!(warns && note.contains("go when xdplb exits"), "{note}");
     }
 
     #[test]

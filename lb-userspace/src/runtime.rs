@@ -12,9 +12,12 @@
 use std::{
     io::{BufRead as _, Read as _, Write as _},
     net::IpAddr,
-    os::unix::{
-        fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
-        net::UnixStream as StdUnixStream,
+    os::{
+        fd::AsRawFd as _,
+        unix::{
+            fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+            net::UnixStream as StdUnixStream,
+        },
     },
     path::{Path, PathBuf},
     sync::Arc,
@@ -76,6 +79,9 @@ pub enum Response {
     Error { error: String },
 }
 
+/// The largest weight an override may set (the file's limit too).
+pub const MAX_WEIGHT: u32 = 65535;
+
 /// A request and where its response goes.
 pub type Call = (Request, oneshot::Sender<Response>);
 
@@ -87,6 +93,11 @@ pub fn overrides_path(state_dir: &Path, iface: &str) -> PathBuf {
     state_dir.join(format!("{iface}.overrides.json"))
 }
 
+/// The lock a controller of `iface` holds for its whole life.
+pub fn lock_path(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.lock"))
+}
+
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
@@ -94,14 +105,25 @@ fn euid() -> u32 {
 
 /// Creates the state directory if needed (0755) and refuses one that
 /// another user could write to: whoever can write there can put their own
-/// socket (or overrides) in place of xdplb's.
+/// socket (or overrides) in place of xdplb's. A symlink is refused too:
+/// whoever can change it decides where the socket goes.
 pub fn check_state_dir(dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
         .with_context(|| format!("creating the state directory {} failed", dir.display()))?;
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!(
+            "the state directory {} is a symlink: whoever can change it decides where the control socket goes; \
+             fix: use the directory it points to (XDPLB_STATE_DIR or --state-dir)",
+            dir.display()
+        );
+    }
+    if !meta.is_dir() {
+        bail!("the state directory {} is not a directory", dir.display());
+    }
     let me = euid();
     if meta.uid() != me {
         bail!(
@@ -127,15 +149,58 @@ pub fn check_state_dir(dir: &Path) -> Result<()> {
 /// The listening socket; removed (and its task stopped) on drop.
 pub struct Server {
     path: PathBuf,
+    /// (device, inode) of the socket this server bound: only that one is removed.
+    bound: (u64, u64),
     task: JoinHandle<()>,
+    /// `STATE_DIR/IFACE.lock`, flocked: one controller per interface. Kept
+    /// open (never removed) for the server's life; dropped after the socket goes.
+    _lock: std::fs::File,
+}
+
+/// Takes `STATE_DIR/IFACE.lock` (flock, exclusive) and writes our pid into
+/// it; names the holder if another controller has it.
+fn lock(state_dir: &Path, iface: &str) -> Result<std::fs::File> {
+    use std::io::{Seek as _, SeekFrom};
+    let path = lock_path(state_dir, iface);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("opening the lock {} failed", path.display()))?;
+    // SAFETY: flock on the open fd of `file`, which outlives the call; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(anyhow!(e).context(format!("locking {} failed", path.display())));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok();
+        let holder = match text.trim().parse::<u32>() {
+            Ok(pid) => format!("pid {pid}"),
+            Err(_) => "another process".to_string(),
+        };
+        bail!("another xdplb controller serves {iface}: {holder} holds the lock {}; stop it first", path.display());
+    }
+    file.set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {} failed", path.display()))?;
+    Ok(file)
 }
 
 impl Server {
     /// Listens on `STATE_DIR/IFACE.sock`, replacing a stale socket; refuses
-    /// to start next to a controller that still answers there. Requests come
-    /// out of the receiver.
+    /// to start next to a controller that holds `STATE_DIR/IFACE.lock` or
+    /// still answers on the socket. Requests come out of the receiver.
     pub fn start(state_dir: &Path, iface: &str) -> Result<(Self, mpsc::Receiver<Call>)> {
         check_state_dir(state_dir)?;
+        // Held before anything else: of two controllers starting at once, the
+        // second stops here, before it could touch the first one's socket.
+        let lock = lock(state_dir, iface)?;
         let path = socket_path(state_dir, iface);
         match StdUnixStream::connect(&path) {
             Ok(_) => bail!(
@@ -152,23 +217,31 @@ impl Server {
                 std::fs::remove_file(&path).with_context(|| format!("removing {} failed", path.display()))?;
             }
         }
-        // Bound under another name, made 0600, then renamed into place: the
-        // socket is never reachable with the umask's mode.
+        // Bound under the umask 0177, so created 0600 (the chmod after only
+        // makes sure), under another name, then renamed into place complete.
         let tmp = state_dir.join(format!(".{iface}.sock.{}", std::process::id()));
         std::fs::remove_file(&tmp).ok();
-        let listener = std::os::unix::net::UnixListener::bind(&tmp)
-            .with_context(|| format!("binding {} failed", tmp.display()))?;
+        // SAFETY: umask has no preconditions and cannot fail; the old mask is put back right after the bind.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = std::os::unix::net::UnixListener::bind(&tmp);
+        // SAFETY: as above; restores the process's mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.with_context(|| format!("binding {} failed", tmp.display()))?;
         let ready = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| listener.set_nonblocking(true));
-        if let Err(e) = ready {
-            std::fs::remove_file(&tmp).ok();
-            return Err(anyhow!(e).context(format!("creating the runtime socket {} failed", path.display())));
-        }
+            .and_then(|()| std::fs::symlink_metadata(&tmp))
+            .and_then(|m| std::fs::rename(&tmp, &path).map(|()| (m.dev(), m.ino())))
+            .and_then(|id| listener.set_nonblocking(true).map(|()| id));
+        let bound = match ready {
+            Ok(id) => id,
+            Err(e) => {
+                std::fs::remove_file(&tmp).ok();
+                return Err(anyhow!(e).context(format!("creating the runtime socket {} failed", path.display())));
+            }
+        };
         let listener = UnixListener::from_std(listener)?;
         let (tx, rx) = mpsc::channel(MAX_CLIENTS);
         let task = tokio::spawn(serve(listener, tx));
-        Ok((Self { path, task }, rx))
+        Ok((Self { path, bound, task, _lock: lock }, rx))
     }
 
     pub fn path(&self) -> &Path {
@@ -179,7 +252,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
-        std::fs::remove_file(&self.path).ok();
+        // Only our own socket: one put there since (by hand, say) is left alone.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.bound) {
+            std::fs::remove_file(&self.path).ok();
+        }
     }
 }
 
@@ -211,8 +287,16 @@ async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     }
 }
 
+/// Reads the client's request line (unused), then sends `response` only:
+/// closed with the request unread, the client's write could fail (EPIPE)
+/// before it reads why.
 async fn answer_once(mut stream: UnixStream, response: Response) {
-    let _ = tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(&line(&response))).await;
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        let mut request = Vec::new();
+        let _ = BufReader::new(&mut stream).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut request).await;
+        stream.write_all(&line(&response)).await
+    })
+    .await;
 }
 
 fn line(response: &Response) -> Vec<u8> {
@@ -224,11 +308,13 @@ fn line(response: &Response) -> Vec<u8> {
 /// One connection: request lines until EOF, each answered in turn.
 async fn client(stream: UnixStream, calls: mpsc::Sender<Call>) {
     // The socket's mode already keeps others out; this holds even if it is changed.
+    let me = euid();
     match stream.peer_cred() {
-        Ok(c) if c.uid() == euid() => {}
+        Ok(c) if c.uid() == 0 || c.uid() == me => {}
         other => {
             let who = other.map_or("an unknown user".to_string(), |c| format!("uid {}", c.uid()));
-            let error = format!("permission denied: the runtime API is for uid {} only, not {who}", euid());
+            let whom = if me == 0 { "root (uid 0)".to_string() } else { format!("root and uid {me}") };
+            let error = format!("permission denied: the runtime API is for {whom} only, not {who}");
             return answer_once(stream, Response::Error { error }).await;
         }
     }
@@ -247,6 +333,9 @@ async fn client(stream: UnixStream, calls: mpsc::Sender<Call>) {
         } else {
             match serde_json::from_slice::<Request>(&request) {
                 Err(e) => Response::Error { error: format!("not a request: {e}") },
+                Ok(Request::Set { set: Override::Weight(w), .. }) if w > MAX_WEIGHT => {
+                    Response::Error { error: weight_error(w) }
+                }
                 Ok(r) => {
                     let (tx, rx) = oneshot::channel();
                     if calls.send((r, tx)).await.is_err() {
@@ -261,6 +350,10 @@ async fn client(stream: UnixStream, calls: mpsc::Sender<Call>) {
             return;
         }
     }
+}
+
+fn weight_error(w: u32) -> String {
+    format!("weight {w} is out of range: a weight is 0 (drain) to {MAX_WEIGHT}")
 }
 
 /// Whether the controller of `iface` has a runtime socket (a controller of an
@@ -291,11 +384,17 @@ pub fn call(state_dir: &Path, iface: &str, request: &Request, timeout: Duration)
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut text = serde_json::to_vec(request)?;
     text.push(b'\n');
-    stream.write_all(&text).with_context(|| format!("sending to {} failed", path.display()))?;
+    // A controller that refuses the request may answer and close before it
+    // is all sent: its answer (why) still counts over the write's error.
+    let sent = stream.write_all(&text);
     let mut answer = String::new();
-    std::io::BufReader::new(stream.take(MAX_RESPONSE))
-        .read_line(&mut answer)
-        .with_context(|| format!("no answer from {} within {timeout:?}", path.display()))?;
+    let read = std::io::BufReader::new(stream.take(MAX_RESPONSE)).read_line(&mut answer);
+    if let Err(e) = sent
+        && answer.is_empty()
+    {
+        return Err(anyhow!(e).context(format!("sending to {} failed", path.display())));
+    }
+    read.with_context(|| format!("no answer from {} within {timeout:?}", path.display()))?;
     serde_json::from_str(&answer).with_context(|| format!("{} answered {answer:?}", path.display()))
 }
 
@@ -321,6 +420,11 @@ pub fn load_overrides(state_dir: &Path, iface: &str) -> Result<Overrides> {
     };
     let entries: Vec<Entry> =
         serde_json::from_slice(&text).with_context(|| format!("{} is not an overrides file", path.display()))?;
+    if let Some(Entry { set: Override::Weight(w), .. }) =
+        entries.iter().find(|e| matches!(e.set, Override::Weight(w) if w > MAX_WEIGHT))
+    {
+        bail!("{} is not a valid overrides file: {}", path.display(), weight_error(*w));
+    }
     Ok(entries.into_iter().map(|e| (BackendRef { vip: e.vip, addr: e.address, port: e.port }, e.set)).collect())
 }
 
@@ -337,10 +441,23 @@ pub fn save_overrides(state_dir: &Path, iface: &str, overrides: &Overrides) -> R
     }
     let entries: Vec<Entry> =
         overrides.iter().map(|(b, o)| Entry { vip: b.vip.clone(), address: b.addr, port: b.port, set: *o }).collect();
+    // A new file of its own (O_EXCL, O_NOFOLLOW: never through a symlink
+    // someone left there), renamed over the old one.
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&entries)?)
-        .with_context(|| format!("writing {} failed", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {} failed", path.display()))
+    std::fs::remove_file(&tmp).ok();
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&entries)?))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e).with_context(|| format!("writing {} failed", path.display()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -412,9 +529,13 @@ mod tests {
         let (server, mut calls) = Server::start(&dir, "eth0").unwrap();
         let path = server.path().to_path_buf();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        // A second controller for the same interface is refused.
+        // A second controller for the same interface is refused at the lock,
+        // and leaves the first one's socket alone.
         let e = Server::start(&dir, "eth0").err().unwrap().to_string();
         assert!(e.starts_with("another xdplb controller serves eth0"), "{e}");
+        let lock = lock_path(&dir, "eth0");
+        assert!(e.contains(&format!("pid {} holds the lock {}", std::process::id(), lock.display())), "{e}");
+        assert!(has_socket(&dir, "eth0"), "the refused controller took the first one's socket away");
         // The "event loop": answers every request it gets.
         let looping = tokio::spawn(async move {
             while let Some((request, reply)) = calls.recv().await {
@@ -446,7 +567,115 @@ mod tests {
         drop(stale);
         let (again, _calls) = Server::start(&dir, "eth0").unwrap();
         assert!(has_socket(&dir, "eth0"));
+        // A socket put in its place since is not ours to remove.
+        std::fs::remove_file(&path).unwrap();
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
         drop(again);
+        assert!(has_socket(&dir, "eth0"), "the server removed a socket it did not bind");
+        drop(other);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn two_controllers_starting_at_once_leave_one_serving() {
+        let dir = scratch("race");
+        let d = dir.clone();
+        let starts: Vec<_> = (0..2)
+            .map(|_| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    let _guard = rt.enter();
+                    // The runtime must outlive the server's task: kept with it.
+                    Server::start(&d, "eth0").map(|(s, rx)| (s, rx, rt))
+                })
+            })
+            .collect();
+        let results: Vec<_> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+        let (won, lost): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        assert_eq!((won.len(), lost.len()), (1, 1), "exactly one starts");
+        let e = lost.into_iter().next().unwrap().err().unwrap().to_string();
+        assert!(e.starts_with("another xdplb controller serves eth0"), "{e}");
+        assert!(has_socket(&dir, "eth0"), "the winner's socket is there");
+        assert!(StdUnixStream::connect(socket_path(&dir, "eth0")).is_ok(), "and it answers");
+        let (server, _rx, rt) = won.into_iter().next().unwrap().unwrap();
+        {
+            let _guard = rt.enter();
+            drop(server);
+        }
+        assert!(!has_socket(&dir, "eth0"));
+        let _guard = rt.enter();
+        Server::start(&dir, "eth0").expect("the lock goes with the server");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_symlinked_state_directory_is_refused() {
+        let dir = scratch("symlink");
+        let real = dir.join("real");
+        check_state_dir(&real).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = check_state_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn overrides_are_never_written_through_a_symlink() {
+        let dir = scratch("nofollow");
+        check_state_dir(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let tmp = overrides_path(&dir, "eth0").with_extension("json.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut set = Overrides::new();
+        set.insert(BackendRef { vip: "web".into(), addr: "198.18.0.11".parse().unwrap(), port: 0 }, Override::Drain);
+        save_overrides(&dir, "eth0", &set).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep", "written through the symlink");
+        assert_eq!(load_overrides(&dir, "eth0").unwrap(), set);
+        assert!(!std::fs::symlink_metadata(overrides_path(&dir, "eth0")).unwrap().file_type().is_symlink());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn weights_above_the_limit_are_refused() {
+        let dir = scratch("weight");
+        check_state_dir(&dir).unwrap();
+        let path = overrides_path(&dir, "eth0");
+        let file = |w: u32| format!(r#"[{{"vip":"web","address":"198.18.0.11","override":{{"weight":{w}}}}}]"#);
+        std::fs::write(&path, file(65535)).unwrap();
+        assert_eq!(load_overrides(&dir, "eth0").unwrap().len(), 1);
+        std::fs::write(&path, file(65536)).unwrap();
+        let e = load_overrides(&dir, "eth0").unwrap_err().to_string();
+        assert!(e.contains("weight 65536 is out of range"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn the_socket_refuses_a_weight_above_the_limit() {
+        let dir = scratch("setweight");
+        let (server, mut calls) = Server::start(&dir, "eth0").unwrap();
+        let looping = tokio::spawn(async move {
+            while let Some((_, reply)) = calls.recv().await {
+                let _ = reply.send(Response::Done { lines: vec!["done".into()] });
+            }
+        });
+        let set = |w| Request::Set { vip: "web".into(), backend: "198.18.0.11".into(), set: Override::Weight(w) };
+        let d = dir.clone();
+        let answers = tokio::task::spawn_blocking(move || {
+            [65535, 65536].map(|w| call(&d, "eth0", &set(w), Duration::from_secs(5)).unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(answers[0], Response::Done { lines: vec!["done".into()] });
+        assert!(
+            matches!(&answers[1], Response::Error { error } if error.contains("weight 65536 is out of range")),
+            "{:?}",
+            answers[1]
+        );
+        drop(server);
+        looping.abort();
         std::fs::remove_dir_all(&dir).ok();
     }
 }

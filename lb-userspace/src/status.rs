@@ -369,3 +369,33 @@ pub fn render(s: &Status) -> String {
     }
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_write_never_follows_a_symlink_at_its_temporary_name() {
+        use std::os::unix::fs::{PermissionsExt as _, symlink};
+        let dir = std::env::temp_dir().join(format!("xdplb-status-symlink-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // Exactly where `write` puts its temporary file (it carries this process's pid), and the file itself.
+        symlink(&victim, state_dir.join(format!(".lb0.json.{}.tmp", std::process::id()))).unwrap();
+        symlink(&victim, path(&state_dir, "lb0")).unwrap();
+        let status = Status { interface: "lb0".into(), pid: 7, ..Default::default() };
+        write(&state_dir, &status).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(path(&state_dir, "lb0")).unwrap();
+        assert!(meta.file_type().is_file(), "the status replaced the symlink with a file of its own");
+        let written: Status = serde_json::from_slice(&std::fs::read(path(&state_dir, "lb0")).unwrap()).unwrap();
+        assert_eq!(written.pid, 7);
+        let left: Vec<_> = std::fs::read_dir(&state_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["lb0.json"], "no temporary file or symlink is left");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

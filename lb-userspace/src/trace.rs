@@ -451,13 +451,6 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
             pin_dir.display()
         );
     }
-    let mut pcap = match &opts.pcap {
-        Some(path) => {
-            let f = File::create(path).with_context(|| format!("creating {} failed", path.display()))?;
-            Some(PcapWriter::new(BufWriter::new(f), TRACE_SNAPLEN as u32)?)
-        }
-        None => None,
-    };
     stop_on_signals()?;
     let mut dp = Dataplane::open_with_trace_ring(MapSizes::default(), Some(&pin_dir), TRACE_RING_BYTES)?;
     let mut events = dp.take_trace_events()?;
@@ -491,6 +484,14 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         };
         plan.push((link.clone(), running.fd()?, restore));
     }
+    // Only now that the trace can start: a refused one leaves `-w FILE` as it was.
+    let mut pcap = match &opts.pcap {
+        Some(path) => {
+            let f = File::create(path).with_context(|| format!("creating {} failed", path.display()))?;
+            Some(PcapWriter::new(BufWriter::new(f), TRACE_SNAPLEN as u32)?)
+        }
+        None => None,
+    };
     dp.set_trace_config(&opts.filter.config(monotonic_ns() + LEASE.as_nanos() as u64, me))?;
     let mut session = Session { dp, traced, traced_id: traced_info.id(), swapped: Vec::new() };
     for (link, running, restore) in plan {

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Pod,
-    maps::{Array, HashMap as BpfHashMap, IterableMap as _, Map, MapData},
+    maps::{Array, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapType},
 };
 use lb_common::maps::{Backend, FlowKey, FlowValue, NAT_OPEN, NatFlow, NatReply, PROTO_TCP};
 use tokio::sync::mpsc;
@@ -50,22 +50,57 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    // SAFETY: bpf(2) reads and writes `attr`, which we own, and the buffers it points to, which the callers size for `count` entries.
+/// Issues a batch command.
+///
+/// # Safety
+///
+/// `attr.keys` and `attr.values` must point to buffers of at least
+/// `attr.count` entries of the map's own key and value sizes (which
+/// `check_layout` makes `size_of::<K>()` and `size_of::<V>()`), and a
+/// non-zero `attr.in_batch` or `attr.out_batch` to a readable or writable
+/// u64 (a hash map's cursor is a u32).
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: bpf(2) reads and writes `attr` (ours, the size we pass) and touches only the buffers the caller vouches for above.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>()) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Checks that `map` is a (non-per-CPU) hash map of `K` keys and `V` values:
+/// a batch command moves `count` entries of the map's own key and value
+/// sizes, so buffers of `count` `K`s and `V`s must be exactly that large. A
+/// per-CPU map's values are rounded up to 8 bytes and repeated per CPU, and
+/// other map types keep other cursors: neither is accepted.
+fn check_layout<K, V>(map: &MapData) -> Result<()> {
+    let info = map.info().context("reading a map's info failed")?;
+    let kind = info.map_type().context("reading a map's type failed")?;
+    anyhow::ensure!(
+        matches!(kind, MapType::Hash | MapType::LruHash),
+        "batched access needs a hash map, not a {kind:?} map"
+    );
+    anyhow::ensure!(
+        info.key_size() as usize == size_of::<K>() && info.value_size() as usize == size_of::<V>(),
+        "the map holds {}-byte keys and {}-byte values, not {} and {}",
+        info.key_size(),
+        info.value_size(),
+        size_of::<K>(),
+        size_of::<V>()
+    );
+    Ok(())
+}
+
 /// Reads a hash map in batches, calling `each` on every entry, until the map
-/// ends or `deadline` passes. Returns whether it reached the end.
+/// ends, `each` answers false or `deadline` passes. Returns whether it
+/// reached the end. Fails, reading nothing, unless the map holds `K` keys and
+/// `V` values.
 ///
 /// A hash map's batches go bucket by bucket, so an entry deleted meanwhile
 /// does not restart the walk (unlike `BPF_MAP_GET_NEXT_KEY`).
 pub fn for_each_batched<K: Pod + Default, V: Pod + Default>(
-    map: BorrowedFd<'_>,
+    map: &MapData,
     deadline: Instant,
     mut each: impl FnMut(&K, &V) -> bool,
 ) -> Result<bool> {
+    check_layout::<K, V>(map)?;
     let mut keys = vec![K::default(); BATCH];
     let mut values = vec![V::default(); BATCH];
     // The cursor: a bucket index for hash maps (a u32), room for more.
@@ -78,10 +113,11 @@ pub fn for_each_batched<K: Pod + Default, V: Pod + Default>(
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
             count: BATCH as u32,
-            map_fd: map.as_raw_fd() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let result = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: check_layout made the map a non-per-CPU hash map with size_of::<K>()/size_of::<V>() keys/values, `keys`/`values` hold BATCH (= count) of them, and the cursors are u64s we own.
+        let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let end = match result {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
@@ -104,8 +140,10 @@ pub fn for_each_batched<K: Pod + Default, V: Pod + Default>(
 }
 
 /// Writes `entries` to a hash map in batches (the benchmark fills a
-/// connection table with it). Returns how many were written.
-pub fn insert_batched<K: Pod, V: Pod>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> Result<usize> {
+/// connection table with it). Returns how many were written. Fails, writing
+/// nothing, unless the map holds `K` keys and `V` values.
+pub fn insert_batched<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> Result<usize> {
+    check_layout::<K, V>(map)?;
     let mut written = 0;
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
@@ -114,10 +152,11 @@ pub fn insert_batched<K: Pod, V: Pod>(map: BorrowedFd<'_>, entries: &[(K, V)]) -
             keys: keys.as_ptr() as u64,
             values: values.as_ptr() as u64,
             count: chunk.len() as u32,
-            map_fd: map.as_raw_fd() as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let result = bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // SAFETY: check_layout made the map a non-per-CPU hash map with size_of::<K>()/size_of::<V>() keys/values, `keys`/`values` hold chunk.len() (= count) of them, and no cursor is passed.
+        let result = unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) };
         written += attr.count as usize;
         result.context("BPF_MAP_UPDATE_BATCH failed")?;
     }
@@ -185,10 +224,15 @@ pub fn dup_map_data(data: &MapData) -> Result<MapData> {
 pub fn census_flows(flows: &MapData, capacity: u32, budget: Duration) -> Result<FlowCensus> {
     let started = Instant::now();
     let mut census = FlowCensus::default();
-    let complete = for_each_batched::<FlowKey, FlowValue>(flows.fd().as_fd(), started + budget, |_, v| {
+    let complete = for_each_batched::<FlowKey, FlowValue>(flows, started + budget, |_, v| {
+        // One more than the table holds: stop, the count is a lower bound.
+        // A full table read to its end is complete.
+        if census.total >= u64::from(capacity) {
+            return false;
+        }
         *census.by_backend.entry(v.backend_id).or_default() += 1;
         census.total += 1;
-        census.total < u64::from(capacity)
+        true
     })?;
     census.complete = complete;
     census.took = started.elapsed();
@@ -202,6 +246,52 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// What a NAT collection does with one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Keep,
+    EvictIdle,
+    EvictClosed,
+}
+
+/// A connection's reply entry: from `replies` (a read of the reply table,
+/// `complete` if it reached the end), or, when a partial read did not reach
+/// it, from `lookup` (one lookup in the map). Without it a server that talks
+/// on a connection whose client is silent would look idle.
+fn reply_of(
+    replies: &HashMap<FlowKey, NatReply>,
+    complete: bool,
+    reply_key: &FlowKey,
+    lookup: impl FnOnce(&FlowKey) -> Option<NatReply>,
+) -> Option<NatReply> {
+    match replies.get(reply_key) {
+        Some(r) => Some(*r),
+        None if !complete => lookup(reply_key),
+        None => None,
+    }
+}
+
+/// Whether a connection stays, judged by the later of its two directions'
+/// last packets and by either direction having closed.
+fn verdict(now: u64, protocol: u8, flow: &NatFlow, reply: Option<&NatReply>, nat: &NatSettings) -> Verdict {
+    let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+    let closed = flow.state != NAT_OPEN || reply.is_some_and(|r| r.state != NAT_OPEN);
+    let timeout = if closed {
+        nat.closed_timeout
+    } else if protocol == PROTO_TCP {
+        nat.tcp_timeout
+    } else {
+        nat.udp_timeout
+    };
+    if now.saturating_sub(last) <= timeout.as_nanos() as u64 {
+        Verdict::Keep
+    } else if closed {
+        Verdict::EvictClosed
+    } else {
+        Verdict::EvictIdle
+    }
+}
+
 /// Forgets NAT connections that closed (FIN/RST) or went idle, both
 /// directions' entries; also reply entries left behind by a re-steered flow.
 pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Result<NatSweep> {
@@ -209,16 +299,16 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
     let deadline = started + budget;
     let now = monotonic_ns();
     let mut replies = HashMap::new();
-    let mut complete = for_each_batched::<FlowKey, NatReply>(maps.nat_reverse.map().fd().as_fd(), deadline, |k, r| {
+    let replies_complete = for_each_batched::<FlowKey, NatReply>(maps.nat_reverse.map(), deadline, |k, r| {
         replies.insert(*k, *r);
         true
     })?;
     let mut flows = Vec::new();
-    complete &= for_each_batched::<FlowKey, NatFlow>(maps.nat_flows.map().fd().as_fd(), deadline, |k, f| {
+    let flows_complete = for_each_batched::<FlowKey, NatFlow>(maps.nat_flows.map(), deadline, |k, f| {
         flows.push((*k, *f));
         true
     })?;
-    let mut sweep = NatSweep { complete, ..NatSweep::default() };
+    let mut sweep = NatSweep { complete: replies_complete && flows_complete, ..NatSweep::default() };
     let mut live_replies = HashSet::new();
     let mut backends: HashMap<u32, Option<Backend>> = HashMap::new();
     for (key, flow) in flows {
@@ -239,27 +329,19 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
             family: key.family,
             _pad: [0; 2],
         };
-        let reply = replies.get(&reply_key);
-        let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
-        let closed = flow.state != NAT_OPEN || reply.is_some_and(|r| r.state != NAT_OPEN);
-        let timeout = if closed {
-            nat.closed_timeout
-        } else if key.protocol == PROTO_TCP {
-            nat.tcp_timeout
-        } else {
-            nat.udp_timeout
-        };
-        if now.saturating_sub(last) > timeout.as_nanos() as u64 {
-            let _ = maps.nat_flows.remove(&key);
-            let _ = maps.nat_reverse.remove(&reply_key);
-            if closed {
-                sweep.evicted_closed += 1;
-            } else {
-                sweep.evicted_idle += 1;
-            }
-        } else {
+        let reply = reply_of(&replies, replies_complete, &reply_key, |k| maps.nat_reverse.get(k, 0).ok());
+        let verdict = verdict(now, key.protocol, &flow, reply.as_ref(), nat);
+        if verdict == Verdict::Keep {
             sweep.connections += 1;
             live_replies.insert(reply_key);
+            continue;
+        }
+        let _ = maps.nat_flows.remove(&key);
+        let _ = maps.nat_reverse.remove(&reply_key);
+        if verdict == Verdict::EvictClosed {
+            sweep.evicted_closed += 1;
+        } else {
+            sweep.evicted_idle += 1;
         }
     }
     // A partial walk has not seen every connection: its replies are not orphans.
@@ -348,5 +430,74 @@ impl Walker {
             }
         });
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn key(i: u32) -> FlowKey {
+        FlowKey {
+            src: [i, 0, 0, 0],
+            dst: [1, 0, 0, 0],
+            sport: 1000,
+            dport: 80,
+            protocol: PROTO_TCP,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The client went quiet long ago; the server talked a second ago.
+    fn quiet_client(now: u64) -> (NatFlow, NatReply) {
+        let flow = NatFlow { last_seen_ns: 1, state: NAT_OPEN, ..NatFlow::default() };
+        let reply = NatReply { last_seen_ns: now - SECOND, state: NAT_OPEN, ..NatReply::default() };
+        (flow, reply)
+    }
+
+    #[test]
+    fn a_reply_a_partial_read_missed_is_looked_up_and_keeps_its_connection() {
+        let nat = NatSettings::default();
+        let now = 10_000 * SECOND;
+        let (flow, reply) = quiet_client(now);
+        // The reply table's read stopped before this connection's entry.
+        let replies = HashMap::from([(key(2), reply)]);
+        let mut looked_up = Vec::new();
+        let found = reply_of(&replies, false, &key(1), |k| {
+            looked_up.push(*k);
+            Some(reply)
+        });
+        assert_eq!(looked_up, [key(1)], "one lookup of the missing reply");
+        assert_eq!(verdict(now, PROTO_TCP, &flow, found.as_ref(), &nat), Verdict::Keep);
+        // Without the lookup the connection looked idle: the bug.
+        assert_eq!(verdict(now, PROTO_TCP, &flow, None, &nat), Verdict::EvictIdle);
+    }
+
+    #[test]
+    fn a_complete_read_is_trusted_without_lookups() {
+        let now = 10_000 * SECOND;
+        let (_, reply) = quiet_client(now);
+        let replies = HashMap::from([(key(1), reply)]);
+        let no_lookup = |_: &FlowKey| -> Option<NatReply> { panic!("looked up a reply the read had") };
+        assert_eq!(reply_of(&replies, false, &key(1), no_lookup), Some(reply));
+        assert_eq!(reply_of(&replies, true, &key(1), no_lookup), Some(reply));
+        let no_lookup = |_: &FlowKey| -> Option<NatReply> { panic!("looked up a reply a complete read lacks") };
+        assert_eq!(reply_of(&replies, true, &key(2), no_lookup), None);
+    }
+
+    #[test]
+    fn either_direction_closing_or_both_going_quiet_evicts() {
+        let nat = NatSettings::default();
+        let now = 10_000 * SECOND;
+        let (flow, reply) = quiet_client(now);
+        let closed = NatReply { state: lb_common::maps::NAT_CLOSED, last_seen_ns: now - 11 * SECOND, ..reply };
+        assert_eq!(verdict(now, PROTO_TCP, &flow, Some(&closed), &nat), Verdict::EvictClosed);
+        let stale = NatReply { last_seen_ns: now - 901 * SECOND, ..reply };
+        assert_eq!(verdict(now, PROTO_TCP, &flow, Some(&stale), &nat), Verdict::EvictIdle);
+        let fresh = NatFlow { last_seen_ns: now - SECOND, ..flow };
+        assert_eq!(verdict(now, PROTO_TCP, &fresh, Some(&stale), &nat), Verdict::Keep);
     }
 }

@@ -89,7 +89,7 @@ fn a_cold_start_attaches_after_the_first_health_checks() {
 
 #[test]
 fn a_vip_that_cannot_be_applied_leaves_the_others_served_and_is_retried() {
-    let c = cluster(3, 3);
+    let c = cluster(4, 4);
     let check = "type: tcp, interval: 300ms, timeout: 200ms, rise: 1, fall: 2";
     let path = c.write_config("xdplb.yaml", &config(&[vip("web", 80, 2, check, "")]));
     c.start_xdplb("xdplb", &path, &[]);
@@ -116,6 +116,38 @@ fn a_vip_that_cannot_be_applied_leaves_the_others_served_and_is_retried() {
     assert!(log.contains("retrying every second"), "{log}");
     let metrics = c.metrics();
     assert!(metrics.contains("\nxdplb_apply_failures_total "), "{metrics}");
+    // `big` still cannot be applied; a reload that changes only `web` (a
+    // fourth backend) is applied all the same, and `big` stays retried.
+    let big = vip("big", 79, 1, check, "    table_size: 4194301\n");
+    let yaml = config(&[big, vip("web", 80, 4, check, "")]).replace("vips:", "metrics_listen: 127.0.0.1:9464\nvips:");
+    c.write_config("xdplb.yaml", &yaml);
+    c.signal("xdplb2", libc::SIGHUP);
+    let s = c.wait_status(WAIT, "the reload adding a backend to web", |s| {
+        s["reloads_ok"].as_u64() >= Some(1) && backend_states(s, "web") == ["active"; 4]
+    });
+    assert_eq!(s["reloads_failed"], 0, "{s}\n{}", c.log("xdplb2"));
+    assert!(s["last_reload_errors"].as_array().unwrap().is_empty(), "{s}");
+    assert!(s["apply_pending"].as_str().unwrap().contains("VIP big"), "{s}");
+    let names = c.requests(topology::target(VIP4, 80), 80);
+    assert!(names.iter().any(|n| n == "b4"), "the new backend served none of {names:?}");
+}
+
+#[test]
+fn a_cold_start_whose_metrics_address_is_taken_stops_before_attaching() {
+    let c = cluster(1, 1);
+    // Another process in the balancer's namespace holds the address.
+    let _holder = c.lb.enter(|| std::net::TcpListener::bind("127.0.0.1:9464").unwrap());
+    let check = "type: tcp, interval: 300ms, timeout: 200ms, rise: 1, fall: 2";
+    let yaml = config(&[vip("web", 80, 1, check, "")]).replace("vips:", "metrics_listen: 127.0.0.1:9464\nvips:");
+    let path = c.write_config("xdplb.yaml", &yaml);
+    c.start_xdplb("xdplb", &path, &[]);
+    let exit = c.wait_exit("xdplb", WAIT);
+    let log = c.log("xdplb");
+    assert!(exit.is_some_and(|s| !s.success()), "{exit:?}\n{log}");
+    assert!(log.contains("cannot listen for metrics on 127.0.0.1:9464"), "{log}");
+    assert!(log.contains("ss -ltnp 'sport = :9464'"), "{log}");
+    assert!(!xdp_attached(&c), "nothing attached:\n{log}");
+    assert!(!c.pin_root.join("lb0/VIPS").exists(), "no maps pinned:\n{log}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The pin directory end to end: `xdplb run` through `ip netns exec` with the
 //! default pin root, one controller per interface, refusing pinned maps of
-//! another layout, `xdplb detach` of a two-armed NAT cluster, and the status
-//! file never written through a symlink.
+//! another layout, `xdplb detach` of a two-armed NAT cluster, the status
+//! file never written through a symlink, and one BPF filesystem mount when
+//! several controllers mount at once.
 
 use std::{path::Path, process::Output, time::Duration};
 
@@ -244,12 +245,49 @@ fn the_status_file_is_never_written_through_a_symlink() {
     std::fs::create_dir_all(&c.state_dir).unwrap();
     let victim = c.dir.join("victim");
     std::fs::write(&victim, "precious").unwrap();
-    // Where a writer that follows symlinks would write: the file and its temporary.
-    std::os::unix::fs::symlink(&victim, c.state_dir.join("lb0.json.tmp")).unwrap();
+    // Where a writer that follows symlinks would write: the file. Its temporary,
+    // `.lb0.json.PID.tmp`, carries the controller's pid, unknown here:
+    // `status::tests` plants a symlink at that name and calls the writer.
     std::os::unix::fs::symlink(&victim, c.state_dir.join("lb0.json")).unwrap();
     c.start_xdplb("xdplb", &config, &[]);
     c.wait_backend_states("web4", &["active"], WAIT);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     let meta = std::fs::symlink_metadata(c.state_dir.join("lb0.json")).unwrap();
     assert!(meta.file_type().is_file(), "the status replaced the symlink with a file of its own");
+}
+
+/// Controllers starting together each find no BPF filesystem and mount one:
+/// without a lock around the check and the mount, the later mounts stack on
+/// the first and hide the pins made under it.
+#[test]
+fn controllers_starting_together_mount_one_bpf_filesystem() {
+    let dir = std::env::temp_dir().join(format!("xdplb-mount-once-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounts_at = |dir: &Path| {
+        let want = dir.to_str().unwrap().to_string();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().filter(|l| l.split(' ').nth(4) == Some(want.as_str())).count()
+    };
+    let unmount_all = |dir: &Path| {
+        let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path alive for the call.
+        while unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {}
+    };
+    for round in 0..20 {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                let (start, dir) = (start.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    lb_userspace::pins::mount_bpffs_once(&dir).unwrap()
+                })
+            })
+            .collect();
+        let mounted = racers.into_iter().map(|r| r.join().unwrap()).filter(|m| *m).count();
+        let stacked = mounts_at(&dir);
+        unmount_all(&dir);
+        assert_eq!((mounted, stacked), (1, 1), "round {round}: mounts made, mounts at {}", dir.display());
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

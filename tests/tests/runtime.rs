@@ -272,6 +272,15 @@ fn the_socket_is_root_only_and_errors_name_what_exists() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("permission denied on {}", socket.display())), "{err}");
+    // The socket's mode is not all: with it opened to everyone (0666), the
+    // controller still refuses another uid.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&["drain", "web", "198.18.0.11"]);
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied: the runtime API is for root"), "{err}");
+    assert!(err.contains("not uid 65534"), "{err}");
     assert!(as_nobody(&["show"]).status.success());
     assert_eq!(backend_states(&c.status().unwrap(), "web"), ["active", "active"], "nothing changed");
 

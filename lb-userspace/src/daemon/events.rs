@@ -2,9 +2,9 @@
 //! one-second tick (file watch, next hops, retries, drift checks, status),
 //! reloads, and the stop. Each ends in the one apply path.
 
-use std::{net::IpAddr, time::Instant};
+use std::{collections::HashMap, net::IpAddr, time::Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -16,7 +16,7 @@ use crate::{
     desired, dns, health,
     neighbours::Resolution,
     notify,
-    reconcile::Forwarding,
+    reconcile::{Forwarding, VipSpec},
     status,
 };
 
@@ -38,26 +38,52 @@ impl Daemon {
     /// the others; until all succeed, every tick tries again (`unapplied`).
     pub(super) fn apply(&mut self) -> Result<()> {
         let specs = desired::vip_specs(&self.config, &self.overrides, &self.observed);
-        let result = self.reconciler.apply(&mut self.dp, &specs);
+        let (vips, config_map) = self.write_desired(&specs);
+        self.settle(vips.and(config_map))
+    }
+
+    /// Writes `specs` to the VIP maps and the configuration's CONFIG entry
+    /// (NAT on or off, IP-in-IP sources): their results apart, since a reload
+    /// decides on the VIPs' (see `reload_blamed`).
+    fn write_desired(&mut self, specs: &[VipSpec]) -> (Result<()>, Result<()>) {
+        let vips = self.reconciler.apply(&mut self.dp, specs).map(|_| ());
+        let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config);
+        let config_map = if self.config_written == Some(want) {
+            Ok(())
+        } else {
+            self.dp.set_config(&want).context("updating the CONFIG map failed").map(|()| {
+                self.config_written = Some(want);
+            })
+        };
+        (vips, config_map)
+    }
+
+    /// Counts a failed apply; notes that the dataplane caught up.
+    fn settle(&mut self, result: Result<()>) -> Result<()> {
         match &result {
-            Ok(_) => {
+            Ok(()) => {
                 if self.unapplied.take().is_some() {
                     info!("the dataplane holds the desired state again");
                 }
             }
             Err(_) => self.status.lock().unwrap().apply_failures += 1,
         }
-        result.map(|_| ())
+        result
+    }
+
+    /// Notes a failed apply for the per-tick retry, logged once per distinct error.
+    fn retry_later(&mut self, why: &str, e: &anyhow::Error) {
+        let text = format!("{e:#}");
+        // Logged once per distinct error: a retry every second says nothing new.
+        if self.unapplied.as_ref() != Some(&text) {
+            error!("updating the dataplane after {why} failed: {text}; retrying every second");
+        }
+        self.unapplied = Some(text);
     }
 
     pub(super) fn apply_logged(&mut self, why: &str) {
         if let Err(e) = self.apply() {
-            let text = format!("{e:#}");
-            // Logged once per distinct error: a retry every second says nothing new.
-            if self.unapplied.as_ref() != Some(&text) {
-                error!("updating the dataplane after {why} failed: {text}; retrying every second");
-            }
-            self.unapplied = Some(text);
+            self.retry_later(why, &e);
         }
     }
 
@@ -83,15 +109,15 @@ impl Daemon {
         self.apply_logged("a health change");
     }
 
-    pub(super) async fn on_tick(&mut self) {
+    pub(super) fn on_tick(&mut self) {
         self.ticks += 1;
         // A file being written is not reloaded half-way: only once it reads the same twice.
         if let Some(text) = self.watch.observe(config::read_file(&self.opts.config), Instant::now()) {
             self.reload_with("the file changed", Ok(text));
         }
-        if self.refresh_neighbours().await {
-            self.apply_logged("a next-hop change");
-        } else if self.unapplied.is_some() {
+        // Next hops are read off the loop; a change applies when the round comes back.
+        self.start_resolution();
+        if self.unapplied.is_some() {
             self.apply_logged("a retry");
         }
         if self.ticks.is_multiple_of(DRIFT_CHECK_EVERY_TICKS) && self.unapplied.is_none() {
@@ -121,9 +147,38 @@ impl Daemon {
         self.status.lock().unwrap().drift_repairs += repaired.len() as u64;
     }
 
-    pub(super) async fn refresh_neighbours(&mut self) -> bool {
+    /// Starts a round of next-hop resolution on its own task, unless one
+    /// still runs (one at a time); `on_resolved` handles its answer.
+    fn start_resolution(&mut self) {
+        if let Some(resolver) = self.neighbours.take() {
+            let addrs = desired::addresses_to_resolve(&self.config);
+            super::spawn_resolution(resolver, addrs, self.resolved_tx.clone());
+        }
+    }
+
+    /// A round of next-hop resolution came back: apply what changed.
+    pub(super) fn on_resolved(&mut self, round: super::Resolved) {
+        self.neighbours = Some(round.resolver);
+        if self.use_resolution(round.result) {
+            self.apply_logged("a next-hop change");
+        }
+    }
+
+    /// The first round, at start-up, awaited in place (the caller bounds it
+    /// by the stop signals).
+    pub(super) async fn first_resolution(&mut self) {
         let addrs = desired::addresses_to_resolve(&self.config);
-        let resolved = match self.neighbours.resolve(&addrs).await {
+        if let Some(resolver) = self.neighbours.as_mut() {
+            let result = resolver.resolve(&addrs).await;
+            self.use_resolution(result);
+        }
+    }
+
+    /// Decides the MAC each backend is sent to from a round's answer; true
+    /// when one changed. The round may have started before a reload: only
+    /// the addresses the configuration has now count.
+    fn use_resolution(&mut self, result: Result<HashMap<IpAddr, Resolution>>) -> bool {
+        let resolved = match result {
             Ok(r) => r,
             Err(e) => {
                 // Keep what we knew: a netlink hiccup must not take backends down.
@@ -131,14 +186,16 @@ impl Daemon {
                 return false;
             }
         };
+        let addrs = desired::addresses_to_resolve(&self.config);
+        self.misses.retain(&addrs);
         let mut changed = false;
-        for (addr, r) in &resolved {
+        for (addr, r) in resolved.iter().filter(|(a, _)| addrs.contains(a)) {
             let before = self.observed.next_hop_mac.get(addr).copied();
             if let Resolution::Resolved { ifindex, .. } = r {
                 self.observed.next_hop_ifindex.insert(*addr, *ifindex);
             }
             // Kept through a few failed rounds (a solicitation, a flapping entry).
-            let now = self.neighbours.mac_to_use(*addr, before, r);
+            let now = self.misses.mac_to_use(*addr, before, r);
             if before != now {
                 changed = true;
                 match (before, now, r) {
@@ -241,12 +298,17 @@ impl Daemon {
         let new = desired::expand_names(&parsed, &self.names.states);
         // The health of every backend now, to restore if the new file cannot be applied.
         let health_before = health_view(&self.checker);
+        let before = desired::vip_specs(&self.config, &self.overrides, &self.observed);
         let old = std::mem::replace(&mut self.config, new);
         self.checker.sync(desired::health_targets(&self.config), |t| {
             t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
         });
         self.sync_health();
-        if let Err(e) = self.apply() {
+        let after = desired::vip_specs(&self.config, &self.overrides, &self.observed);
+        let (vips, config_map) = self.write_desired(&after);
+        let blamed = vips.as_ref().err().and_then(|e| reload_blamed(e, self.unapplied.as_deref(), &before, &after));
+        if let Some(e) = blamed {
+            self.status.lock().unwrap().apply_failures += 1;
             error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");
             self.config = old;
             let file_config = self.file_config.clone();
@@ -260,9 +322,14 @@ impl Daemon {
             self.reject(vec![format!("{path}: {e:#}")]);
             return;
         }
-        // NAT on or off, IP-in-IP sources: the CONFIG map follows the file.
-        if let Err(e) = self.dp.set_config(&desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config)) {
-            error!("reload ({why}): updating the CONFIG map failed: {e:#}");
+        // What failed is only what failed before the reload (a VIP it did
+        // not touch) or the CONFIG map: the reload stands, the tick retries.
+        if let Err(e) = self.settle(vips.and(config_map)) {
+            let pending = format!("{e:#}");
+            warn!(
+                "reload ({why}) stands, but the dataplane does not hold all of it yet: {pending}; retrying every second"
+            );
+            self.unapplied = Some(pending);
         }
         self.config_text = text;
         let mut changes = desired::describe_changes(&self.file_config, &parsed);
@@ -374,5 +441,109 @@ impl Daemon {
             );
         }
         Ok(())
+    }
+}
+
+/// The error a reload is rolled back for, if the failed apply of `after`
+/// (replacing `before`) is the reload's doing: a VIP it added, changed or
+/// removed failed, or a VIP that was applied before (not named in
+/// `unapplied`, the error of the last failed apply) fails now. None when
+/// every failure is a VIP the reload left as it was and that already failed:
+/// that VIP must not hold every other change back.
+///
+/// The reconciler reports its failures as one error, "N of M VIPs not
+/// applied: ...", each VIP's error starting "VIP <name>: ". A failure that
+/// cannot be told apart that way (a removal, a map write without the VIP's
+/// name, another error) counts as the reload's: it is rolled back.
+fn reload_blamed<'e>(
+    error: &'e anyhow::Error,
+    unapplied: Option<&str>,
+    before: &[VipSpec],
+    after: &[VipSpec],
+) -> Option<&'e anyhow::Error> {
+    let text = format!("{error:#}");
+    let Some(unapplied) = unapplied else { return Some(error) };
+    let Some((count, _)) = text.split_once(" VIPs not applied: ") else { return Some(error) };
+    let Some(failed) = count.split_once(" of ").and_then(|(n, _)| n.parse::<usize>().ok()) else {
+        return Some(error);
+    };
+    let label = |s: &VipSpec| format!("VIP {}: ", s.name);
+    let named: Vec<&VipSpec> = after.iter().filter(|s| text.contains(&label(s))).collect();
+    let untouched = |s: &VipSpec| before.contains(s);
+    let already_failing = |s: &VipSpec| unapplied.contains(&label(s));
+    if named.len() == failed && named.iter().all(|s| untouched(s) && already_failing(s)) { None } else { Some(error) }
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::anyhow;
+
+    use super::reload_blamed;
+    use crate::reconcile::{BackendSpec, Forwarding, HashMode, VipSpec};
+
+    fn vip(name: &str, port: u16, backends: &[&str]) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            addr: "198.18.100.1".parse().unwrap(),
+            port,
+            protocol: 6,
+            forwarding: Forwarding::Dsr,
+            hash: HashMode::FiveTuple,
+            table_size: 65537,
+            backends: backends
+                .iter()
+                .map(|a| BackendSpec { addr: a.parse().unwrap(), port: 0, weight: 1, mac: [2; 6], healthy: true })
+                .collect(),
+            pass_when_empty: false,
+        }
+    }
+
+    const BIG: &str = "VIP big: the Maglev pool has no free region of 4194301 slots (raise maglev_pool)";
+
+    #[test]
+    fn a_vip_the_reload_left_alone_that_already_failed_does_not_roll_it_back() {
+        let big = vip("big", 79, &["198.18.1.1"]);
+        let before = [big.clone(), vip("web", 80, &["198.18.1.1", "198.18.1.2"])];
+        let after = [big, vip("web", 80, &["198.18.1.1", "198.18.1.2", "198.18.1.3"])];
+        let e = anyhow!("1 of 2 VIPs not applied: {BIG}");
+        let unapplied = format!("1 of 2 VIPs not applied: {BIG}");
+        assert!(reload_blamed(&e, Some(&unapplied), &before, &after).is_none());
+    }
+
+    #[test]
+    fn a_failure_the_reload_may_have_caused_rolls_it_back() {
+        let big = vip("big", 79, &["198.18.1.1"]);
+        let web = vip("web", 80, &["198.18.1.1"]);
+        let failed_before = format!("1 of 2 VIPs not applied: {BIG}");
+        let e = anyhow!("1 of 2 VIPs not applied: {BIG}");
+        // Everything was applied before: whatever fails now is the reload's.
+        assert!(reload_blamed(&e, None, &[big.clone(), web.clone()], &[big.clone(), web.clone()]).is_some());
+        // The failing VIP is one the reload changed.
+        let big2 = vip("big", 79, &["198.18.1.1", "198.18.1.2"]);
+        assert!(reload_blamed(&e, Some(&failed_before), &[big.clone(), web.clone()], &[big2, web.clone()]).is_some());
+        // The failing VIP is one the reload added.
+        assert!(
+            reload_blamed(
+                &e,
+                Some("1 of 1 VIPs not applied: VIP x: y"),
+                std::slice::from_ref(&web),
+                &[big.clone(), web.clone()]
+            )
+            .is_some()
+        );
+        // A VIP applied before fails too.
+        let both = anyhow!("2 of 2 VIPs not applied: {BIG}; VIP web: no room for backend 198.18.1.1");
+        assert!(
+            reload_blamed(&both, Some(&failed_before), &[big.clone(), web.clone()], &[big.clone(), web.clone()])
+                .is_some()
+        );
+        // A failure that names no VIP (a removal, a map write): not told apart.
+        let unnamed = anyhow!("2 of 2 VIPs not applied: {BIG}; updating map BACKENDS failed");
+        assert!(
+            reload_blamed(&unnamed, Some(&failed_before), &[big.clone(), web.clone()], &[big.clone(), web.clone()])
+                .is_some()
+        );
+        let other = anyhow!("VIP web: 198.18.100.1:80 is declared twice");
+        assert!(reload_blamed(&other, Some(&failed_before), &[big.clone(), web.clone()], &[big, web]).is_some());
     }
 }

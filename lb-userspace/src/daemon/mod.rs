@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::Result;
+use lb_common::maps::LbConfig;
 use tokio::{
     signal::unix::{Signal, SignalKind},
     sync::{mpsc, watch},
@@ -31,7 +32,7 @@ use crate::{
     desired::{BackendRef, Observed, Overrides},
     dns,
     health::{self, Checker},
-    neighbours::{Neighbours, Resolution},
+    neighbours::{Misses, Neighbours, Resolution},
     reconcile::Reconciler,
     status::Status,
     walks::{Walked, Walker},
@@ -81,7 +82,13 @@ struct Daemon {
     dp: Dataplane,
     reconciler: Reconciler,
     checker: Checker,
-    neighbours: Neighbours,
+    /// The netlink resolver of next hops, None while a round runs off the
+    /// loop; its answer comes back on `resolved`.
+    neighbours: Option<Neighbours>,
+    resolved_tx: mpsc::UnboundedSender<Resolved>,
+    resolved: mpsc::UnboundedReceiver<Resolved>,
+    /// Failed resolution rounds per backend: which MAC the dataplane keeps.
+    misses: Misses,
     observed: Observed,
     resolution: HashMap<IpAddr, Resolution>,
     status: Arc<Mutex<Status>>,
@@ -105,6 +112,25 @@ struct Daemon {
     /// The maps do not hold the desired state yet: the last apply failed
     /// (its error, logged once), and every tick tries again.
     unapplied: Option<String>,
+    /// The CONFIG map entry as last written (None: not known to be written).
+    config_written: Option<LbConfig>,
+}
+
+/// A round of next-hop resolution, back from its task: the resolver (to
+/// run the next round) and what it found.
+struct Resolved {
+    resolver: Neighbours,
+    result: Result<HashMap<IpAddr, Resolution>>,
+}
+
+/// Resolves `addrs` on a task of its own: a stalled netlink dump (up to
+/// two `NETLINK_TIMEOUT`s) does not hold the event loop meanwhile.
+fn spawn_resolution(mut resolver: Neighbours, addrs: Vec<IpAddr>, tx: mpsc::UnboundedSender<Resolved>) {
+    tokio::spawn(async move {
+        let result = resolver.resolve(&addrs).await;
+        // The receiver only goes with the daemon, at exit.
+        let _ = tx.send(Resolved { resolver, result });
+    });
 }
 
 /// The resolving task of backend names, and how to tell it the names.
@@ -192,8 +218,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = signals.hup.recv() => d.reload("SIGHUP"),
             Some(call) = requests.recv() => d.on_request(call),
             Some(w) = d.walked.recv() => d.on_walked(w),
+            Some(r) = d.resolved.recv() => d.on_resolved(r),
             why = stopped(&mut signals.stop) => break why,
-            _ = tick.tick() => d.on_tick().await,
+            _ = tick.tick() => d.on_tick(),
         }
     };
     info!("{why}: stopping");
@@ -205,4 +232,37 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// The health table's view of every backend, for `Observed`.
 fn health_view(checker: &Checker) -> HashMap<health::Key, bool> {
     checker.table.lock().unwrap().iter().map(|(k, h)| (*k, h.up)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::spawn_resolution;
+    use crate::neighbours::Neighbours;
+
+    /// A netlink dump that stalls does not hold the caller (the event loop):
+    /// the round runs on its own task and comes back, resolver included, as
+    /// a message.
+    #[tokio::test]
+    async fn a_stalled_next_hop_round_runs_off_the_loop_and_reports_back() {
+        let (resolver, _stall) = Neighbours::stalled(Duration::from_millis(300));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        spawn_resolution(resolver, vec!["198.18.0.9".parse().unwrap()], tx);
+        // The caller goes on at once: nothing has come back yet.
+        assert!(rx.try_recv().is_err(), "the round ran in the caller");
+        let round = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the stalled round never reported back")
+            .expect("the round's task dropped its sender");
+        let err = round.result.expect_err("a stalled dump cannot succeed");
+        assert!(format!("{err:#}").contains("did not answer"), "{err:#}");
+        // The resolver comes back for the next round, on a new connection.
+        let mut resolver = round.resolver;
+        let next =
+            tokio::time::timeout(Duration::from_secs(10), resolver.resolve(&["198.18.0.9".parse().unwrap()])).await;
+        assert!(next.expect("the next round never returned").is_ok());
+    }
 }

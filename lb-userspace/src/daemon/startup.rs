@@ -23,7 +23,7 @@ use crate::{
     desired::{self, Observed, Overrides},
     dns,
     health::{self, Checker},
-    neighbours::Neighbours,
+    neighbours::{Misses, Neighbours},
     notify,
     reconcile::{AdoptedBackend, Reconciler},
     runtime,
@@ -42,6 +42,9 @@ pub(super) struct Started {
     pub requests: mpsc::Receiver<runtime::Call>,
     pub api: runtime::Server,
 }
+
+/// The status page's socket, bound before anything is attached.
+type MetricsListener = Option<(std::net::SocketAddr, tokio::net::TcpListener)>;
 
 /// The configuration as loaded at start: the file, its text, and what its
 /// backend names resolved to.
@@ -66,6 +69,9 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     let link = link(&iface)?;
     // Before anything is loaded: a second controller for this interface stops here.
     let (api, requests) = runtime::Server::start(&opts.state_dir, &iface)?;
+    // Before anything is attached: a busy address must not leave a fresh
+    // dataplane forwarding with no controller.
+    let metrics = bind_metrics(config.metrics_listen).await?;
     let backend_link = match &config.backend_interface {
         Some(b) if *b != iface => Some(self::link(b).with_context(|| format!("backend_interface {b}"))?),
         _ => None,
@@ -85,7 +91,10 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     }
     let neighbours = Neighbours::new(ifaces)?;
     let (walker, walked) = Walker::new(dp.walk_maps()?);
+    let (resolved_tx, resolved) = mpsc::unbounded_channel();
     let interfaces = Some((link.index, backend_link.as_ref().map_or(link.index, |b| b.index)));
+    // What `open_dataplane` wrote to the CONFIG map.
+    let config_written = Some(desired::lb_config(&link, backend_link.as_ref(), &config));
     let mut d = Daemon {
         link,
         watch: config::watch::FileWatch::new(loaded.config_text.clone(), Duration::from_millis(200)),
@@ -94,7 +103,10 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         dp,
         reconciler,
         checker: Checker::new(tx),
-        neighbours,
+        neighbours: Some(neighbours),
+        resolved_tx,
+        resolved,
+        misses: Misses::default(),
         observed: Observed { interfaces, ..Observed::default() },
         backend_link,
         nat_evicted: (0, 0),
@@ -112,6 +124,7 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         overrides: Overrides::new(),
         state_since: HashMap::new(),
         unapplied: None,
+        config_written,
         file_config: loaded.file_config,
         config,
         names: loaded.names,
@@ -120,7 +133,11 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     };
     d.seed_from_adopted(&adopted);
     d.start_checks(&adopted);
-    d.refresh_neighbours().await;
+    // Bounded by the netlink timeouts, and by a stop signal.
+    let Some(()) = signals.unless_stopped(d.first_resolution()).await else {
+        d.abandon(adopting);
+        return Ok(None);
+    };
     d.load_overrides();
     d.apply_logged("start-up");
     // A cold start attaches once health has spoken, not with every backend
@@ -133,8 +150,25 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     }
     // Maps are full before the program sees a packet.
     let mode_text = d.attach(mode)?;
-    d.announce(mode_text).await?;
+    d.announce(mode_text, metrics);
     Ok(Some(Started { d, transitions, requests, api }))
+}
+
+/// Binds the status page's address, if one is configured. A busy address
+/// fails the start, naming who to ask.
+async fn bind_metrics(listen: Option<std::net::SocketAddr>) -> Result<MetricsListener> {
+    let Some(listen) = listen else { return Ok(None) };
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => Ok(Some((listen, l))),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "cannot listen for metrics on {listen} (metrics_listen): another process holds it \
+             (see `ss -ltnp 'sport = :{}'`); stop it or choose another metrics_listen; nothing was attached",
+            listen.port()
+        ),
+        Err(e) => Err(e).with_context(|| {
+            format!("cannot listen for metrics on {listen} (metrics_listen); fix or remove metrics_listen; nothing was attached")
+        }),
+    }
 }
 
 /// Checks of many backends each hold a socket: the soft limit of open files
@@ -276,7 +310,8 @@ impl Daemon {
 
     /// Waits until every checker has made its first rise/fall decision, at
     /// most about `interval × (max(rise, fall) + 1)` of the slowest check
-    /// (capped), then applies what they decided. Logs what it waited for.
+    /// (capped), reads the next hops again, then applies what they decided.
+    /// Logs what it waited for.
     async fn first_health_round(&mut self) {
         let limit = self
             .config
@@ -308,6 +343,8 @@ impl Daemon {
                  attaching with {up} up"
             );
         }
+        // The next hops the first round solicited have answered meanwhile.
+        self.first_resolution().await;
         self.apply_logged("the first health checks");
     }
 
@@ -348,7 +385,7 @@ impl Daemon {
     }
 
     /// The first status, the status page, and READY=1.
-    async fn announce(&mut self, mode_text: String) -> Result<()> {
+    fn announce(&mut self, mode_text: String, metrics: MetricsListener) {
         let iface = self.link.name.clone();
         {
             let mut s = self.status.lock().unwrap();
@@ -358,8 +395,8 @@ impl Daemon {
             s.xdp_mode = mode_text;
             s.config_generation = 1;
         }
-        if let Some(listen) = self.config.metrics_listen {
-            web::serve(listen, self.status.clone()).await?;
+        if let Some((listen, listener)) = metrics {
+            web::spawn(listener, self.status.clone());
             info!("serving the status page on http://{listen}/ and Prometheus metrics on http://{listen}/metrics");
         }
         self.publish_status();
@@ -371,6 +408,5 @@ impl Daemon {
             self.opts.config.display()
         );
         notify::ready(&format!("serving {} VIPs, {backends} backends on {iface}", self.config.vips.len()));
-        Ok(())
     }
 }

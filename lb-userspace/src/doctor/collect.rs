@@ -1,6 +1,8 @@
 //! Gathers the facts doctor decides on: the only part of doctor that reads
 //! the system (`ip`, `ethtool`, /proc, netlink). A fact that cannot be read
-//! is left out, and the check that needs it says nothing.
+//! is left out, and the check that needs it says nothing, or, where a
+//! silent pass would hide a problem (`tx-checksumming` of a driver-mode
+//! veth, without ethtool), says that it could not check.
 
 use std::{collections::HashMap, net::IpAddr, path::Path, process::Command, time::Duration};
 
@@ -39,9 +41,17 @@ pub fn links() -> Result<Vec<Link>> {
     system::parse_links(&output("ip", &["-j", "-d", "addr", "show"])?).map_err(|e| anyhow!(e))
 }
 
+/// `tx-checksumming` of `iface`; None when ethtool is missing or cannot tell
+/// (the veth check then warns that it could not check).
 fn tx_checksum(iface: &str) -> Option<bool> {
     match output("ethtool", &["-k", iface]) {
-        Ok(text) => system::parse_tx_checksumming(&text),
+        Ok(text) => {
+            let on = system::parse_tx_checksumming(&text);
+            if on.is_none() {
+                debug!("doctor: `ethtool -k {iface}` shows no tx-checksumming line");
+            }
+            on
+        }
         Err(e) => {
             debug!("doctor: {e:#}");
             None

@@ -8,7 +8,7 @@ use lb_common::maps::programs;
 use super::{
     bpffs::{self, PinFacts},
     findings::Finding,
-    system::{Link, Peer, XdpMode},
+    system::{Link, Peer, XdpMode, XdpProg},
 };
 use crate::config::XdpModeSetting;
 
@@ -40,7 +40,8 @@ pub struct LbFacts {
     pub ipip_families: Vec<u8>,
     /// The largest IP packet clients send.
     pub client_mtu: u32,
-    /// `tx-checksumming` per interface, where ethtool could tell.
+    /// `tx-checksumming` per interface, where ethtool could tell; a
+    /// driver-mode veth missing here is reported as not checked.
     pub tx_checksum: HashMap<String, bool>,
     /// The other end of each veth interface.
     pub peers: HashMap<String, Peer>,
@@ -134,10 +135,18 @@ fn down(f: &LbFacts, link: &Link) -> Option<Finding> {
     })
 }
 
-fn attachment(f: &LbFacts, link: &Link) -> Option<Finding> {
+/// xdplb's balancer on `link`: the untraced program, or the traced one that
+/// `xdplb trace` swaps in (the same balancer, also reporting each packet).
+fn balancer(link: &Link) -> Option<&XdpProg> {
+    link.has_program(programs::BALANCER).or_else(|| link.has_program(programs::TRACED))
+}
+
+fn attachment(f: &LbFacts, link: &Link) -> Vec<Finding> {
     let name = &link.name;
-    if link.has_program(programs::BALANCER).is_some() {
-        return match f.controller {
+    if balancer(link).is_some() {
+        let mut out: Vec<Finding> =
+            link.has_program(programs::TRACED).map(|p| traced(f, name, p)).into_iter().collect();
+        out.extend(match f.controller {
             Controller::Running(_) => None,
             Controller::Stopped | Controller::Never => Some(
                 Finding::warning(
@@ -149,7 +158,8 @@ fn attachment(f: &LbFacts, link: &Link) -> Option<Finding> {
                 .fix(f.run_command())
                 .or("systemctl start xdplb"),
             ),
-        };
+        });
+        return out;
     }
     if let Some(other) = link.xdp.first() {
         let mode = if other.mode == XdpMode::Skb { "xdpgeneric" } else { "xdp" };
@@ -169,9 +179,9 @@ fn attachment(f: &LbFacts, link: &Link) -> Option<Finding> {
         } else {
             format!("ip link set dev {name} {mode} off")
         };
-        return Some(finding.fix(detach).fix(f.run_command()));
+        return vec![finding.fix(detach).fix(f.run_command())];
     }
-    Some(match f.controller {
+    vec![match f.controller {
         Controller::Running(pid) => Finding::error(
             "xdp-not-attached",
             format!("no XDP program is attached to {name}, yet xdplb run (pid {pid}) serves it"),
@@ -193,7 +203,33 @@ fn attachment(f: &LbFacts, link: &Link) -> Option<Finding> {
         )
         .fix(f.run_command())
         .or("systemctl start xdplb"),
-    })
+    }]
+}
+
+/// The traced program in the link: `xdplb trace` runs, or was killed and
+/// its program waits for the controller to swap the untraced one back. It
+/// balances like the untraced one: not an error, nothing to detach.
+fn traced(f: &LbFacts, name: &str, p: &XdpProg) -> Finding {
+    let what = format!(
+        "{name} runs the traced xdplb program ({}, id {}): a trace is running, or an abandoned one's program remains",
+        p.name, p.id
+    );
+    match f.controller {
+        Controller::Running(_) => Finding::warning(
+            "xdp-traced",
+            what,
+            "it balances like the untraced program and also reports each packet's decision, which costs a little; \
+             when the trace stops (or was killed), the controller swaps the untraced program back within seconds",
+        )
+        .fix("# none needed: Ctrl-C ends `xdplb trace`, and the controller switches a killed one's program off"),
+        Controller::Stopped | Controller::Never => Finding::warning(
+            "xdp-traced",
+            what,
+            "it balances like the untraced program, but with no controller running nothing swaps the untraced \
+             one back when the trace ends: a killed trace's program stays until the controller starts",
+        )
+        .fix(f.run_command()),
+    }
 }
 
 fn mode_name(m: XdpMode) -> &'static str {
@@ -206,7 +242,7 @@ fn mode_name(m: XdpMode) -> &'static str {
 
 /// Whether xdplb's program runs (or would run) on `link` in driver mode.
 fn driver_mode(f: &LbFacts, link: &Link) -> bool {
-    match link.has_program(programs::BALANCER) {
+    match balancer(link) {
         Some(p) if !f.starting => p.mode == XdpMode::Driver,
         // veth supports native XDP: `auto` attaches in driver mode there.
         _ => f.mode != XdpModeSetting::Skb,
@@ -245,10 +281,27 @@ fn veth_peer(f: &LbFacts, link: &Link) -> Option<Finding> {
 }
 
 fn veth_tx_checksum(f: &LbFacts, link: &Link) -> Option<Finding> {
-    if f.tx_checksum.get(&link.name) != Some(&true) {
-        return None;
-    }
     let name = &link.name;
+    match f.tx_checksum.get(name) {
+        Some(false) => return None,
+        Some(true) => {}
+        None => {
+            return Some(
+                Finding::warning(
+                    "veth-tx-checksum",
+                    format!(
+                        "{name} is a veth in driver mode, and whether it keeps transmit checksum offload on \
+                         could not be checked (ethtool is missing, or could not read it)"
+                    ),
+                    "with tx-checksumming on, frames that XDP forwards with XDP_TX on veth reach the receivers \
+                     with bad TCP/UDP checksums, which they drop silently",
+                )
+                .fix("apt install ethtool   # or the distribution's package of it")
+                .fix(format!("ethtool -k {name} | grep tx-checksumming   # \"off\" is what XDP_TX on veth needs"))
+                .fix(format!("ethtool -K {name} tx off   # if it is on")),
+            );
+        }
+    }
     Some(
         Finding::warning(
             "veth-tx-checksum",
@@ -314,7 +367,8 @@ pub fn mss(mtu: u32, family: u8) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doctor::system::{PeerRef, XdpProg};
+    use crate::doctor::findings::has_errors;
+    use crate::doctor::system::PeerRef;
 
     fn link(name: &str, mtu: u32) -> Link {
         Link {
@@ -411,6 +465,28 @@ mod tests {
     }
 
     #[test]
+    fn a_running_or_abandoned_trace_is_no_other_program() {
+        let mut f = healthy();
+        f.links[0].xdp = vec![XdpProg { mode: XdpMode::Driver, id: 11, name: programs::TRACED.into() }];
+        let found = decide(&f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].check, found[0].severity), ("xdp-traced", crate::doctor::Severity::Warning));
+        assert!(found[0].what.contains("a trace is running, or an abandoned one"), "{}", found[0].what);
+        assert!(!found.iter().any(|x| x.fix.iter().any(|c| c.contains("detach") || c.starts_with("ip link set"))));
+        // Still xdplb's program in driver mode: the veth checks apply.
+        f.peers.insert("lb0".into(), peer(false));
+        assert_eq!(checks(&f), vec!["xdp-traced", "veth-peer-xdp"]);
+        f.links[0].xdp[0].mode = XdpMode::Skb;
+        assert_eq!(checks(&f), vec!["xdp-traced"]);
+        // Without a controller nothing swaps it back: start one.
+        f.controller = Controller::Stopped;
+        let found = decide(&f);
+        assert_eq!(checks(&f), vec!["xdp-traced", "controller-not-running"]);
+        assert_eq!(found[0].fix, vec!["xdplb run --config /etc/x.yaml --iface lb0"]);
+        assert!(!has_errors(&found));
+    }
+
+    #[test]
     fn another_program_in_the_way() {
         let mut f = healthy();
         f.links[0].xdp = vec![XdpProg { mode: XdpMode::Skb, id: 7, name: "katran".into() }];
@@ -453,6 +529,23 @@ mod tests {
         assert_eq!((found[0].check, found[0].severity), ("veth-tx-checksum", crate::doctor::Severity::Warning));
         assert_eq!(found[0].fix[0], "ethtool -K lb0 tx off");
         // Not a veth: a NIC computes checksums itself.
+        f.links[0].kind = None;
+        assert_eq!(decide(&f), vec![]);
+    }
+
+    #[test]
+    fn tx_checksum_offload_that_cannot_be_read_is_said() {
+        let mut f = healthy();
+        f.tx_checksum.clear();
+        let found = decide(&f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].check, found[0].severity), ("veth-tx-checksum", crate::doctor::Severity::Warning));
+        assert!(found[0].what.contains("could not be checked"), "{}", found[0].what);
+        assert!(found[0].fix[0].starts_with("apt install ethtool"), "{:?}", found[0].fix);
+        // Generic mode, or not a veth: nothing to check.
+        f.links[0].xdp[0].mode = XdpMode::Skb;
+        assert_eq!(decide(&f), vec![]);
+        f.links[0].xdp[0].mode = XdpMode::Driver;
         f.links[0].kind = None;
         assert_eq!(decide(&f), vec![]);
     }

@@ -172,8 +172,6 @@ fn median_max(v: &[f64]) -> (f64, f64) {
 /// changing → the backend's state in the BACKENDS map (this includes the
 /// check's 100 ms interval); and the status file's age.
 fn stalls(report: &mut Report, rounds: usize) {
-    use std::os::fd::AsFd as _;
-
     use aya::maps::{Array, Map, MapData};
     use lb_common::maps::{Backend, FlowKey, FlowValue, names};
 
@@ -240,7 +238,7 @@ fn stalls(report: &mut Report, rounds: usize) {
                 (key, FlowValue { backend_id: i % 2, generation: 0, hash: i, _pad: 0 })
             })
             .collect();
-        let written = lb_userspace::walks::insert_batched(flows.fd().as_fd(), &entries).unwrap_or(0);
+        let written = lb_userspace::walks::insert_batched(&flows, &entries).unwrap_or(0);
         println!("stalls: {written} flows written to FLOWS");
         let backends: Array<MapData, Backend> =
             Array::try_from(Map::Array(MapData::from_pin(pins.join(names::BACKENDS)).unwrap())).unwrap();
