@@ -35,6 +35,12 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     // Headless browser of the status page test (tests/tests/status_page.rs).
     "chromium",
+    // Certificates for the HTTPS check tests (openssl), the README's CA file
+    // (ca-certificates), `systemd-analyze verify` of the unit (systemd): on
+    // the base image already, named so a leaner machine gets them too.
+    "openssl",
+    "ca-certificates",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
