@@ -39,11 +39,6 @@ pub fn stopping() {
     send("STOPPING=1");
 }
 
-/// A new status line for `systemctl status`.
-pub fn status(status: &str) {
-    send(&format!("STATUS={}", one_line(status)));
-}
-
 fn send(message: &str) {
     // Not started by systemd (or by a supervisor speaking its protocol).
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };

@@ -441,23 +441,7 @@ pub fn save_overrides(state_dir: &Path, iface: &str, overrides: &Overrides) -> R
     }
     let entries: Vec<Entry> =
         overrides.iter().map(|(b, o)| Entry { vip: b.vip.clone(), address: b.addr, port: b.port, set: *o }).collect();
-    // A new file of its own (O_EXCL, O_NOFOLLOW: never through a symlink
-    // someone left there), renamed over the old one.
-    let tmp = path.with_extension("json.tmp");
-    std::fs::remove_file(&tmp).ok();
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&entries)?))
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        std::fs::remove_file(&tmp).ok();
-        return Err(e).with_context(|| format!("writing {} failed", path.display()));
-    }
-    Ok(())
+    crate::status::replace_file(&path, &path.with_extension("json.tmp"), &serde_json::to_vec_pretty(&entries)?)
 }
 
 #[cfg(test)]

@@ -188,21 +188,28 @@ pub fn path(state_dir: &Path, iface: &str) -> PathBuf {
 /// (O_EXCL, O_NOFOLLOW: never through a symlink someone left there), renamed
 /// over the old one. Refuses a state directory that other users can write.
 pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     crate::runtime::check_state_dir(state_dir)?;
     let dest = path(state_dir, &status.interface);
     let tmp = state_dir.join(format!(".{}.json.{}.tmp", status.interface, std::process::id()));
-    std::fs::remove_file(&tmp).ok();
+    replace_file(&dest, &tmp, &serde_json::to_vec_pretty(status)?)
+}
+
+/// Replaces `dest` with `bytes`: written into `tmp`, a new file of its own
+/// (O_EXCL, O_NOFOLLOW: never through a symlink someone left there), then
+/// renamed over `dest`, so a reader sees the old file or the new one.
+pub(crate) fn replace_file(dest: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    std::fs::remove_file(tmp).ok();
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(status)?))
-        .and_then(|()| std::fs::rename(&tmp, &dest));
+        .open(tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| std::fs::rename(tmp, dest));
     if let Err(e) = written {
-        std::fs::remove_file(&tmp).ok();
+        std::fs::remove_file(tmp).ok();
         return Err(e).with_context(|| format!("writing {} failed", dest.display()));
     }
     Ok(())

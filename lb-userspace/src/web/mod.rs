@@ -26,7 +26,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result};
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
@@ -61,14 +60,6 @@ pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
 struct Shared {
     status: Arc<Mutex<Status>>,
     history: Mutex<History>,
-}
-
-/// Listens on `listen` and serves until the process ends; returns once the
-/// socket is bound, so a busy address fails the start.
-pub async fn serve(listen: SocketAddr, status: Arc<Mutex<Status>>) -> Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen for metrics on {listen}"))?;
-    spawn(listener, status);
-    Ok(())
 }
 
 /// Serves on a bound socket until the process ends.

@@ -162,8 +162,14 @@ fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<f64> {
     None
 }
 
-fn median_max(v: &[f64]) -> (f64, f64) {
-    (median(v.to_vec()), v.iter().copied().fold(0.0, f64::max))
+/// Reports NAME_median and NAME_max of `ms`, if any were measured.
+fn add_median_max(report: &mut Report, case: &str, name: &str, ms: &[f64]) {
+    if ms.is_empty() {
+        return;
+    }
+    let max = ms.iter().copied().fold(0.0, f64::max);
+    report.add("control", case, "xdplb", &format!("{name}_median"), median(ms.to_vec()), "ms");
+    report.add("control", case, "xdplb", &format!("{name}_max"), max, "ms");
 }
 
 /// `xdplb run` with 1M flows in its connection table (written through the
@@ -256,7 +262,7 @@ fn stalls(report: &mut Report, rounds: usize) {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let (_, age_max) = median_max(&age);
+        let age_max = age.iter().copied().fold(0.0, f64::max);
         report.add("control", case, "xdplb", "status_age_max", age_max / 1000.0, "s");
         report.add("control", case, "xdplb", "flows_tracked", tracked as f64, "flows");
         let mut hup = Vec::new();
@@ -269,11 +275,7 @@ fn stalls(report: &mut Report, rounds: usize) {
             }
             std::thread::sleep(Duration::from_millis(700));
         }
-        if !hup.is_empty() {
-            let (med, max) = median_max(&hup);
-            report.add("control", case, "xdplb", "sighup_to_reload_median", med, "ms");
-            report.add("control", case, "xdplb", "sighup_to_reload_max", max, "ms");
-        }
+        add_median_max(report, case, "sighup_to_reload", &hup);
         let mut health = Vec::new();
         for round in 0..rounds * 2 {
             let before = states();
@@ -288,11 +290,7 @@ fn stalls(report: &mut Report, rounds: usize) {
             }
             std::thread::sleep(Duration::from_millis(700));
         }
-        if !health.is_empty() {
-            let (med, max) = median_max(&health);
-            report.add("control", case, "xdplb", "check_change_to_dataplane_median", med, "ms");
-            report.add("control", case, "xdplb", "check_change_to_dataplane_max", max, "ms");
-        }
+        add_median_max(report, case, "check_change_to_dataplane", &health);
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
