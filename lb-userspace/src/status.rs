@@ -49,6 +49,75 @@ pub struct Status {
     /// Map entries found changed behind the controller's back, and rewritten.
     #[serde(default)]
     pub drift_repairs: u64,
+    /// Drained by `xdplb drain` (no VIP announced, keepalived's track file
+    /// says fault) until `xdplb undrain`.
+    #[serde(default)]
+    pub node_drained: bool,
+    /// BGP announcements through BIRD, when `bgp:` is configured.
+    #[serde(default)]
+    pub bgp: Option<BgpStatus>,
+    /// The flow sync channel, when `flow_sync:` is configured.
+    #[serde(default)]
+    pub flow_sync: Option<SyncStatus>,
+}
+
+/// BGP through BIRD: what is announced, what is not and why.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BgpStatus {
+    /// The routes file xdplb writes and bird.conf includes.
+    pub routes_file: String,
+    pub bird_socket: String,
+    /// Empty when BIRD took the last routes; else why not (retried every second).
+    pub bird_error: String,
+    /// When BIRD last took a change of routes (unix ms; 0: never).
+    pub configured_unix_ms: u64,
+    /// Reconfigurations BIRD refused or could not be asked for.
+    pub configure_failures: u64,
+    pub routes: Vec<RouteStatus>,
+}
+
+/// One VIP address's host route.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RouteStatus {
+    /// e.g. 198.18.0.10/32
+    pub prefix: String,
+    /// In the routes file BIRD has read: announced to its BGP peers.
+    pub announced: bool,
+    /// Why it is (or is not) announced: "healthy backends", "no healthy
+    /// backend", "node drained", "warming up", "stopping".
+    pub why: String,
+    /// Since when it has been announced or withdrawn (unix ms).
+    pub since_unix_ms: u64,
+}
+
+/// The flow sync channel's counters, since the controller started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyncStatus {
+    pub listen: String,
+    pub peers: Vec<PeerStatus>,
+    /// Flows that deviate from the current Maglev choice at the last walk.
+    pub deviating_flows: u64,
+    pub records_sent: u64,
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    pub records_received: u64,
+    /// Flows installed in this node's flow table from peers' records.
+    pub flows_installed: u64,
+    /// Records not installed, by why (unknown VIP, unknown backend, backend
+    /// down, rate limit).
+    pub records_rejected: BTreeMap<String, u64>,
+    /// Datagrams refused: bad key, replayed, too old, from an unknown peer, malformed.
+    pub datagrams_refused: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub address: String,
+    /// When a valid datagram last came from this peer (unix ms; 0: never).
+    pub last_heard_unix_ms: u64,
+    pub records_received: u64,
+    /// Why sending to it last failed, empty if it did not.
+    pub send_error: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

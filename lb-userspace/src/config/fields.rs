@@ -29,22 +29,22 @@ pub struct Fields<'f> {
 }
 
 /// A mapping's entries, after unknown keys were reported.
-struct Map<'a> {
+pub(super) struct Map<'a> {
     entries: &'a [(String, Pos, Node)],
     path: String,
 }
 
 impl<'a> Map<'a> {
-    fn get(&self, key: &str) -> Option<&'a Node> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a Node> {
         self.entries.iter().find(|(k, _, _)| k == key).map(|(_, _, n)| n)
     }
 
-    fn path(&self, key: &str) -> String {
+    pub(super) fn path(&self, key: &str) -> String {
         if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) }
     }
 }
 
-fn scalar(node: &Node) -> Option<&str> {
+pub(super) fn scalar(node: &Node) -> Option<&str> {
     match &node.value {
         Value::Scalar(s) => Some(s),
         _ => None,
@@ -95,11 +95,11 @@ impl<'f> Fields<'f> {
         Self { file, errors: Vec::new() }
     }
 
-    fn error(&mut self, pos: Pos, field: &str, message: impl Into<String>) {
+    pub(super) fn error(&mut self, pos: Pos, field: &str, message: impl Into<String>) {
         self.errors.push(ConfigError { file: self.file.into(), pos, field: field.into(), message: message.into() });
     }
 
-    fn map<'a>(&mut self, node: &'a Node, path: &str, known: &[&str]) -> Option<Map<'a>> {
+    pub(super) fn map<'a>(&mut self, node: &'a Node, path: &str, known: &[&str]) -> Option<Map<'a>> {
         let Value::Map(entries) = &node.value else {
             let what = if path.is_empty() { "the document" } else { path };
             self.error(node.pos, what, format!("must be a mapping, not {}", node.kind()));
@@ -115,7 +115,7 @@ impl<'f> Fields<'f> {
     }
 
     /// A scalar field parsed by `parse`; errors name the field.
-    fn value<T>(&mut self, m: &Map, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub(super) fn value<T>(&mut self, m: &Map, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         let node = m.get(key)?;
         let path = m.path(key);
         let Some(s) = scalar(node) else {
@@ -131,7 +131,7 @@ impl<'f> Fields<'f> {
         }
     }
 
-    fn required<T>(&mut self, m: &Map, at: Pos, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub(super) fn required<T>(&mut self, m: &Map, at: Pos, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         if m.get(key).is_none() {
             self.error(at, &m.path(key), "is required");
             return None;
@@ -139,7 +139,7 @@ impl<'f> Fields<'f> {
         self.value(m, key, parse)
     }
 
-    fn list<'a>(&mut self, m: &Map<'a>, key: &str) -> Option<&'a [Node]> {
+    pub(super) fn list<'a>(&mut self, m: &Map<'a>, key: &str) -> Option<&'a [Node]> {
         let node = m.get(key)?;
         match &node.value {
             Value::Seq(items) => Some(items),
@@ -161,6 +161,8 @@ impl<'f> Fields<'f> {
             "conntrack_size",
             "nat",
             "resolvers",
+            "bgp",
+            "flow_sync",
             "vips",
         ];
         let m = self.map(root, "", KEYS)?;
@@ -216,6 +218,8 @@ impl<'f> Fields<'f> {
             Some(n) => self.resolvers(n, "resolvers").unwrap_or_default(),
             None => Resolvers::default(),
         };
+        let bgp = m.get("bgp").and_then(|n| self.bgp(n, "bgp"));
+        let flow_sync = m.get("flow_sync").and_then(|n| self.flow_sync(n, "flow_sync"));
         let mut vips = Vec::new();
         if m.get("vips").is_none() {
             // An empty or cut-short file must never read as "no VIPs": every VIP
@@ -240,6 +244,8 @@ impl<'f> Fields<'f> {
             ipip_source_v6,
             conntrack_size,
             resolvers,
+            bgp,
+            flow_sync,
             vips,
         })
     }
@@ -723,7 +729,7 @@ fn read_ca_file(s: &str) -> Result<CaFile, String> {
 
 /// An address that can be a VIP or a server: one host, reachable on a
 /// network. 0.0.0.0, broadcast, multicast and loopback addresses cannot.
-fn unicast(a: IpAddr, what: &str) -> Result<IpAddr, String> {
+pub(super) fn unicast(a: IpAddr, what: &str) -> Result<IpAddr, String> {
     let why = match a {
         IpAddr::V4(v) if v.is_unspecified() => Some("the unspecified address"),
         IpAddr::V4(v) if v.is_broadcast() => Some("the broadcast address"),

@@ -5,6 +5,9 @@
 //! Nothing here touches the kernel.
 
 mod fields;
+mod ha;
+
+pub use ha::{BgpSettings, FlowSyncSettings, SyncKey};
 pub mod watch;
 pub mod yaml;
 
@@ -292,6 +295,10 @@ pub struct Config {
     pub ipip_source_v6: Prefix,
     pub conntrack_size: u32,
     pub resolvers: Resolvers,
+    /// Announce the VIP addresses over BGP through BIRD (`bgp:`).
+    pub bgp: Option<BgpSettings>,
+    /// Share flows that Maglev alone would move with the other nodes (`flow_sync:`).
+    pub flow_sync: Option<FlowSyncSettings>,
     pub vips: Vec<VipConfig>,
 }
 
