@@ -103,6 +103,12 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         }
         return (XDP_PASS, reasons::PASS_NOT_VIP);
     };
+    // A frame for another host's MAC (flooded by a switch whose table missed,
+    // or seen in promiscuous mode) is that host's to serve: forwarding it here
+    // too would give the backend a duplicate.
+    if !addressed_to_us(ctx) {
+        return (XDP_PASS, reasons::PASS_NOT_VIP);
+    }
     // Copy: the controller may replace the element while we run.
     let vip = *vip;
     obs.vip(&vip_key, &vip);
@@ -137,6 +143,20 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     obs.backend(backend_id, &backend);
     count_bytes(&BACKEND_STATS, backend_id, frame_len);
     forward(ctx, &pkt, &vip, &backend, hash)
+}
+
+/// Whether the frame's destination MAC is the interface's own (CONFIG's
+/// `if_mac`), compared as a word and a half-word.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let (Some(cfg), Some(eth)) = (CONFIG.get(0), parse::ptr_at::<parse::EthHdr>(ctx, 0)) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked that a whole Ethernet header lies within the frame.
+    let d = unsafe { (*eth).dst };
+    let m = cfg.if_mac;
+    u32::from_ne_bytes([d[0], d[1], d[2], d[3]]) == u32::from_ne_bytes([m[0], m[1], m[2], m[3]])
+        && u16::from_ne_bytes([d[4], d[5]]) == u16::from_ne_bytes([m[4], m[5]])
 }
 
 /// A packet we could not balance: dropped (and counted) if it is addressed to

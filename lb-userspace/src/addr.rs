@@ -41,8 +41,22 @@ pub fn fmt_mac(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+/// An address of this host, and whether it is held as a single host
+/// (/32, /128): how keepalived adds a virtual address, not how an interface
+/// is numbered on its network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddr {
+    pub addr: IpAddr,
+    pub host_only: bool,
+}
+
+/// The prefix length of a netmask's bytes.
+fn mask_len(bytes: &[u8]) -> u32 {
+    bytes.iter().map(|b| b.count_ones()).sum()
+}
+
 /// Every address of this host's interfaces in this network namespace.
-pub fn local_addresses() -> Vec<std::net::IpAddr> {
+pub fn local_addresses() -> Vec<LocalAddr> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list it allocates; freed below.
@@ -54,17 +68,28 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
         // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
         let ifa = unsafe { &*cur };
         if !ifa.ifa_addr.is_null() {
+            let mask = ifa.ifa_netmask;
             // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
             match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
                 libc::AF_INET => {
                     // SAFETY: an AF_INET sockaddr is a sockaddr_in.
                     let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    // SAFETY: the netmask, when present, has the address's family.
+                    let len = (!mask.is_null()).then(|| {
+                        mask_len(&unsafe { &*(mask as *const libc::sockaddr_in) }.sin_addr.s_addr.to_ne_bytes())
+                    });
+                    out.push(LocalAddr {
+                        addr: IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()),
+                        host_only: len == Some(32),
+                    });
                 }
                 libc::AF_INET6 => {
                     // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
                     let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                    // SAFETY: the netmask, when present, has the address's family.
+                    let len = (!mask.is_null())
+                        .then(|| mask_len(&unsafe { &*(mask as *const libc::sockaddr_in6) }.sin6_addr.s6_addr));
+                    out.push(LocalAddr { addr: IpAddr::from(sin6.sin6_addr.s6_addr), host_only: len == Some(128) });
                 }
                 _ => {}
             }

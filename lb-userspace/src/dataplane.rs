@@ -412,6 +412,12 @@ impl Dataplane {
         })
     }
 
+    /// A handle of its own to the FLOWS map (for flow sync's thread).
+    pub fn flows_map(&self) -> Result<MapData> {
+        use aya::maps::IterableMap as _;
+        crate::walks::dup_map_data(self.flows.map())
+    }
+
     /// Packets per reason (see `lb_common::reasons`), summed over CPUs.
     pub fn reasons(&self) -> Result<[u64; reasons::COUNT as usize]> {
         let mut out = [0u64; reasons::COUNT as usize];

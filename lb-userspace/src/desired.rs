@@ -312,12 +312,20 @@ pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
 /// VIPs and servers that are this host's own addresses: a VIP there takes
 /// the host's own traffic on that port, a backend there loops. One message
 /// per problem, naming the VIP and the address.
-pub fn own_address_conflicts(config: &Config, own: &[IpAddr]) -> Vec<String> {
+///
+/// A VIP may be an address this host holds as a single host (/32, /128):
+/// that is how keepalived moves a VIP to the active node of a pair (and how
+/// some sites put it on `lo`). An address numbering an interface on its
+/// network (a shorter prefix) is the host's own and never a VIP.
+pub fn own_address_conflicts(config: &Config, own: &[crate::addr::LocalAddr]) -> Vec<String> {
     let mut out = Vec::new();
+    let network_own: Vec<IpAddr> = own.iter().filter(|a| !a.host_only).map(|a| a.addr).collect();
+    let own: Vec<IpAddr> = own.iter().map(|a| a.addr).collect();
     for v in &config.vips {
-        if own.contains(&v.address) {
+        if network_own.contains(&v.address) {
             out.push(format!(
-                "vips `{}`: address {} is this load balancer's own address; a VIP must be an address routed to it",
+                "vips `{}`: address {} is this load balancer's own address; a VIP must be an address routed to it \
+                 (or held as a /32 or /128, as keepalived adds it)",
                 v.name, v.address
             ));
         }
@@ -767,8 +775,11 @@ mod tests {
 
     #[test]
     fn the_balancers_own_addresses_are_no_vip_and_no_server() {
+        use crate::addr::LocalAddr;
         let c = config::parse("c.yaml", CONFIG).unwrap();
-        let own: Vec<IpAddr> = vec!["198.18.0.12".parse().unwrap(), "198.18.0.99".parse().unwrap()];
+        let net = |a: &str| LocalAddr { addr: a.parse().unwrap(), host_only: false };
+        let host = |a: &str| LocalAddr { addr: a.parse().unwrap(), host_only: true };
+        let own = vec![net("198.18.0.12"), host("198.18.0.99")];
         assert_eq!(
             own_address_conflicts(&c, &own),
             [
@@ -776,10 +787,12 @@ mod tests {
                 "vips `web`: backend 198.18.0.99 is this load balancer's own address",
             ]
         );
-        let own: Vec<IpAddr> = vec!["198.18.0.100".parse().unwrap()];
         assert!(
-            own_address_conflicts(&c, &own)[0].contains("address 198.18.0.100 is this load balancer's own address")
+            own_address_conflicts(&c, &[net("198.18.0.100")])[0]
+                .contains("address 198.18.0.100 is this load balancer's own address")
         );
-        assert!(own_address_conflicts(&c, &["198.18.0.2".parse().unwrap()]).is_empty());
+        // A VIP held as a single host (keepalived's virtual_ipaddress on the active node) is fine.
+        assert!(own_address_conflicts(&c, &[host("198.18.0.100")]).is_empty());
+        assert!(own_address_conflicts(&c, &[net("198.18.0.2")]).is_empty());
     }
 }

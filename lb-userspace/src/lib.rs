@@ -2,6 +2,7 @@
 //! tests drive the dataplane through these modules.
 
 pub mod addr;
+pub mod announce;
 pub mod attach;
 pub mod config;
 pub mod daemon;
@@ -9,6 +10,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod dns;
 pub mod doctor;
+pub mod flowsync;
 pub mod health;
 pub mod mounts;
 pub mod neighbours;

@@ -134,7 +134,17 @@ enum Cmd {
     },
     /// Drain a backend: weight 0 at run time; established flows continue, new
     /// ones go to the others. Until `xdplb ready`; kept across reloads.
-    Drain(BackendArgs),
+    /// Without VIP and BACKEND: drain the whole node — its BGP routes are
+    /// withdrawn and keepalived's track file says fault, so the routers (or
+    /// the standby) take its traffic, while its dataplane keeps forwarding
+    /// whatever still arrives. Until `xdplb undrain`; kept across restarts.
+    Drain(NodeOrBackendArgs),
+    /// Serve again after `xdplb drain` (of the node): announce the VIPs again.
+    Undrain {
+        /// Interface of the controller (default: the only one running).
+        #[arg(long)]
+        iface: Option<String>,
+    },
     /// Put a backend in maintenance: no traffic at all, as if down (its flows
     /// move to the others), while its health checks go on. Until `xdplb ready`.
     Maint(BackendArgs),
@@ -223,6 +233,19 @@ struct BackendArgs {
     vip: String,
     /// The backend's address, or ADDRESS:PORT ([V6]:PORT) for one with a port of its own (nat).
     backend: String,
+    /// Interface of the controller (default: the only one running).
+    #[arg(long)]
+    iface: Option<String>,
+}
+
+/// `xdplb drain`: a backend of a VIP, or (neither given) the whole node.
+#[derive(clap::Args)]
+struct NodeOrBackendArgs {
+    /// The VIP's name (`name:` in the file); omit both to drain the node.
+    #[arg(requires = "backend")]
+    vip: Option<String>,
+    /// The backend's address, or ADDRESS:PORT ([V6]:PORT) for one with a port of its own (nat).
+    backend: Option<String>,
     /// Interface of the controller (default: the only one running).
     #[arg(long)]
     iface: Option<String>,
@@ -341,10 +364,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let set = lb_userspace::desired::Override::Weight(weight);
             runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })
         }
-        Cmd::Drain(b) => {
-            let set = lb_userspace::desired::Override::Drain;
-            runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })
-        }
+        Cmd::Drain(b) => match (b.vip, b.backend) {
+            (Some(vip), Some(backend)) => {
+                let set = lb_userspace::desired::Override::Drain;
+                runtime_command(&cli.state_dir, b.iface, Request::Set { vip, backend, set })
+            }
+            _ => runtime_command(&cli.state_dir, b.iface, Request::Node { drained: true }),
+        },
+        Cmd::Undrain { iface } => runtime_command(&cli.state_dir, iface, Request::Node { drained: false }),
         Cmd::Maint(b) => {
             let set = lb_userspace::desired::Override::Maint;
             runtime_command(&cli.state_dir, b.iface, Request::Set { vip: b.vip, backend: b.backend, set })

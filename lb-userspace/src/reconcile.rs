@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -27,7 +28,11 @@ use lb_common::{
     },
 };
 
-use crate::{addr, dataplane::Dataplane};
+use crate::{
+    addr,
+    dataplane::Dataplane,
+    flowsync::view::{BackendView, SyncView, VipView},
+};
 
 /// How long a freed pool region or backend id rests before reuse.
 const GRACE: Duration = Duration::from_millis(100);
@@ -631,6 +636,40 @@ impl Reconciler {
         }
         self.free_vip_ids.push(vip.meta.vip_id);
         Ok(())
+    }
+
+    /// What flow sync needs of the applied VIPs (see `flowsync::view`).
+    /// A VIP's ring is read from the pool only when its table is not the
+    /// one `previous` holds (same region, same members); otherwise shared.
+    /// NAT VIPs get no ring: they are not synced.
+    pub fn sync_view(&self, dp: &Dataplane, previous: Option<&SyncView>) -> SyncView {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut view = SyncView::default();
+        for (key, vip) in &self.vips {
+            let mut digest = std::hash::DefaultHasher::new();
+            vip.table_members.hash(&mut digest);
+            let table_id = digest.finish();
+            let (offset, size) = (vip.meta.ring_offset, vip.meta.ring_size);
+            let ring: Arc<[u32]> = if vip.meta.forwarding == FWD_NAT {
+                Arc::from(Vec::new())
+            } else {
+                previous
+                    .and_then(|p| p.ring_if_unchanged(key, offset, size, table_id))
+                    .unwrap_or_else(|| dp.read_pool(offset, size).into())
+            };
+            let backends = vip.backends.values().map(|b| BackendView {
+                id: b.id,
+                addr: b.value.addr,
+                port: b.value.port,
+                generation: b.value.generation,
+                state: b.value.state,
+            });
+            view.insert(
+                *key,
+                VipView::new(vip.meta.forwarding, vip.meta.flags, (offset, size, table_id), ring, backends),
+            );
+        }
+        view
     }
 }
 

@@ -63,6 +63,10 @@ pub enum Request {
     Clear { vip: Option<String> },
     /// `xdplb reload`: read the file again, validate and apply it.
     Reload,
+    /// `xdplb drain` / `xdplb undrain` without a backend: the whole node.
+    /// Drained, it announces no VIP (BGP routes withdrawn, keepalived's track
+    /// file says fault) while its dataplane keeps forwarding what still comes.
+    Node { drained: bool },
 }
 
 /// One response line.
@@ -96,6 +100,33 @@ pub fn overrides_path(state_dir: &Path, iface: &str) -> PathBuf {
 /// The lock a controller of `iface` holds for its whole life.
 pub fn lock_path(state_dir: &Path, iface: &str) -> PathBuf {
     state_dir.join(format!("{iface}.lock"))
+}
+
+/// Present while the node is drained (`xdplb drain`): kept across restarts
+/// of the controller, gone with the state directory (a reboot).
+pub fn drained_path(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.drained"))
+}
+
+/// Whether the node was left drained.
+pub fn load_drained(state_dir: &Path, iface: &str) -> bool {
+    drained_path(state_dir, iface).exists()
+}
+
+/// Keeps the node's drain for a restart.
+pub fn save_drained(state_dir: &Path, iface: &str, drained: bool) -> Result<()> {
+    let path = drained_path(state_dir, iface);
+    if drained {
+        let tmp = state_dir.join(format!(".{iface}.drained.{}.tmp", std::process::id()));
+        crate::status::replace_file(&path, &tmp, b"drained by `xdplb drain`; `xdplb undrain` serves again\n")
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn euid() -> u32 {

@@ -265,9 +265,14 @@ pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
 
 /// Replaces `dest` with `bytes`: written into `tmp`, a new file of its own
 /// (O_EXCL, O_NOFOLLOW: never through a symlink someone left there), then
-/// renamed over `dest`, so a reader sees the old file or the new one.
+/// renamed over `dest`, so a reader sees the old file or the new one. Mode
+/// 0644 whatever the umask: other users' programs read these files (`xdplb
+/// status`, BIRD, keepalived).
 pub(crate) fn replace_file(dest: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    use std::{
+        io::Write as _,
+        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    };
     std::fs::remove_file(tmp).ok();
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -275,7 +280,10 @@ pub(crate) fn replace_file(dest: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> 
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(tmp)
-        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|mut f| {
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            f.write_all(bytes)
+        })
         .and_then(|()| std::fs::rename(tmp, dest));
     if let Err(e) = written {
         std::fs::remove_file(tmp).ok();
@@ -380,6 +388,9 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(o, "  {e}");
         }
     }
+    if s.node_drained {
+        let _ = writeln!(o, "node: DRAINED (xdplb undrain to serve again)");
+    }
     for v in &s.vips {
         let _ = writeln!(
             o,
@@ -439,6 +450,7 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(o, "{line}");
         }
     }
+    render_ha(&mut o, s, unix_ms_now());
     let _ = writeln!(o, "\npackets by reason:");
     for (k, v) in &s.reasons {
         let _ = writeln!(o, "  {k:<26} {v}");
@@ -446,9 +458,182 @@ pub fn render(s: &Status) -> String {
     o
 }
 
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago `then_unix_ms` was: `4s ago`, `3m ago`, `5h ago`, `2d ago`;
+/// `never` for 0.
+pub fn ago(now_unix_ms: u64, then_unix_ms: u64) -> String {
+    if then_unix_ms == 0 {
+        return "never".into();
+    }
+    let s = now_unix_ms.saturating_sub(then_unix_ms) / 1000;
+    match s {
+        0..120 => format!("{s}s ago"),
+        120..7200 => format!("{}m ago", s / 60),
+        7200..172_800 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// `a 3, b 1` from counters by why, the zero ones left out.
+fn by_why(counts: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = counts.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+    parts.join(", ")
+}
+
+/// The BGP and flow sync sections of `xdplb status`, when configured.
+fn render_ha(o: &mut String, s: &Status, now: u64) {
+    if let Some(b) = &s.bgp {
+        let configured = match b.configured_unix_ms {
+            0 => "BIRD has taken no routes from this controller yet".to_string(),
+            t => format!("last configure {}", ago(now, t)),
+        };
+        let _ = writeln!(
+            o,
+            "\nBGP through BIRD at {}, routes in {}: {configured}, {} failed attempts",
+            b.bird_socket, b.routes_file, b.configure_failures
+        );
+        if b.routes.is_empty() {
+            let _ = writeln!(o, "  no VIP address");
+        } else {
+            let mut t = table(&["route", "state", "why", "since"]);
+            for r in &b.routes {
+                // "healthy backends" is the one why that announces: a state
+                // that disagrees with its why waits for BIRD.
+                let waiting = !b.bird_error.is_empty() && r.announced != (r.why == "healthy backends");
+                let state = match (r.announced, waiting) {
+                    (true, false) => "announced",
+                    (false, false) => "withdrawn",
+                    (true, true) => "announced (withdrawal waits for BIRD)",
+                    (false, true) => "withdrawn (announcement waits for BIRD)",
+                };
+                t.add_row([r.prefix.clone(), state.to_string(), r.why.clone(), ago(now, r.since_unix_ms)]);
+            }
+            for line in t.lines() {
+                let _ = writeln!(o, "  {}", line.trim_end());
+            }
+        }
+        if !b.bird_error.is_empty() {
+            let _ = writeln!(o, "  BIRD ERROR (retried every second): {}", b.bird_error);
+        }
+    }
+    if let Some(f) = &s.flow_sync {
+        let _ = writeln!(
+            o,
+            "\nflow sync on {}: {} flows deviate; sent {} records in {} datagrams ({} bytes), received {} records, \
+             {} flows installed",
+            f.listen,
+            f.deviating_flows,
+            f.records_sent,
+            f.datagrams_sent,
+            f.bytes_sent,
+            f.records_received,
+            f.flows_installed
+        );
+        let mut t = table(&["peer", "last heard", "records", "send error"]);
+        for p in &f.peers {
+            t.add_row([
+                p.address.clone(),
+                ago(now, p.last_heard_unix_ms),
+                p.records_received.to_string(),
+                p.send_error.clone(),
+            ]);
+        }
+        align_right(&mut t, &[2]);
+        for line in t.lines() {
+            let _ = writeln!(o, "  {}", line.trim_end());
+        }
+        let rejected = by_why(&f.records_rejected);
+        if !rejected.is_empty() {
+            let _ = writeln!(o, "  records rejected: {rejected}");
+        }
+        let refused = by_why(&f.datagrams_refused);
+        if !refused.is_empty() {
+            let _ = writeln!(o, "  datagrams refused: {refused}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ha_sections_show_the_drain_the_routes_with_why_and_the_sync_channel() {
+        let now = 1_000_000_000;
+        let s = Status {
+            node_drained: true,
+            bgp: Some(BgpStatus {
+                routes_file: "/run/xdplb/lb0.bird.conf".into(),
+                bird_socket: "/run/bird/bird.ctl".into(),
+                bird_error: "cannot reach BIRD at /run/bird/bird.ctl: connection refused (is BIRD running? \
+                             systemctl start bird)"
+                    .into(),
+                configured_unix_ms: now - 300_000,
+                configure_failures: 4,
+                routes: vec![
+                    RouteStatus {
+                        prefix: "198.18.0.10/32".into(),
+                        announced: true,
+                        why: "healthy backends".into(),
+                        since_unix_ms: now - 7_200_000,
+                    },
+                    RouteStatus {
+                        prefix: "2001:db8::10/128".into(),
+                        announced: false,
+                        why: "healthy backends".into(),
+                        since_unix_ms: now - 5_000,
+                    },
+                ],
+            }),
+            flow_sync: Some(SyncStatus {
+                listen: "198.18.0.1:7946".into(),
+                peers: vec![
+                    PeerStatus {
+                        address: "198.18.0.2:7946".into(),
+                        last_heard_unix_ms: now - 2_000,
+                        records_received: 40,
+                        send_error: String::new(),
+                    },
+                    PeerStatus {
+                        address: "198.18.0.3:7946".into(),
+                        send_error: "connection refused".into(),
+                        ..Default::default()
+                    },
+                ],
+                deviating_flows: 3,
+                records_sent: 120,
+                datagrams_sent: 12,
+                bytes_sent: 5100,
+                records_received: 40,
+                flows_installed: 38,
+                records_rejected: [("rate limit".to_string(), 2), ("unknown VIP".to_string(), 0)].into(),
+                datagrams_refused: [("bad key".to_string(), 5)].into(),
+            }),
+            ..Default::default()
+        };
+        assert!(render(&s).contains("\nnode: DRAINED (xdplb undrain to serve again)\n"));
+        let mut o = String::new();
+        render_ha(&mut o, &s, now);
+        let expected = "
+BGP through BIRD at /run/bird/bird.ctl, routes in /run/xdplb/lb0.bird.conf: last configure 5m ago, 4 failed attempts
+  route             state                                    why               since
+  198.18.0.10/32    announced                                healthy backends  2h ago
+  2001:db8::10/128  withdrawn (announcement waits for BIRD)  healthy backends  5s ago
+  BIRD ERROR (retried every second): cannot reach BIRD at /run/bird/bird.ctl: connection refused (is BIRD running? systemctl start bird)
+
+flow sync on 198.18.0.1:7946: 3 flows deviate; sent 120 records in 12 datagrams (5100 bytes), received 40 records, 38 flows installed
+  peer             last heard  records  send error
+  198.18.0.2:7946  2s ago           40
+  198.18.0.3:7946  never             0  connection refused
+  records rejected: rate limit 2
+  datagrams refused: bad key 5
+";
+        assert_eq!(o, expected, "got:\n{o}");
+        assert!(!render(&Status::default()).contains("BGP"), "nothing of BGP without `bgp:`");
+    }
 
     #[test]
     fn status_write_never_follows_a_symlink_at_its_temporary_name() {

@@ -2,7 +2,9 @@
 //! a harness that drives the real eBPF object with BPF_PROG_TEST_RUN, test
 //! clusters in network namespaces and the MariaDB servers some of them run.
 
+pub mod ha;
 pub mod harness;
 pub mod mariadb;
 pub mod packets;
 pub mod topology;
+pub mod vrrp;

@@ -296,6 +296,11 @@ impl Cluster {
             n if n.ends_with('0') => n.trim_end_matches('0').to_string(),
             n => format!("s{n}"),
         };
+        self.plug_port(sw, host, &port, ifname, a4, a6);
+    }
+
+    /// As `plug`, with the switch's side of the veth named `port`.
+    fn plug_port(&self, sw: &Netns, host: &Netns, port: &str, ifname: &str, a4: &str, a6: &str) {
         sw.ip(&format!("link add {port} type veth peer name {ifname} netns {}", host.name));
         // Jumbo frames behind the load balancer, as IP-in-IP deployments
         // use: an encapsulated 1500-byte client packet (1520) must fit.
@@ -323,6 +328,15 @@ impl Cluster {
         host
     }
 
+    /// Another host on the clients' segment whose interface is named `ifname`
+    /// (`eth0`, as on a real machine), behind the switch's port `role`; the
+    /// caller owns its namespace.
+    pub fn add_host_with_iface(&self, role: &str, ifname: &str, a4: &str, a6: &str) -> Netns {
+        let host = Netns::create(format!("{NETNS_PREFIX}{}-{role}", self.tag));
+        self.plug_port(&self.switch, &host, role, ifname, a4, a6);
+        host
+    }
+
     /// The xdplb binary, run in `ns` with this cluster's pin root and state dir.
     pub fn xdplb_in(&self, ns: &Netns, args: &[&str]) -> Command {
         let mut c = ns.command(self.bin_dir.join("xdplb"));
@@ -346,6 +360,18 @@ impl Cluster {
     /// Starts `cmd` and kills it (and its children) with the cluster.
     pub fn spawn(&self, name: &str, cmd: &mut Command) {
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.track(name.to_string(), child);
+    }
+
+    /// As `spawn`, with its output in DIR/NAME.log (see `log`).
+    pub fn spawn_logged(&self, name: &str, cmd: &mut Command) {
+        let log = File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         self.track(name.to_string(), child);
     }
 
@@ -684,6 +710,8 @@ impl KeepAlive {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub at: Instant,
+    /// How long the request took, failed or not.
+    pub took: Duration,
     pub result: Result<String, String>,
 }
 
@@ -712,7 +740,7 @@ impl RequestStream {
                 let at = Instant::now();
                 let result = http_get(target, "/", Duration::from_secs(2))
                     .and_then(|(code, b)| if code == 200 { Ok(b) } else { Err(format!("HTTP {code} from {b}")) });
-                sa.lock().unwrap().push(Sample { at, result });
+                sa.lock().unwrap().push(Sample { at, took: at.elapsed(), result });
                 thread::sleep(every.saturating_sub(at.elapsed()));
             }
         });

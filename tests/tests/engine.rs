@@ -181,7 +181,17 @@ fn non_vip_traffic_passes_untouched() {
     arp.extend_from_slice(&packets::CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0; 18]);
+    // A VIP packet in a frame for another host's MAC: a switch flooded it (the
+    // MAC table missed, or the other node of a pair just died) or the NIC is
+    // promiscuous. The node it is addressed to serves it; forwarding it here
+    // too would hand the backend a duplicate.
+    let mut elsewhere = frame(L4::Tcp, c, 1234, s.addr, 80);
+    elsewhere[0..6].copy_from_slice(&[0x02, 0x1b, 0, 0, 0, 0x02]);
+    let mut elsewhere6 = frame(L4::Tcp, c6, 1234, s6.addr, 80);
+    elsewhere6[0..6].copy_from_slice(&[0x02, 0x1b, 0, 0, 0, 0x02]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a VIP packet for another host's MAC", elsewhere),
+        ("an IPv6 VIP packet for another host's MAC", elsewhere6),
         ("another address", frame(L4::Tcp, c, 1234, "198.18.0.200".parse().unwrap(), 80)),
         ("the VIP address on another port", frame(L4::Tcp, c, 1234, s.addr, 22)),
         ("the VIP's port over UDP", frame(L4::Udp, c, 1234, s.addr, 80)),

@@ -182,9 +182,11 @@ fn the_package_installs_its_files_into_a_clean_root_and_purges_them() {
     let check = text(&run(pkg.xdplb().arg("check").arg("--config").arg(&config)));
     assert!(check.contains("ok (1 VIPs, 3 backends)"), "{check}");
     for example in std::fs::read_dir(pkg.path("/usr/share/doc/xdplb/examples")).unwrap() {
-        assert!(example.unwrap().path().extension().is_some_and(|e| e == "yaml"));
+        let path = example.unwrap().path();
+        assert!(path.extension().is_some_and(|e| e == "yaml") || path.ends_with("keepalived"), "{}", path.display());
     }
     assert!(pkg.path("/usr/share/doc/xdplb/examples/cluster.yaml").exists());
+    assert!(pkg.path("/usr/share/doc/xdplb/examples/keepalived/keepalived.conf").exists());
 
     for completion in [
         "/usr/share/bash-completion/completions/xdplb",

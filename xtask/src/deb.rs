@@ -152,6 +152,10 @@ pub fn package(debug: bool) -> Result<PathBuf> {
             copy(&path, &examples.join(path.file_name().unwrap()))?;
         }
     }
+    // The active/standby pair: keepalived.conf and the xdplb file beside it.
+    for name in ["keepalived.conf", "xdplb.yaml"] {
+        copy(&root.join("examples/keepalived").join(name), &examples.join("keepalived").join(name))?;
+    }
 
     // Completions and manual pages, from the binary's own command line.
     for (shell, path) in [

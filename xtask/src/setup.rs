@@ -41,6 +41,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "ca-certificates",
     "systemd",
+    // High availability (tests/tests/{ha,vrrp}.rs, `cargo xtask demo --ha`):
+    // BGP announcement through BIRD, an active/standby pair through keepalived.
+    "bird2",
+    "keepalived",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

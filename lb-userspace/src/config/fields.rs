@@ -131,7 +131,13 @@ impl<'f> Fields<'f> {
         }
     }
 
-    pub(super) fn required<T>(&mut self, m: &Map, at: Pos, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub(super) fn required<T>(
+        &mut self,
+        m: &Map,
+        at: Pos,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         if m.get(key).is_none() {
             self.error(at, &m.path(key), "is required");
             return None;

@@ -132,7 +132,8 @@ impl Fields<'_> {
     pub(super) fn bgp(&mut self, node: &Node, path: &str) -> Option<BgpSettings> {
         let m = self.map(node, path, &["routes_file", "bird_socket", "warmup", "withdraw_wait"])?;
         let d = BgpSettings::default();
-        let zero_or = |s: &str| if s.trim() == "0" || s.trim() == "0s" { Ok(Duration::ZERO) } else { parse_duration(s) };
+        let zero_or =
+            |s: &str| if s.trim() == "0" || s.trim() == "0s" { Ok(Duration::ZERO) } else { parse_duration(s) };
         Some(BgpSettings {
             routes_file: self.value(&m, "routes_file", absolute_path),
             bird_socket: self.value(&m, "bird_socket", absolute_path).unwrap_or(d.bird_socket),
@@ -151,12 +152,15 @@ impl Fields<'_> {
         }
         if let Some(items) = self.list(&m, "peers") {
             for item in items {
-                let parsed = scalar(item).ok_or_else(|| "must be a list of address:port".to_string()).and_then(socket_addr);
+                let parsed =
+                    scalar(item).ok_or_else(|| "must be a list of address:port".to_string()).and_then(socket_addr);
                 match parsed {
                     Ok(a) if Some(a) == listen => {
                         self.error(item.pos, &m.path("peers"), format!("{a} is this node's own listen address"))
                     }
-                    Ok(a) if peers.contains(&a) => self.error(item.pos, &m.path("peers"), format!("{a} is listed twice")),
+                    Ok(a) if peers.contains(&a) => {
+                        self.error(item.pos, &m.path("peers"), format!("{a} is listed twice"))
+                    }
                     Ok(a) => peers.push(a),
                     Err(msg) => self.error(item.pos, &m.path("peers"), msg),
                 }

@@ -32,6 +32,18 @@ impl Daemon {
                 desired::clear_override(&live, &mut self.overrides, &vip, &backend).map(|l| vec![l])
             }
             Request::Clear { vip } => desired::clear_overrides(&live, &mut self.overrides, vip.as_deref()),
+            Request::Node { drained } => {
+                return match self.set_node_drained(drained) {
+                    Ok(lines) => {
+                        for l in &lines {
+                            info!("runtime API: {l}");
+                        }
+                        self.publish_status();
+                        Response::Done { lines }
+                    }
+                    Err(error) => Response::Error { error },
+                };
+            }
         };
         match done {
             Ok(lines) => {

@@ -46,7 +46,9 @@ impl Daemon {
     /// (NAT on or off, IP-in-IP sources): their results apart, since a reload
     /// decides on the VIPs' (see `reload_blamed`).
     fn write_desired(&mut self, specs: &[VipSpec]) -> (Result<()>, Result<()>) {
-        let vips = self.reconciler.apply(&mut self.dp, specs).map(|_| ());
+        let applied = self.reconciler.apply(&mut self.dp, specs);
+        self.after_apply(specs, applied.as_ref().ok());
+        let vips = applied.map(|_| ());
         let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config);
         let config_map = if self.config_written == Some(want) {
             Ok(())
@@ -126,6 +128,7 @@ impl Daemon {
         if self.ticks.is_multiple_of(2) && self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) {
             self.collect_nat();
         }
+        self.ha_tick();
         // A killed `xdplb trace` leaves the traced program in the link.
         crate::trace::switch_off_abandoned(&mut self.dp, &self.pin_dir);
         // With very many backends a status costs real time: keep it under 10%.
@@ -332,6 +335,7 @@ impl Daemon {
             self.unapplied = Some(pending);
         }
         self.config_text = text;
+        self.ha_follow_config();
         let mut changes = desired::describe_changes(&self.file_config, &parsed);
         for c in &changes {
             info!("reload ({why}): {c}");
@@ -423,8 +427,10 @@ impl Daemon {
 
     /// Stops: the status goes; the dataplane stays (adopted by the next
     /// `xdplb run`) unless `--detach-on-exit`.
-    pub(super) fn shutdown(self) -> Result<()> {
+    pub(super) async fn shutdown(mut self) -> Result<()> {
         notify::stopping();
+        // Withdraw first, detach after: no traffic is sent to a node that stops serving.
+        self.ha_stop().await;
         let iface = self.link.name.clone();
         std::fs::remove_file(status::path(&self.opts.state_dir, &iface)).ok();
         if self.opts.detach_on_exit {

@@ -40,6 +40,7 @@ use crate::{
 
 mod control;
 mod events;
+mod ha;
 mod nat_gc;
 mod startup;
 mod status_view;
@@ -114,6 +115,8 @@ struct Daemon {
     unapplied: Option<String>,
     /// The CONFIG map entry as last written (None: not known to be written).
     config_written: Option<LbConfig>,
+    /// Drain of the node, BGP announcements, keepalived's track file, flow sync.
+    ha: ha::Ha,
 }
 
 /// A round of next-hop resolution, back from its task: the resolver (to
@@ -224,7 +227,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     info!("{why}: stopping");
-    let stopped = d.shutdown();
+    let stopped = d.shutdown().await;
     drop(api);
     stopped
 }

@@ -125,6 +125,7 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         state_since: HashMap::new(),
         unapplied: None,
         config_written,
+        ha: Default::default(),
         file_config: loaded.file_config,
         config,
         names: loaded.names,
@@ -150,6 +151,8 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     }
     // Maps are full before the program sees a packet.
     let mode_text = d.attach(mode)?;
+    // Attached and filled: now the routers (or keepalived) may send traffic here.
+    d.ha_attached();
     d.announce(mode_text, metrics);
     Ok(Some(Started { d, transitions, requests, api }))
 }

@@ -132,6 +132,7 @@ impl Daemon {
             s.nat_evicted_idle = self.nat_evicted.0;
             s.nat_evicted_closed = self.nat_evicted.1;
             s.apply_pending = self.unapplied.clone().unwrap_or_default();
+            self.ha_status(&mut s);
             s.dns = self
                 .names
                 .states

@@ -128,5 +128,156 @@ pub fn render(s: &Status) -> String {
         "1 if the last resolution of the backend name failed.",
         name(&|d| f64::from(u8::from(!d.last_error.is_empty()))),
     );
+    family(
+        "xdplb_node_drained",
+        "gauge",
+        "1 while the node is drained by `xdplb drain` (nothing announced, keepalived's track file says fault).",
+        vec![(String::new(), f64::from(u8::from(s.node_drained)))],
+    );
+    let bgp = s.bgp.as_ref();
+    family(
+        "xdplb_bgp_route_announced",
+        "gauge",
+        "1 if BIRD has taken the VIP address's host route (announced to its BGP peers).",
+        bgp.map_or(vec![], |b| {
+            b.routes
+                .iter()
+                .map(|r| (format!("{{prefix=\"{}\"}}", esc(&r.prefix)), f64::from(u8::from(r.announced))))
+                .collect()
+        }),
+    );
+    family(
+        "xdplb_bgp_bird_up",
+        "gauge",
+        "1 if BIRD took the last routes; 0 while it cannot be reached or refuses them (retried every second).",
+        bgp.map_or(vec![], |b| vec![(String::new(), f64::from(u8::from(b.bird_error.is_empty())))]),
+    );
+    family(
+        "xdplb_bgp_configure_failures_total",
+        "counter",
+        "Reconfigurations BIRD refused or could not be asked for.",
+        bgp.map_or(vec![], |b| vec![(String::new(), b.configure_failures as f64)]),
+    );
+    let sync = s.flow_sync.as_ref();
+    let one = |f: &dyn Fn(&crate::status::SyncStatus) -> u64| -> Vec<(String, f64)> {
+        sync.map_or(vec![], |y| vec![(String::new(), f(y) as f64)])
+    };
+    family(
+        "xdplb_sync_deviating_flows",
+        "gauge",
+        "Flows whose backend is not the one Maglev chooses now, at the last walk (the ones shared with the peers).",
+        one(&|y| y.deviating_flows),
+    );
+    family("xdplb_sync_records_sent_total", "counter", "Flow records sent to the peers.", one(&|y| y.records_sent));
+    family("xdplb_sync_datagrams_sent_total", "counter", "Datagrams sent to the peers.", one(&|y| y.datagrams_sent));
+    family("xdplb_sync_bytes_sent_total", "counter", "Bytes sent to the peers.", one(&|y| y.bytes_sent));
+    family(
+        "xdplb_sync_records_received_total",
+        "counter",
+        "Flow records received from the peers.",
+        one(&|y| y.records_received),
+    );
+    family(
+        "xdplb_sync_flows_installed_total",
+        "counter",
+        "Flows installed in this node's flow table from the peers' records.",
+        one(&|y| y.flows_installed),
+    );
+    let whys = |m: &dyn Fn(&crate::status::SyncStatus) -> &std::collections::BTreeMap<String, u64>| {
+        sync.map_or(vec![], |y| m(y).iter().map(|(k, v)| (format!("{{why=\"{}\"}}", esc(k)), *v as f64)).collect())
+    };
+    family(
+        "xdplb_sync_records_rejected_total",
+        "counter",
+        "Flow records received and not installed, by why.",
+        whys(&|y| &y.records_rejected),
+    );
+    family(
+        "xdplb_sync_datagrams_refused_total",
+        "counter",
+        "Datagrams refused (bad key, replayed, too old, unknown peer, malformed), by why.",
+        whys(&|y| &y.datagrams_refused),
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    family(
+        "xdplb_sync_peer_last_heard_seconds",
+        "gauge",
+        "Seconds since a valid datagram came from the peer (absent until one came).",
+        sync.map_or(vec![], |y| {
+            y.peers
+                .iter()
+                .filter(|p| p.last_heard_unix_ms != 0)
+                .map(|p| {
+                    let age = now.saturating_sub(p.last_heard_unix_ms) as f64 / 1000.0;
+                    (format!("{{peer=\"{}\"}}", esc(&p.address)), age)
+                })
+                .collect()
+        }),
+    );
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BgpStatus, PeerStatus, RouteStatus, SyncStatus};
+
+    #[test]
+    fn bgp_and_flow_sync_export_their_routes_bird_and_counters() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let s = Status {
+            node_drained: true,
+            bgp: Some(BgpStatus {
+                bird_error: "cannot reach BIRD".into(),
+                configure_failures: 3,
+                routes: vec![
+                    RouteStatus { prefix: "198.18.0.10/32".into(), announced: true, ..Default::default() },
+                    RouteStatus { prefix: "2001:db8::10/128".into(), announced: false, ..Default::default() },
+                ],
+                ..Default::default()
+            }),
+            flow_sync: Some(SyncStatus {
+                peers: vec![
+                    PeerStatus {
+                        address: "198.18.0.2:7946".into(),
+                        last_heard_unix_ms: now - 3000,
+                        ..Default::default()
+                    },
+                    PeerStatus { address: "198.18.0.3:7946".into(), ..Default::default() },
+                ],
+                deviating_flows: 7,
+                records_sent: 11,
+                records_rejected: [("rate limit".to_string(), 2)].into(),
+                datagrams_refused: [("bad key".to_string(), 5)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&s);
+        for line in [
+            "xdplb_node_drained 1",
+            "xdplb_bgp_route_announced{prefix=\"198.18.0.10/32\"} 1",
+            "xdplb_bgp_route_announced{prefix=\"2001:db8::10/128\"} 0",
+            "xdplb_bgp_bird_up 0",
+            "xdplb_bgp_configure_failures_total 3",
+            "xdplb_sync_deviating_flows 7",
+            "xdplb_sync_records_sent_total 11",
+            "xdplb_sync_records_rejected_total{why=\"rate limit\"} 2",
+            "xdplb_sync_datagrams_refused_total{why=\"bad key\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+        let heard: Vec<&str> = text.lines().filter(|l| l.starts_with("xdplb_sync_peer_last_heard_seconds{")).collect();
+        assert_eq!(heard.len(), 1, "only the peer heard from: {heard:?}");
+        let age: f64 = heard[0]
+            .strip_prefix("xdplb_sync_peer_last_heard_seconds{peer=\"198.18.0.2:7946\"} ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((3.0..60.0).contains(&age), "{age}");
+
+        let off = render(&Status::default());
+        assert!(off.contains("xdplb_node_drained 0"));
+        assert!(!off.lines().any(|l| l.starts_with("xdplb_bgp_bird_up ") || l.starts_with("xdplb_sync_")), "{off}");
+    }
 }
