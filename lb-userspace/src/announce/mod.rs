@@ -112,6 +112,29 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Waits for BIRD to take a wish (see `Announcer::taken_later`).
+pub struct Taken {
+    taken: watch::Receiver<u64>,
+    generation: u64,
+    status: Arc<Mutex<BgpStatus>>,
+}
+
+impl Taken {
+    /// The status once BIRD took the wish; else, after `timeout`, why not
+    /// yet (the announcer goes on retrying).
+    pub async fn wait(mut self, timeout: Duration) -> Result<BgpStatus, String> {
+        let generation = self.generation;
+        match tokio::time::timeout(timeout, self.taken.wait_for(|g| *g >= generation)).await {
+            Ok(Ok(_)) => Ok(self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            Ok(Err(_)) => Err("the BGP announcer stopped".into()),
+            Err(_) => {
+                let error = self.status.lock().unwrap_or_else(|e| e.into_inner()).bird_error.clone();
+                Err(if error.is_empty() { format!("BIRD has not answered within {timeout:?}") } else { error })
+            }
+        }
+    }
+}
+
 /// What the daemon wants announced; generation 0: nothing said yet.
 #[derive(Clone, Debug, Default)]
 struct Wish {
@@ -170,6 +193,12 @@ impl Announcer {
             w.generation += 1;
             w.routes = decisions;
         });
+    }
+
+    /// A wait for BIRD to take what was wanted last (for a command that
+    /// answers once it is in effect, as `xdplb drain`).
+    pub fn taken_later(&self) -> Taken {
+        Taken { taken: self.taken.clone(), generation: self.wishes.borrow().generation, status: self.status.clone() }
     }
 
     pub fn status(&self) -> BgpStatus {

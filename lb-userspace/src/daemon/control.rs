@@ -13,9 +13,15 @@ use crate::{
     runtime::{self, Call, Request, Response},
 };
 
+/// How long `xdplb drain` waits for BIRD to take the change before answering.
+const BIRD_CONFIRM: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Daemon {
     /// One request from the runtime socket; the response goes back on its reply.
     pub(super) fn on_request(&mut self, (request, reply): Call) {
+        if let Request::Node { drained } = request {
+            return self.drain_node(drained, reply);
+        }
         let response = self.handle(request);
         // A client that went away meanwhile changes nothing: the command stands.
         let _ = reply.send(response);
@@ -32,18 +38,7 @@ impl Daemon {
                 desired::clear_override(&live, &mut self.overrides, &vip, &backend).map(|l| vec![l])
             }
             Request::Clear { vip } => desired::clear_overrides(&live, &mut self.overrides, vip.as_deref()),
-            Request::Node { drained } => {
-                return match self.set_node_drained(drained) {
-                    Ok(lines) => {
-                        for l in &lines {
-                            info!("runtime API: {l}");
-                        }
-                        self.publish_status();
-                        Response::Done { lines }
-                    }
-                    Err(error) => Response::Error { error },
-                };
-            }
+            Request::Node { .. } => unreachable!("handled by drain_node"),
         };
         match done {
             Ok(lines) => {
@@ -55,6 +50,37 @@ impl Daemon {
             }
             Err(error) => Response::Error { error },
         }
+    }
+
+    /// `xdplb drain` / `undrain` of the node: answered once BIRD took the
+    /// change (waited for off the loop, at most `BIRD_CONFIRM`), so the
+    /// command returns when the routers were told.
+    fn drain_node(&mut self, drained: bool, reply: tokio::sync::oneshot::Sender<Response>) {
+        let mut lines = self.set_node_drained(drained);
+        for l in &lines {
+            info!("runtime API: {l}");
+        }
+        self.publish_status();
+        let Some(taken) = self.bird_taken_later() else {
+            let _ = reply.send(Response::Done { lines });
+            return;
+        };
+        let (status, state_dir) = (self.status.clone(), self.opts.state_dir.clone());
+        tokio::spawn(async move {
+            match taken.wait(BIRD_CONFIRM).await {
+                Ok(bgp) => {
+                    lines.push("BIRD took the change".into());
+                    // `xdplb drain && xdplb status` shows the routes withdrawn.
+                    let mut s = status.lock().unwrap();
+                    s.bgp = Some(bgp);
+                    if let Err(e) = crate::status::write(&state_dir, &s) {
+                        tracing::warn!("cannot write the status file: {e:#}");
+                    }
+                }
+                Err(why) => lines.push(format!("BIRD has not taken the change yet ({why}); xdplb keeps trying")),
+            }
+            let _ = reply.send(Response::Done { lines });
+        });
     }
 
     fn reload_verdict(&mut self) -> Response {

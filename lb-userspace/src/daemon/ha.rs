@@ -171,8 +171,13 @@ impl Daemon {
         }
     }
 
-    /// `xdplb drain` / `xdplb undrain` of the node.
-    pub(super) fn set_node_drained(&mut self, drained: bool) -> Result<Vec<String>, String> {
+    /// A wait for BIRD to take what is announced now; None without `bgp:`.
+    pub(super) fn bird_taken_later(&self) -> Option<announce::Taken> {
+        self.ha.bgp.as_ref().map(|(_, a)| a.taken_later())
+    }
+
+    /// `xdplb drain` / `xdplb undrain` of the node: what it did, a line each.
+    pub(super) fn set_node_drained(&mut self, drained: bool) -> Vec<String> {
         if let Err(e) = runtime::save_drained(&self.opts.state_dir, &self.link.name, drained) {
             warn!("cannot keep the node's drain for a restart: {e:#}");
         }
@@ -193,7 +198,7 @@ impl Daemon {
             }
             (_, false, _) => "node serving again: VIP addresses with healthy backends announced".to_string(),
         };
-        Ok(vec![line])
+        vec![line]
     }
 
     /// Status fields of this module.

@@ -78,7 +78,7 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     };
     let mode = opts.xdp_mode.unwrap_or(config.xdp_mode);
     // What `xdplb doctor` would say about this host, before anything is attached.
-    let doctor = crate::doctor::warn_at_start(&config, &opts.config, &iface, mode, &opts.pin_root);
+    let doctor = crate::doctor::warn_at_start(&config, &opts.config, &iface, mode, &opts.pin_root, opts.ephemeral);
     let Some(()) = signals.unless_stopped(doctor).await else { return Ok(None) };
     let (pin_dir, adopting) = pin_directory(&opts.pin_root, &iface, opts.ephemeral)?;
     let attached = pin_dir.join("link").exists();

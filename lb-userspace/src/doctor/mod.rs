@@ -144,7 +144,17 @@ fn backend_vips(args: &Args) -> Result<(Vec<(IpAddr, Forwarding)>, String)> {
 /// Logs the load balancer's findings as `xdplb run` starts (before it
 /// attaches): the same checks as `xdplb doctor`, but for the program not
 /// being attached yet. Never fails: a check that cannot run says nothing.
-pub async fn warn_at_start(config: &Config, config_file: &Path, iface: &str, mode: XdpModeSetting, pin_root: &Path) {
+///
+/// With `--ephemeral` the operator accepted pins that die with the process:
+/// the pin-root finding about that is not repeated (start-up warns once).
+pub async fn warn_at_start(
+    config: &Config,
+    config_file: &Path,
+    iface: &str,
+    mode: XdpModeSetting,
+    pin_root: &Path,
+    ephemeral: bool,
+) {
     let input = collect::LbInput {
         starting: true,
         config: Some(config),
@@ -157,7 +167,7 @@ pub async fn warn_at_start(config: &Config, config_file: &Path, iface: &str, mod
     };
     match collect::lb(&input).await {
         Ok(facts) => {
-            for f in lb::decide(&facts) {
+            for f in lb::decide(&facts).into_iter().filter(|f| !(ephemeral && f.check == "pin-root")) {
                 match f.severity {
                     Severity::Error => error!(interface = iface, "doctor: {}", f.log_line()),
                     Severity::Warning => warn!(interface = iface, "doctor: {}", f.log_line()),
