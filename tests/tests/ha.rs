@@ -341,3 +341,56 @@ fn a_vip_without_healthy_backends_is_withdrawn_by_every_node() {
     );
     assert!(failures(&samples).is_empty(), "web failed meanwhile: {:?}", failures(&samples));
 }
+
+/// Whether process `pid` runs (a zombie, exited but not yet reaped, does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_stopping_node_withdraws_its_routes_before_it_exits() {
+    let web = HaVip::new("web", VIP, 80, 0..3);
+    let c = group(3, std::slice::from_ref(&web));
+    let target = web.target();
+    let fleet = ok(KeepAliveFleet::start(&c.client, target, 30, Duration::from_millis(100), REQUEST_TIMEOUT));
+    let stream = RequestStream::start(&c.client, target, Duration::from_millis(20), 100_000);
+    std::thread::sleep(Duration::from_secs(1));
+    // lb1 runs with --ephemeral, as a newcomer does under `ip netns exec`: its
+    // XDP program goes with the process. Withdraw first, exit (detach) after.
+    let name = c.nodes[0].name.clone();
+    let pid = c.pid(&format!("xdplb-{name}")).expect("lb1's xdplb runs");
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) sends a signal to a process this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    ok(c.wait_nexthops(VIP, NODES - 1, WAIT));
+    let withdrawn = stopped_at.elapsed();
+    assert!(running(pid), "{name}'s xdplb exited before the router lost its route\n{}", c.xdplb_log(0));
+    assert!(!c.nexthops(VIP).contains(&c.nodes[0].addr));
+    let exited = eventually(|| !running(pid));
+    assert!(exited.is_some(), "{name}'s xdplb did not exit after SIGTERM\n{}", c.xdplb_log(0));
+    let exit = stopped_at.elapsed();
+    let log = c.xdplb_log(0);
+    assert!(log.contains("every route withdrawn"), "{log}");
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = stream.stop();
+    let held = fleet.stop();
+    eprintln!(
+        "SIGTERM to {name}: the router had 2 next hops after {withdrawn:.0?}, xdplb exited after {exit:.0?} \
+         (withdraw_wait 1s); {} requests on new connections, {} failed; {} keep-alive connections, {} broken",
+        samples.len(),
+        failures(&samples).len(),
+        held.len(),
+        held.iter().filter(|h| h.failure.is_some()).count()
+    );
+    let broken: Vec<_> = held.iter().filter(|h| h.failure.is_some()).collect();
+    assert!(broken.is_empty(), "keep-alive connections failed: {broken:#?}");
+    assert!(failures(&samples).is_empty(), "new connections failed: {:?}", failures(&samples));
+}
+
+/// Polls `done` every 20 ms for up to `WAIT`.
+fn eventually(mut done: impl FnMut() -> bool) -> Option<()> {
+    tests::ha::wait_for(WAIT, Duration::from_millis(20), || done().then_some(()))
+}
