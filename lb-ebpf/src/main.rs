@@ -86,9 +86,9 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         Parsed::Packet(p) => p,
         Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
         Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
-        Parsed::Fragment(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_FRAGMENT, obs),
-        Parsed::OtherProto(dst) => return for_vip_address(&dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO, obs),
-        Parsed::MalformedL4(dst) => return for_vip_address(&dst, XDP_DROP, reasons::DROP_MALFORMED_L4, obs),
+        Parsed::Fragment(dst) => return for_vip_address(ctx, &dst, XDP_DROP, reasons::DROP_FRAGMENT, obs),
+        Parsed::OtherProto(dst) => return for_vip_address(ctx, &dst, XDP_PASS, reasons::PASS_VIP_OTHER_PROTO, obs),
+        Parsed::MalformedL4(dst) => return for_vip_address(ctx, &dst, XDP_DROP, reasons::DROP_MALFORMED_L4, obs),
     };
     obs.packet(&pkt.flow, pkt.tcp_flags);
     let vip_key =
@@ -160,10 +160,12 @@ fn addressed_to_us(ctx: &XdpContext) -> bool {
 }
 
 /// A packet we could not balance: dropped (and counted) if it is addressed to
-/// a VIP address, passed untouched otherwise.
+/// a VIP address in a frame for this interface, passed untouched otherwise
+/// (the host it is for judges it).
 #[inline(always)]
-fn for_vip_address(dst: &AddrKey, action: u32, reason: u32, obs: &mut impl Observe) -> (u32, u32) {
-    if unsafe { VIP_ADDRS.get(dst) }.is_some() {
+fn for_vip_address(ctx: &XdpContext, dst: &AddrKey, action: u32, reason: u32, obs: &mut impl Observe) -> (u32, u32) {
+    // SAFETY: a hash map lookup; the value is only tested for presence.
+    if unsafe { VIP_ADDRS.get(dst) }.is_some() && addressed_to_us(ctx) {
         obs.vip_address(dst);
         (action, reason)
     } else {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use tests::topology::{
-    self, Cluster, ClusterSpec, KeepAlive, RequestStream, Servers, VIP4, VIP6, backend_states, http_get,
+    self, Cluster, ClusterSpec, KeepAlive, RequestStream, Servers, VIP4, VIP6, backend_states, http_get, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -249,6 +249,25 @@ fn a_backend_whose_mac_changes_keeps_receiving_traffic() {
     assert_eq!(backend_states(&s, "web"), ["active", "active"]);
     spread(&requests(&c, vip(VIP4, 80), 40), 2);
     assert!(c.log("xdplb").contains("next hop 198.18.0.11 is at 02:00:5e:10:00:01"));
+}
+
+/// The dataplane forwards only frames for the interface's own MAC: a MAC
+/// changed at run time (a bond failing over, `ip link set address`) must reach
+/// it, or every VIP packet would go to the kernel.
+#[test]
+fn the_balancers_own_mac_may_change_at_run_time() {
+    let c = cluster(2);
+    let path = c.write_config("xdplb.yaml", &config(&[("web", VIP4, "dsr")], 2, ""));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+    spread(&requests(&c, vip(VIP4, 80), 20), 2);
+    c.lb.sysctl("net.ipv4.conf.lb0.arp_notify", "1");
+    c.lb.ip("link set lb0 address 02:00:5e:10:00:02");
+    // The client learns the new MAC (the gratuitous ARP, or its next solicitation).
+    c.client.ip("neigh flush all");
+    let seen = wait_until(WAIT, || c.log("xdplb").contains("MAC ") && c.log("xdplb").contains("-> 02:00:5e:10:00:02"));
+    assert!(seen, "{}", c.log("xdplb"));
+    spread(&requests(&c, vip(VIP4, 80), 40), 2);
 }
 
 #[test]

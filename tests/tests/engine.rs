@@ -348,6 +348,12 @@ fn fragments_to_a_vip_are_dropped_and_counted() {
         packets::as_ipv4_fragment(&frame(L4::Udp, client(false, 1), 1000, "198.18.0.9".parse().unwrap(), 53), 0x2000);
     let out = e.run(&other);
     assert_eq!((out.action, &out.frame), (XDP_PASS, &other));
+    // Nor are VIP fragments in frames for another host's MAC: that host judges them.
+    let mut elsewhere = first.clone();
+    elsewhere[0..6].copy_from_slice(&[0x02, 0x1b, 0, 0, 0, 0x02]);
+    let out = e.run(&elsewhere);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &elsewhere));
+    assert_eq!(e.reasons()[reasons::DROP_FRAGMENT as usize], 3);
 }
 
 #[test]

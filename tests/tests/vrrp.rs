@@ -24,6 +24,16 @@ const KEPT_TIMEOUT: Duration = Duration::from_secs(20);
 const NEW_EVERY: Duration = Duration::from_millis(20);
 
 /// Both nodes' xdplb up with `backends` backends, lb1 MASTER, lb2 BACKUP.
+/// Keep-alive connections and a stream of new ones through the VIP, running.
+fn traffic(pair: &Pair, vip: SocketAddr) -> (KeepAliveFleet, RequestStream) {
+    let client = &pair.cluster.client;
+    let fleet = KeepAliveFleet::start(client, vip, KEPT, ASK_EVERY, KEPT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("keep-alive connections: {e}\n{}", pair.logs()));
+    let stream = RequestStream::start(client, vip, NEW_EVERY, 100_000);
+    thread::sleep(Duration::from_millis(500));
+    (fleet, stream)
+}
+
 fn pair_with_master(backends: usize, all: usize) -> Pair {
     let pair = Pair::new(all);
     pair.start_xdplb(0, backends);
@@ -78,10 +88,7 @@ fn the_standby_takes_the_vip_and_established_connections_continue() {
     let pair = pair_with_master(2, 3);
     let vip = target(VIP, PORT);
     let client = &pair.cluster.client;
-    let fleet = KeepAliveFleet::start(client, vip, KEPT, ASK_EVERY, KEPT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("keep-alive connections: {e}\n{}", pair.logs()));
-    let stream = RequestStream::start(client, vip, NEW_EVERY, 100_000);
-    thread::sleep(Duration::from_millis(500));
+    let (fleet, stream) = traffic(&pair, vip);
 
     // One more backend on both nodes: Maglev moves about a third of the flows,
     // and only the flow table (lb1's, and lb2's copy by flow sync) keeps them.
@@ -152,11 +159,7 @@ fn the_standby_takes_the_vip_and_established_connections_continue() {
 fn a_drained_node_gives_the_vip_to_the_standby() {
     let pair = pair_with_master(3, 3);
     let vip = target(VIP, PORT);
-    let client = &pair.cluster.client;
-    let fleet = KeepAliveFleet::start(client, vip, KEPT, ASK_EVERY, KEPT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("keep-alive connections: {e}\n{}", pair.logs()));
-    let stream = RequestStream::start(client, vip, NEW_EVERY, 100_000);
-    thread::sleep(Duration::from_millis(500));
+    let (fleet, stream) = traffic(&pair, vip);
 
     // `xdplb drain`: the track file says 1, keepalived on lb1 enters FAULT
     // and sends priority 0, and lb2 takes the VIP at once.

@@ -26,6 +26,10 @@ enum Cmd {
     /// Set up, build, and run the demo: a web cluster in network namespaces,
     /// balanced by xdplb, with a live view and a scripted failure story.
     Demo {
+        /// The high-availability scene: three xdplb nodes behind a router's
+        /// ECMP, BGP through BIRD, flow sync, a node drained and one killed.
+        #[arg(long)]
+        ha: bool,
         /// Leave the cluster running afterwards and print how to poke at it.
         #[arg(long)]
         keep: bool,
@@ -69,7 +73,7 @@ fn main() -> Result<()> {
             setup::run()?;
             cargo(&["build", "--release", "--bin", "xdplb"])
         }
-        Cmd::Demo { keep, non_interactive, clean } => {
+        Cmd::Demo { ha, keep, non_interactive, clean } => {
             setup::require_root("the demo creates network namespaces and loads eBPF programs")?;
             if clean {
                 setup::remove_test_leftovers();
@@ -78,8 +82,16 @@ fn main() -> Result<()> {
             setup::run()?;
             setup::remove_test_leftovers();
             step("building xdplb and the demo (release)");
-            cargo(&["build", "--release", "--bin", "xdplb", "--bin", "xdplb-demo"])?;
+            let mut build = vec!["build", "--release", "--bin", "xdplb", "--bin", "xdplb-demo"];
+            if ha {
+                // The group's backends are the tests' HTTP server.
+                build.extend(["--bin", "xdplb-test-server"]);
+            }
+            cargo(&build)?;
             let mut demo = Command::new("target/release/xdplb-demo");
+            if ha {
+                demo.arg("--ha");
+            }
             if keep {
                 demo.arg("--keep");
             }

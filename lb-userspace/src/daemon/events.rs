@@ -119,6 +119,7 @@ impl Daemon {
         }
         // Next hops are read off the loop; a change applies when the round comes back.
         self.start_resolution();
+        self.refresh_links();
         if self.unapplied.is_some() {
             self.apply_logged("a retry");
         }
@@ -136,6 +137,37 @@ impl Daemon {
             let started = Instant::now();
             self.publish_status();
             self.publish_cost = started.elapsed();
+        }
+    }
+
+    /// Reads the interfaces' MAC and MTU again: the dataplane forwards only
+    /// frames addressed to the interface's MAC, and sends from it, so a MAC
+    /// changed at run time (`ip link set address`, a bond failing over with
+    /// `fail_over_mac`) must reach the CONFIG map within a tick.
+    fn refresh_links(&mut self) {
+        let mut changed = false;
+        for link in std::iter::once(&mut self.link).chain(self.backend_link.as_mut()) {
+            match super::link(&link.name) {
+                Ok(now) if (now.mac, now.mtu) != (link.mac, link.mtu) => {
+                    info!(
+                        interface = link.name,
+                        "interface changed: MAC {} -> {}, MTU {} -> {}",
+                        fmt_mac(&link.mac),
+                        fmt_mac(&now.mac),
+                        link.mtu,
+                        now.mtu
+                    );
+                    link.mac = now.mac;
+                    link.mtu = now.mtu;
+                    changed = true;
+                }
+                Ok(_) => {}
+                // Gone or unreadable: the attach and doctor say so; keep what we knew.
+                Err(_) => {}
+            }
+        }
+        if changed {
+            self.apply_logged("an interface change");
         }
     }
 
