@@ -298,6 +298,13 @@ impl Reconciler {
         self.vips.get(key).map(|v| v.meta)
     }
 
+    /// Whether the dataplane serves the VIP: it is applied and its Maglev
+    /// table has a member. One whose apply failed (no room) is not, nor one
+    /// whose every backend is down or drained.
+    pub fn serving(&self, key: &VipKey) -> bool {
+        self.vips.get(key).is_some_and(|v| !v.table_members.is_empty())
+    }
+
     /// The backend id of an applied backend.
     pub fn backend_id(&self, vip: &VipKey, addr: IpAddr, port: u16) -> Option<u32> {
         self.vips.get(vip)?.backends.get(&(addr, port)).map(|b| b.id)
@@ -690,6 +697,37 @@ mod tests {
         assert_eq!(r.free, vec![(0, 30), (50, 50)]);
         assert!(!r.reserve(40, 20), "already in use");
         assert_eq!(r.alloc(50), Some(50));
+    }
+
+    #[test]
+    fn a_vip_is_served_once_applied_with_a_member_in_its_table() {
+        let mut r = Reconciler {
+            vips: BTreeMap::new(),
+            free_vip_ids: Vec::new(),
+            next_vip_id: 0,
+            max_vips: 4,
+            resting_backend_ids: VecDeque::new(),
+            free_backend_ids: Vec::new(),
+            next_backend_id: 0,
+            max_backends: 4,
+            next_generation: 1,
+            regions: Regions::new(100),
+        };
+        let vip: IpAddr = "198.18.0.10".parse().unwrap();
+        let key = |port: u16| VipKey {
+            addr: addr::words(vip),
+            port: port.to_be(),
+            protocol: lb_common::maps::PROTO_TCP,
+            family: addr::family(vip),
+        };
+        assert!(!r.serving(&key(80)), "not applied: its apply failed, or it was never wanted");
+        let applied =
+            AppliedVip { meta: VipMeta::default(), addr: vip, backends: BTreeMap::new(), table_members: vec![] };
+        r.vips.insert(key(80), applied);
+        assert!(!r.serving(&key(80)), "applied, but every backend is down or drained");
+        r.vips.get_mut(&key(80)).unwrap().table_members.push((0, 1, 1));
+        assert!(r.serving(&key(80)));
+        assert!(!r.serving(&key(443)), "another port of the address is another VIP");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! its own backend ids, talking over UDP inside a network namespace of
 //! their own: a flow whose backend Maglev no longer chooses after a table
 //! change reaches the other node, is installed there under that node's id
-//! of the same backend, and keeps its backend there.
+//! of the same backend, and keeps its backend there; but never in place of
+//! a live entry of that node's own. A node's datagrams sent back to it, and
+//! repeated ones, are refused, and a peer's requests for everything are
+//! answered once a second at most.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -21,7 +24,7 @@ use lb_userspace::{
     config::{FlowSyncSettings, SyncKey},
     flowsync::{
         FlowSync, SyncView,
-        wire::{FlowRecord, Sealer},
+        wire::{self, FlowRecord, Message, Sealer, Session},
     },
     reconcile::{Forwarding, VipSpec},
     status::SyncStatus,
@@ -142,6 +145,10 @@ fn expected_table(spec: &VipSpec) -> Vec<u32> {
     maglev::build(&members, spec.table_size)
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
 fn client(i: usize) -> (IpAddr, u16) {
     (format!("198.18.{}.{}", 1 + i / 200, 1 + i % 200).parse().unwrap(), 10_000 + i as u16)
 }
@@ -245,9 +252,9 @@ fn flows_maglev_moves_keep_their_backend_on_the_peer() {
             backend_addr: addr::words("198.18.0.11".parse().unwrap()),
             backend_port: 0,
         };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         let send = |from: &str, key: &[u8]| {
-            let (datagram, n) = Sealer::new(key, now.as_micros() as u64).flows(&[record], now.as_millis() as u64);
+            let sealer = Sealer::new(key, NODE_A.parse().unwrap(), Arc::new(Session::new(1)));
+            let (datagram, n) = sealer.flows(&[record], NODE_B.parse().unwrap(), unix_ms());
             assert_eq!(n, 1);
             let socket = UdpSocket::bind((from.parse::<IpAddr>().unwrap(), 0)).unwrap();
             socket.send_to(&datagram, NODE_B.parse::<SocketAddr>().unwrap()).unwrap();
@@ -373,5 +380,139 @@ fn bandwidth_of_ten_thousand_deviating_flows() {
                 assert_eq!(addr_of(&b.engine, got.backend_id), addr_of(&a.engine, value.backend_id));
             }
         }
+    });
+}
+
+#[test]
+fn a_peers_record_replaces_only_stale_or_synced_entries() {
+    in_namespace(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let _in_runtime = rt.enter();
+        let spec = service(4);
+        let vip_addr = spec.addr;
+        let mut a = Engine::new();
+        a.apply(std::slice::from_ref(&spec));
+        let mut b = Engine::new();
+        b.apply(&[other()]);
+        b.apply(&[other(), spec.clone()]);
+        let a = Node::start(a, NODE_A, NODE_B);
+        let mut b = Node::start(b, NODE_B, NODE_A);
+        a.wait_rounds(1);
+        b.wait_rounds(1);
+        // Four flows deviating on A.
+        let flows = deviating_flows(&a.engine, &spec, 4);
+        assert_eq!(insert_batched(&a.engine.dp.flows_map().unwrap(), &flows).unwrap(), 4);
+        let client = |k: &FlowKey| (addr::from_words(&k.src, k.family), u16::from_be(k.sport));
+        // Flow 0: a connection of B's own (a client reusing the addresses and
+        // ports), on Maglev's choice, up on B.
+        let (k0, _) = flows[0];
+        let (src0, sport0) = client(&k0);
+        let own_backend = b.engine.predicted_backend(&spec, src0, sport0);
+        assert_eq!(backend_of(&b.engine.run(&syn(src0, sport0, vip_addr, 80)).frame), own_backend);
+        let own = b.engine.dp.flow(&k0).unwrap();
+        // Flow 1: a stale entry on B (its backend id now has another generation).
+        let (k1, _) = flows[1];
+        b.engine.dp.insert_flow(&k1, &FlowValue { generation: own.generation + 1000, ..own }).unwrap();
+        // Flows 2 and 3: none on B.
+        let addr_of = |e: &Engine, id: u32| e.dp.backend(id).unwrap().addr;
+        let installed_as_on_a = |b: &Node, (k, v): &(FlowKey, FlowValue)| {
+            b.engine
+                .dp
+                .flow(k)
+                .is_some_and(|got| addr_of(&b.engine, got.backend_id) == addr_of(&a.engine, v.backend_id))
+        };
+        let kept = |b: &Node| b.status().records_rejected.get("local entry kept").copied().unwrap_or(0);
+        a.sync.tables_changed(a.view.clone());
+        a.wait_rounds(2);
+        assert!(
+            wait_until(WAIT, || b.status().records_received >= 4
+                && flows[1..].iter().all(|f| installed_as_on_a(&b, f))),
+            "{:?}",
+            b.status()
+        );
+        assert_eq!(b.status().flows_installed, 3, "{:?}", b.status());
+        assert_eq!(kept(&b), 1);
+        assert_eq!(b.engine.dp.flow(&k0), Some(own), "B's own connection keeps its entry");
+        let out = b.engine.run(&frame(L4::Tcp, src0, sport0, vip_addr, 80));
+        assert_eq!((out.action, backend_of(&out.frame)), (XDP_TX, own_backend));
+        assert!(installed_as_on_a(&b, &flows[1]), "the stale entry was replaced");
+
+        // A moves flow 2 to yet another backend: B follows, as the entry is
+        // one it installed from A. Flow 0 is still B's own.
+        let (k2, v2) = flows[2];
+        let (src2, sport2) = client(&k2);
+        let chosen = a.engine.predicted_backend(&spec, src2, sport2);
+        let was = a.engine.backend_index(&spec, v2.backend_id).unwrap();
+        let next = (0..4).find(|&i| i != chosen && i != was).unwrap();
+        let id = a.engine.reconciler.backend_id(&spec.key(), spec.backends[next].addr, 0).unwrap();
+        let moved = (k2, FlowValue { backend_id: id, generation: a.engine.dp.backend(id).unwrap().generation, ..v2 });
+        insert_batched(&a.engine.dp.flows_map().unwrap(), &[moved]).unwrap();
+        a.sync.tables_changed(a.view.clone());
+        a.wait_rounds(3);
+        assert!(wait_until(WAIT, || installed_as_on_a(&b, &moved)), "{:?}", b.status());
+        assert!(wait_until(WAIT, || kept(&b) == 2), "{:?}", b.status());
+        assert_eq!(b.engine.dp.flow(&k0), Some(own));
+    });
+}
+
+#[test]
+fn own_datagrams_sent_back_copies_and_repeated_requests_are_not_answered() {
+    in_namespace(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let _in_runtime = rt.enter();
+        let (a_addr, b_addr): (SocketAddr, SocketAddr) = (NODE_A.parse().unwrap(), NODE_B.parse().unwrap());
+        // Node A is played here, on A's address.
+        let a = UdpSocket::bind(a_addr).unwrap();
+        a.set_read_timeout(Some(WAIT)).unwrap();
+        let mut b = Engine::new();
+        b.apply(&[service(4)]);
+        let b = Node::start(b, NODE_B, NODE_A);
+        let refused = |why: &str| b.status().datagrams_refused.get(why).copied().unwrap_or(0);
+
+        // B asks A for its flows when it starts. Sent back to B, from A's
+        // address: refused, it is addressed to A.
+        let mut buf = [0u8; 2048];
+        let (len, from) = a.recv_from(&mut buf).unwrap();
+        assert_eq!(from, b_addr);
+        let request = wire::parse(&buf[..len]).unwrap();
+        assert_eq!((request.message, request.from, request.to), (Message::RequestFullSet, b_addr, a_addr));
+        a.send_to(&buf[..len], b_addr).unwrap();
+        assert!(wait_until(WAIT, || refused("not for this node") == 1), "{:?}", b.status());
+
+        // A asks B: B answers (nothing deviates: an empty datagram)...
+        let sealer = Sealer::new(KEY, a_addr, Arc::new(Session::new(7)));
+        let ask = || sealer.request_full_set(b_addr, unix_ms());
+        let first = ask();
+        let asked = Instant::now();
+        a.send_to(&first, b_addr).unwrap();
+        assert!(wait_until(WAIT, || b.sync.rounds() == 1), "{:?}", b.status());
+        let answer = loop {
+            let (len, _) = a.recv_from(&mut buf).unwrap();
+            let p = wire::parse(&buf[..len]).unwrap();
+            if p.message != Message::RequestFullSet {
+                break p;
+            }
+        };
+        assert_eq!((answer.message, answer.from, answer.to), (Message::Flows(Vec::new()), b_addr, a_addr));
+        // ...once: the same datagram again is refused...
+        a.send_to(&first, b_addr).unwrap();
+        assert!(wait_until(WAIT, || refused("replayed") == 1), "{:?}", b.status());
+        // ...and new requests within the second are heard but not answered.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(100));
+            a.send_to(&ask(), b_addr).unwrap();
+        }
+        assert!(
+            asked.elapsed() < Duration::from_millis(900),
+            "took {:?}: the test is too slow to tell",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(b.sync.rounds(), 1, "{:?}", b.status());
+        assert_eq!(b.status().datagrams_refused.values().sum::<u64>(), 2, "{:?}", b.status());
+        // A second later, asked again: answered.
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(asked.elapsed()));
+        a.send_to(&ask(), b_addr).unwrap();
+        assert!(wait_until(WAIT, || b.sync.rounds() == 2), "{:?}", b.status());
     });
 }

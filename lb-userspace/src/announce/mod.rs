@@ -3,14 +3,19 @@
 //! keepalived's track file says whether the node can serve at all.
 //!
 //! `decide` is the policy, a pure function of the VIPs the dataplane should
-//! hold and the node's state. The `Announcer` applies it: it writes BIRD's
-//! routes file and asks BIRD to reconfigure, retrying every second until
-//! BIRD takes it.
+//! hold, whether it holds them, and the node's state. The `Announcer`
+//! applies it: it writes BIRD's routes file and asks BIRD to reconfigure,
+//! retrying every second until BIRD takes it.
 //!
 //! The rule, per VIP address (several VIPs may share one, e.g. :80 and
 //! :443): announced when the node is not stopping, not drained, not warming
-//! up, and at least one VIP on the address has a backend that is healthy
-//! and weighted above 0 in `desired::vip_specs`. There a backend counts as
+//! up, and at least one VIP on the address is served by the dataplane and
+//! has a backend that is healthy and weighted above 0 in
+//! `desired::vip_specs`. Served by the dataplane (`Reconciler::serving`):
+//! the VIP is in the maps and its Maglev table has a member. A VIP whose
+//! apply failed (no room left in the maps) counts as having no healthy
+//! backend: announced, its address would draw traffic that the dataplane
+//! passes to the kernel. In `desired::vip_specs` a backend counts as
 //! healthy only when its checks pass, its next-hop MAC is resolved (an
 //! unresolved backend stays in the list, marked unhealthy) and it is not in
 //! `maint`; a drained one (`drain`, weight 0) does not count. A reachable
@@ -38,7 +43,7 @@ use tracing::{info, warn};
 
 pub use self::{
     bird::{PROTOCOL_V4, PROTOCOL_V6},
-    track::{track_path, write_track_file},
+    track::{TrackFile, track_path, write_track_file},
 };
 use crate::{
     config::BgpSettings,
@@ -57,8 +62,8 @@ pub const WHY_GONE: &str = "no longer configured";
 
 /// While the last attempt failed, the next comes this much later.
 const RETRY: Duration = Duration::from_secs(1);
-/// While all is well, the routes file is checked this often (someone may
-/// have removed it, or `/run/xdplb` with it).
+/// The routes file is checked this often, whatever the wishes do (someone
+/// may have removed it, or `/run/xdplb` with it).
 const RECHECK: Duration = Duration::from_secs(10);
 
 /// What the node as a whole is doing.
@@ -79,12 +84,15 @@ pub struct Decision {
     pub why: &'static str,
 }
 
-/// One decision per distinct VIP address (see the module's rule). The
-/// node's state comes first: stopping, then drained, then warming up.
-pub fn decide(specs: &[VipSpec], node: NodeState) -> BTreeMap<IpAddr, Decision> {
+/// One decision per distinct VIP address (see the module's rule); `served`
+/// says whether the dataplane serves a VIP (`Reconciler::serving`): one it
+/// does not counts as having no healthy backend. The node's state comes
+/// first: stopping, then drained, then warming up.
+pub fn decide(specs: &[VipSpec], node: NodeState, served: impl Fn(&VipSpec) -> bool) -> BTreeMap<IpAddr, Decision> {
     let mut serving: BTreeMap<IpAddr, bool> = BTreeMap::new();
     for v in specs {
-        *serving.entry(v.addr).or_default() |= v.backends.iter().any(|b| b.healthy && b.weight > 0);
+        let entry = serving.entry(v.addr).or_default();
+        *entry = *entry || (v.backends.iter().any(|b| b.healthy && b.weight > 0) && served(v));
     }
     let decision = |serves: bool| match (node, serves) {
         (NodeState { stopping: true, .. }, _) => Decision { announce: false, why: WHY_STOPPING },
@@ -135,21 +143,100 @@ impl Taken {
     }
 }
 
-/// What the daemon wants announced; generation 0: nothing said yet.
+/// What the daemon wants announced.
 #[derive(Clone, Debug, Default)]
 struct Wish {
     generation: u64,
     routes: BTreeMap<IpAddr, Decision>,
 }
 
-/// Announces VIP addresses through BIRD: a task that follows `want`. Dropped,
-/// the task ends and the routes file stays as it was last written.
+/// An announcer being retired (`Announcer::retire`): done once its routes
+/// are withdrawn (or it gave up) and, if asked, its routes file is gone.
+#[derive(Clone, Debug)]
+pub struct Retiring(watch::Receiver<bool>);
+
+impl Retiring {
+    pub async fn done(mut self) {
+        // An error: the retirement's task is gone, which is done too.
+        let _ = self.0.wait_for(|done| *done).await;
+    }
+}
+
+/// The routes file of one announcer: written by its task and, at a
+/// withdrawal, at once by the caller (BIRD may not answer for a while, and
+/// whatever it reads next must withdraw).
+struct RoutesFile {
+    path: PathBuf,
+    /// Makes the temporary file's name this announcer's own: a retiring
+    /// announcer and its successor may write into the same directory at once.
+    nonce: u64,
+    state: Mutex<FileState>,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// False while the announcer waits for the one it replaces to retire:
+    /// BIRD must not find two files defining the same protocols.
+    ready: bool,
+    /// The generation of the wish last written: an older one is not written over it.
+    generation: u64,
+}
+
+impl RoutesFile {
+    fn new(path: PathBuf) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self { path, nonce: NEXT.fetch_add(1, Ordering::Relaxed), state: Mutex::new(FileState::default()) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FileState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The generation written last (0: none).
+    fn written(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// `.NAME.PID.NONCE.tmp` beside the file: a name BIRD's `*.bird.conf`
+    /// include never matches (it starts with a dot).
+    fn temp_path(&self) -> std::result::Result<PathBuf, String> {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return Err(format!("{} is not a file's path", self.path.display()));
+        };
+        Ok(dir.join(format!(".{}.{}.{}.tmp", name.to_string_lossy(), std::process::id(), self.nonce)))
+    }
+
+    /// Writes `text`, made from wish `generation`; Ok(false) when it was not
+    /// written: not ready yet, or a newer wish is written already.
+    fn write(&self, text: &str, generation: u64) -> std::result::Result<bool, String> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let mut state = self.state();
+        if !state.ready || generation < state.generation {
+            return Ok(false);
+        }
+        let tmp = self.temp_path()?;
+        let dir = tmp.parent().expect("beside the routes file");
+        // The state directory may have been removed behind our back; BIRD
+        // (another user) must be able to look into it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| format!("cannot create {} for the routes file: {e}", dir.display()))?;
+        crate::status::replace_file(&self.path, &tmp, text.as_bytes()).map_err(|e| format!("{e:#}"))?;
+        state.generation = generation;
+        Ok(true)
+    }
+}
+
+/// Announces VIP addresses through BIRD: a task that follows `want`. Ended
+/// with `retire` (or `withdraw_all`); merely dropped, the task ends and the
+/// routes file stays as it was last written, announcing what it says.
 pub struct Announcer {
     wishes: watch::Sender<Wish>,
     /// The generation of the last wish BIRD took.
     taken: watch::Receiver<u64>,
-    /// The generation of the last wish written to the routes file.
-    written: Arc<AtomicU64>,
+    file: Arc<RoutesFile>,
     status: Arc<Mutex<BgpStatus>>,
     /// After `withdraw_all`, nothing is announced again.
     stopping: AtomicBool,
@@ -157,21 +244,41 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Starts the task (inside a tokio runtime). It does nothing until the
-    /// first `want`: BIRD keeps what it holds meanwhile.
-    pub fn start(settings: &BgpSettings, routes_file: PathBuf) -> Announcer {
+    /// Starts the task (inside a tokio runtime), which has BIRD take `first`
+    /// at once: a restart with nothing to announce withdraws what a killed
+    /// predecessor left in the file.
+    pub fn start(settings: &BgpSettings, routes_file: PathBuf, first: BTreeMap<IpAddr, Decision>) -> Announcer {
+        Self::spawn(settings, routes_file, first, None)
+    }
+
+    /// As `start`, but writes nothing before `previous` is retired: BIRD
+    /// reads one routes file at a time.
+    pub fn start_after(
+        previous: Retiring,
+        settings: &BgpSettings,
+        routes_file: PathBuf,
+        first: BTreeMap<IpAddr, Decision>,
+    ) -> Announcer {
+        Self::spawn(settings, routes_file, first, Some(previous))
+    }
+
+    fn spawn(
+        settings: &BgpSettings,
+        routes_file: PathBuf,
+        first: BTreeMap<IpAddr, Decision>,
+        previous: Option<Retiring>,
+    ) -> Announcer {
         let status = Arc::new(Mutex::new(BgpStatus {
             routes_file: routes_file.display().to_string(),
             bird_socket: settings.bird_socket.display().to_string(),
             ..Default::default()
         }));
-        let (wishes, wish_rx) = watch::channel(Wish::default());
+        let (wishes, wish_rx) = watch::channel(Wish { generation: 1, routes: first });
         let (taken_tx, taken) = watch::channel(0);
-        let written = Arc::new(AtomicU64::new(0));
+        let file = Arc::new(RoutesFile::new(routes_file));
         let task = Task {
-            written: written.clone(),
             socket: settings.bird_socket.clone(),
-            file: routes_file,
+            file: file.clone(),
             status: status.clone(),
             taken: taken_tx,
             bird_holds: None,
@@ -179,8 +286,8 @@ impl Announcer {
             took_once: false,
             logged_error: None,
         };
-        let task = tokio::spawn(task.run(wish_rx));
-        Announcer { wishes, taken, written, status, stopping: AtomicBool::new(false), task }
+        let task = tokio::spawn(task.run(wish_rx, previous));
+        Announcer { wishes, taken, file, status, stopping: AtomicBool::new(false), task }
     }
 
     /// Announces what `decisions` say (returns at once; the task follows).
@@ -206,17 +313,69 @@ impl Announcer {
     }
 
     /// Withdraws every route (why: stopping) and returns once BIRD took it,
-    /// or with what went wrong once `timeout` passed. Later `want`s are ignored.
+    /// or with what went wrong once `timeout` passed. The routes file is
+    /// written at once, before BIRD is asked: whatever BIRD reads next
+    /// withdraws. Later `want`s are ignored.
     pub async fn withdraw_all(&self, timeout: Duration) -> Result<()> {
+        let (generation, written) = self.begin_withdrawal();
+        self.withdrawn(generation, written, timeout).await
+    }
+
+    /// Ends this announcer without leaving its routes announced: every route
+    /// is withdrawn (the file written at once, BIRD told in the background
+    /// for at most `timeout`), then, with `remove_file`, the file removed
+    /// (whether BIRD took it or not): a successor writing another file must
+    /// not leave an include by pattern (`*.bird.conf`) with two files
+    /// defining the same protocols.
+    pub fn retire(mut self, remove_file: bool, timeout: Duration) -> Retiring {
+        let (generation, written) = self.begin_withdrawal();
+        let (done, retiring) = watch::channel(false);
+        tokio::spawn(async move {
+            let path = self.file.path.clone();
+            match self.withdrawn(generation, written, timeout).await {
+                Ok(()) => info!("bgp: every route of {} withdrawn", path.display()),
+                Err(e) => warn!("bgp: withdrawing the routes of {}: {e:#}", path.display()),
+            }
+            // The task ends before the file goes, so it cannot write it again.
+            self.task.abort();
+            let _ = (&mut self.task).await;
+            if remove_file {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!("bgp: removed the routes file {} (no longer configured)", path.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!("bgp: cannot remove the old routes file {}: {e}", path.display()),
+                }
+            }
+            done.send_replace(true);
+        });
+        Retiring(retiring)
+    }
+
+    /// The wish that withdraws every route, written to the routes file at
+    /// once (unless the task waits for its predecessor: then it writes it
+    /// first thing): its generation, and the error of that write.
+    fn begin_withdrawal(&self) -> (u64, std::result::Result<bool, String>) {
         self.stopping.store(true, Ordering::Relaxed);
         let mut generation = 0;
+        let mut text = String::new();
         self.wishes.send_modify(|w| {
             w.generation += 1;
             generation = w.generation;
             for d in w.routes.values_mut() {
                 *d = Decision { announce: false, why: WHY_STOPPING };
             }
+            text = bird::routes_file_text(&w.routes);
         });
+        (generation, self.file.write(&text, generation))
+    }
+
+    /// Waits for BIRD to take wish `generation` (see `withdraw_all`).
+    async fn withdrawn(
+        &self,
+        generation: u64,
+        written: std::result::Result<bool, String>,
+        timeout: Duration,
+    ) -> Result<()> {
         let mut taken = self.taken.clone();
         match tokio::time::timeout(timeout, taken.wait_for(|g| *g >= generation)).await {
             Ok(Ok(_)) => Ok(()),
@@ -224,14 +383,17 @@ impl Announcer {
             Err(_) => {
                 let s = self.status();
                 let what = if s.bird_error.is_empty() { "no answer yet".to_string() } else { s.bird_error };
-                if self.written.load(Ordering::Relaxed) >= generation {
+                if self.file.written() >= generation {
                     bail!(
                         "BIRD has not taken the withdrawal after {timeout:?}: {what}; {} announces nothing now, \
                          so BIRD withdraws the routes when it next reads its configuration",
                         s.routes_file
                     )
                 }
-                bail!("BIRD has not taken the withdrawal after {timeout:?}: {what}")
+                match written {
+                    Err(e) => bail!("BIRD has not taken the withdrawal after {timeout:?}: {what}; and {e}"),
+                    Ok(_) => bail!("BIRD has not taken the withdrawal after {timeout:?}: {what}"),
+                }
             }
         }
     }
@@ -251,12 +413,19 @@ struct Route {
     since_unix_ms: u64,
 }
 
+/// What became of one attempt to have BIRD take a wish.
+enum Attempt {
+    Taken,
+    Failed(String),
+    /// A wish with other routes came meanwhile: it goes next.
+    Superseded,
+}
+
 struct Task {
     socket: PathBuf,
-    file: PathBuf,
+    file: Arc<RoutesFile>,
     status: Arc<Mutex<BgpStatus>>,
     taken: watch::Sender<u64>,
-    written: Arc<AtomicU64>,
     /// The routes file BIRD last took; None: not known (at start, after a failure).
     bird_holds: Option<String>,
     routes: BTreeMap<IpAddr, Route>,
@@ -267,10 +436,13 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut wishes: watch::Receiver<Wish>) {
-        if wishes.wait_for(|w| w.generation > 0).await.is_err() {
-            return;
+    async fn run(mut self, mut wishes: watch::Receiver<Wish>, previous: Option<Retiring>) {
+        if let Some(previous) = previous {
+            previous.done().await;
         }
+        self.file.state().ready = true;
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wish = wishes.borrow_and_update().clone();
             let text = bird::routes_file_text(&wish.routes);
@@ -279,47 +451,48 @@ impl Task {
                 // Nothing for BIRD to do (a why changed, say).
                 self.took(&wish, text, false);
             } else {
-                match self.apply(&text, wish.generation).await {
-                    Ok(()) => self.took(&wish, text, true),
-                    Err(e) => self.failed(e),
+                self.bird_holds = None;
+                // A newer wish with other routes abandons this attempt (BIRD
+                // may be stuck, and `configure` take 4 × STEP_TIMEOUT): the
+                // newest routes go to BIRD without waiting for it.
+                let attempt = {
+                    let attempt = apply(&self.file, &self.socket, &text, wish.generation);
+                    tokio::pin!(attempt);
+                    loop {
+                        tokio::select! {
+                            done = &mut attempt => break done,
+                            changed = wishes.changed() => {
+                                if changed.is_err() {
+                                    return;
+                                }
+                                if bird::routes_file_text(&wishes.borrow().routes) != text {
+                                    break Attempt::Superseded;
+                                }
+                            }
+                        }
+                    }
+                };
+                match attempt {
+                    Attempt::Taken => self.took(&wish, text, true),
+                    Attempt::Failed(e) => self.failed(e),
+                    Attempt::Superseded => {}
                 }
             }
             self.publish();
-            let wait = if self.bird_holds.is_some() { RECHECK } else { RETRY };
+            if wishes.borrow().generation != wish.generation {
+                continue;
+            }
+            let retry = self.bird_holds.is_none();
             tokio::select! {
                 changed = wishes.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(wait) => self.recheck(),
+                () = tokio::time::sleep(RETRY), if retry => {}
+                _ = recheck.tick(), if !retry => {
+                    if !wishes.has_changed().unwrap_or(true) {
+                        self.recheck();
+                    }
+                }
             }
         }
-    }
-
-    /// Writes the routes file and has BIRD read it.
-    async fn apply(&mut self, text: &str, generation: u64) -> std::result::Result<(), String> {
-        self.bird_holds = None;
-        self.write(text)?;
-        self.written.store(generation, Ordering::Relaxed);
-        match bird::configure(&self.socket).await {
-            Ok(()) => Ok(()),
-            Err(bird::ConfigureError::Unreachable(e)) => Err(e),
-            Err(bird::ConfigureError::Refused(e)) => Err(bird::refusal_text(&e, &self.file)),
-        }
-    }
-
-    fn write(&self, text: &str) -> std::result::Result<(), String> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let (Some(dir), Some(name)) = (self.file.parent(), self.file.file_name()) else {
-            return Err(format!("{} is not a file's path", self.file.display()));
-        };
-        // The state directory may have been removed behind our back; BIRD
-        // (another user) must be able to look into it.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| format!("cannot create {} for the routes file: {e}", dir.display()))?;
-        // A name BIRD's `*.bird.conf` include never matches (it starts with a dot).
-        let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-        crate::status::replace_file(&self.file, &tmp, text.as_bytes()).map_err(|e| format!("{e:#}"))
     }
 
     /// Routes the daemon wants get their why now, whatever BIRD holds.
@@ -403,16 +576,31 @@ impl Task {
     /// (removed, edited), it is written again at the next turn.
     fn recheck(&mut self) {
         let Some(held) = &self.bird_holds else { return };
-        let on_disk = std::fs::read(&self.file);
+        let on_disk = std::fs::read(&self.file.path);
         if on_disk.as_deref().ok() != Some(held.as_bytes()) {
             let what = match on_disk {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => "was removed",
                 Err(_) => "cannot be read",
                 Ok(_) => "was changed",
             };
-            warn!("bgp: the routes file {} {what} behind xdplb's back: writing it again", self.file.display());
+            warn!("bgp: the routes file {} {what} behind xdplb's back: writing it again", self.file.path.display());
             self.bird_holds = None;
         }
+    }
+}
+
+/// Writes the routes file of wish `generation` and has BIRD read it.
+async fn apply(file: &RoutesFile, socket: &Path, text: &str, generation: u64) -> Attempt {
+    match file.write(text, generation) {
+        Ok(true) => {}
+        // Only a withdrawal writes ahead of the task: its wish is newer.
+        Ok(false) => return Attempt::Superseded,
+        Err(e) => return Attempt::Failed(e),
+    }
+    match bird::configure(socket).await {
+        Ok(()) => Attempt::Taken,
+        Err(bird::ConfigureError::Unreachable(e)) => Attempt::Failed(e),
+        Err(bird::ConfigureError::Refused(e)) => Attempt::Failed(bird::refusal_text(&e, &file.path)),
     }
 }
 

@@ -37,6 +37,11 @@ fn vip(addr: &str, port: u16, backends: Vec<BackendSpec>) -> VipSpec {
 
 const SERVING: NodeState = NodeState { drained: false, warming: false, stopping: false };
 
+/// Every VIP served by the dataplane.
+fn all(_: &VipSpec) -> bool {
+    true
+}
+
 fn decision(announce: bool, why: &'static str) -> Decision {
     Decision { announce, why }
 }
@@ -49,7 +54,7 @@ fn an_address_is_announced_when_a_vip_on_it_has_a_healthy_weighted_backend() {
         vip("198.18.0.12", 80, vec![]),
         vip("2001:db8::10", 80, vec![backend("2001:db8:1::1", 3, true)]),
     ];
-    let got = decide(&specs, SERVING);
+    let got = decide(&specs, SERVING, all);
     assert_eq!(
         got,
         BTreeMap::from([
@@ -70,7 +75,7 @@ fn vips_sharing_an_address_make_one_decision_announced_if_any_serves() {
         vip("198.18.0.11", 80, vec![backend("198.18.1.1", 1, false)]),
         vip("198.18.0.11", 443, vec![backend("198.18.1.2", 0, true)]),
     ];
-    let got = decide(&specs, SERVING);
+    let got = decide(&specs, SERVING, all);
     assert_eq!(got.len(), 2);
     assert_eq!(got[&ip("198.18.0.10")], decision(true, WHY_HEALTHY));
     assert_eq!(got[&ip("198.18.0.11")], decision(false, WHY_NO_BACKEND));
@@ -82,15 +87,56 @@ fn the_node_state_withdraws_everything_stopping_first_then_drained_then_warming(
         vip("198.18.0.10", 80, vec![backend("198.18.1.1", 1, true)]),
         vip("198.18.0.11", 80, vec![backend("198.18.1.1", 1, false)]),
     ];
-    let every = |node: NodeState| -> BTreeSet<Decision> { decide(&specs, node).into_values().collect() };
+    let every = |node: NodeState| -> BTreeSet<Decision> { decide(&specs, node, all).into_values().collect() };
     let state = |drained, warming, stopping| NodeState { drained, warming, stopping };
     assert_eq!(every(state(false, true, false)), BTreeSet::from([decision(false, WHY_WARMING)]));
     assert_eq!(every(state(true, true, false)), BTreeSet::from([decision(false, WHY_DRAINED)]));
     assert_eq!(every(state(true, false, false)), BTreeSet::from([decision(false, WHY_DRAINED)]));
     assert_eq!(every(state(true, true, true)), BTreeSet::from([decision(false, WHY_STOPPING)]));
     assert_eq!(every(state(false, false, true)), BTreeSet::from([decision(false, WHY_STOPPING)]));
-    assert_eq!(decide(&specs, SERVING).len(), 2, "one decision per address, whatever the node state");
-    assert!(decide(&[], state(true, true, true)).is_empty());
+    assert_eq!(decide(&specs, SERVING, all).len(), 2, "one decision per address, whatever the node state");
+    assert!(decide(&[], state(true, true, true), all).is_empty());
+}
+
+#[test]
+fn a_vip_the_dataplane_does_not_serve_counts_as_having_no_healthy_backend() {
+    let specs = [
+        vip("198.18.0.10", 80, vec![backend("198.18.1.1", 1, true)]),
+        // Its apply failed (no room left in the maps): the dataplane passes
+        // its traffic to the kernel, so its address must draw none.
+        vip("198.18.0.11", 80, vec![backend("198.18.1.1", 1, true)]),
+        // :80 not applied, :443 served: the address is announced for :443.
+        vip("198.18.0.12", 80, vec![backend("198.18.1.1", 1, true)]),
+        vip("198.18.0.12", 443, vec![backend("198.18.1.2", 1, true)]),
+        // Served (an old table is still in place), but down in the specs.
+        vip("198.18.0.13", 80, vec![backend("198.18.1.1", 1, false)]),
+    ];
+    let not_applied = |v: &VipSpec| v.addr == ip("198.18.0.11") || (v.addr == ip("198.18.0.12") && v.port == 80);
+    let got = decide(&specs, SERVING, |v| !not_applied(v));
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            (ip("198.18.0.10"), decision(true, WHY_HEALTHY)),
+            (ip("198.18.0.11"), decision(false, WHY_NO_BACKEND)),
+            (ip("198.18.0.12"), decision(true, WHY_HEALTHY)),
+            (ip("198.18.0.13"), decision(false, WHY_NO_BACKEND)),
+        ])
+    );
+    assert!(!can_serve(&decide(&specs[1..2], SERVING, |v| !not_applied(v)), false, false));
+}
+
+#[test]
+fn two_announcers_of_one_routes_file_write_through_temporary_files_of_their_own() {
+    // A retiring announcer and its successor may write at once.
+    let path = PathBuf::from("/run/xdplb/lb0.bird.conf");
+    let (a, b) = (RoutesFile::new(path.clone()), RoutesFile::new(path));
+    let (ta, tb) = (a.temp_path().unwrap(), b.temp_path().unwrap());
+    assert_ne!(ta, tb);
+    for t in [ta, tb] {
+        assert_eq!(t.parent(), Some(Path::new("/run/xdplb")));
+        let name = t.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(".lb0.bird.conf.") && name.ends_with(".tmp"), "{name}: `*.bird.conf` never matches");
+    }
 }
 
 #[test]
@@ -233,6 +279,20 @@ impl Bird {
         assert_ne!(owner, 0, "BIRD made its socket as user bird");
     }
 
+    /// SIGSTOP: BIRD accepts connections (the socket's backlog) but answers
+    /// nothing; SIGCONT: it answers them.
+    fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("BIRD runs").id();
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) signals the BIRD this test started; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+    }
+
+    /// How many times BIRD's log says it reconfigured.
+    fn reconfigurations(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default().matches("<INFO> Reconfiguring").count()
+    }
+
     /// Kills BIRD (SIGKILL: its socket file stays, refusing connections).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -305,9 +365,8 @@ async fn bird_announces_and_withdraws_what_the_announcer_wants() {
     let before = others(&bird);
     assert_eq!(before.len(), 2, "{before:?}");
 
-    let a = Announcer::start(&bird.settings(), bird.routes_file());
     let up = decision(true, WHY_HEALTHY);
-    a.want(both(up, up));
+    let a = Announcer::start(&bird.settings(), bird.routes_file(), both(up, up));
     until(
         Duration::from_secs(10),
         "both routes in BIRD",
@@ -366,9 +425,8 @@ async fn bird_announces_and_withdraws_what_the_announcer_wants() {
 async fn a_bird_that_is_down_is_retried_every_second_until_it_takes_the_routes() {
     let mut bird = Bird::new("retry");
     bird.start().await;
-    let a = Announcer::start(&bird.settings(), bird.routes_file());
     let up = decision(true, WHY_HEALTHY);
-    a.want(both(up, decision(false, WHY_NO_BACKEND)));
+    let a = Announcer::start(&bird.settings(), bird.routes_file(), both(up, decision(false, WHY_NO_BACKEND)));
     until(
         Duration::from_secs(10),
         "the v4 route",
@@ -410,17 +468,149 @@ async fn a_bird_that_is_down_is_retried_every_second_until_it_takes_the_routes()
     assert!(route(&s, V6).announced, "{s:?}");
     assert_eq!(bird.routes(), set(&[OPERATORS, V4, V6]));
 
-    // Someone removes the routes file: it is written again (checked every 10 s).
+    // Someone removes the routes file: it is written again (checked every
+    // 10 s), however often the daemon says something new meanwhile (here a
+    // why that changes no route, every 300 ms).
     std::fs::remove_file(bird.routes_file()).unwrap();
-    until(
-        Duration::from_secs(15),
-        "the routes file written again",
-        || bird.routes_file().exists(),
-        || format!("{:?}", a.status()),
-    )
-    .await;
+    let wishing = async {
+        for i in 0.. {
+            let why = if i % 2 == 0 { WHY_DRAINED } else { WHY_NO_BACKEND };
+            let mut wish = both(up, up);
+            wish.insert(ip("198.18.0.11"), decision(false, why));
+            a.want(wish);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    tokio::select! {
+        () = until(
+            Duration::from_secs(15),
+            "the routes file written again",
+            || bird.routes_file().exists(),
+            || format!("{:?}", a.status()),
+        ) => {}
+        () = wishing => unreachable!(),
+    }
     assert_eq!(bird.routes(), set(&[OPERATORS, V4, V6]));
     assert_eq!(a.status().bird_error, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_announcer_withdraws_its_routes_before_its_successor_writes() {
+    let mut bird = Bird::new("retire");
+    bird.start().await;
+    let up = decision(true, WHY_HEALTHY);
+    let a = Announcer::start(&bird.settings(), bird.routes_file(), both(up, up));
+    until(
+        Duration::from_secs(10),
+        "both routes in BIRD",
+        || bird.routes() == set(&[OPERATORS, V4, V6]),
+        || format!("{}\n{:?}", bird.birdc("show route"), a.status()),
+    )
+    .await;
+
+    // routes_file changes at a reload: the old announcer withdraws and
+    // removes its file, and only then does the new one write its own (the
+    // include `routes/*.bird.conf` would find both protocols twice).
+    let moved = bird.dir.join("routes/lb0-moved.bird.conf");
+    let retiring = a.retire(true, Duration::from_secs(5));
+    let v4 = BTreeMap::from([(ip("198.18.0.10"), up)]);
+    let b = Announcer::start_after(retiring.clone(), &bird.settings(), moved.clone(), v4);
+    tokio::time::timeout(Duration::from_secs(6), retiring.done()).await.expect("retired within its limit");
+    assert!(!bird.routes_file().exists(), "the old routes file is removed");
+    until(
+        Duration::from_secs(10),
+        "the new announcer's route",
+        || bird.routes() == set(&[OPERATORS, V4]) && b.status().routes.iter().all(|r| r.announced),
+        || format!("{}\n{:?}", bird.birdc("show route"), b.status()),
+    )
+    .await;
+    let s = b.status();
+    assert_eq!(
+        (s.configure_failures, s.bird_error.as_str()),
+        (0, ""),
+        "BIRD never saw two files defining the protocols"
+    );
+    assert!(std::fs::read_to_string(&moved).unwrap().contains("route 198.18.0.10/32 blackhole;"));
+
+    // `bgp:` removed at a reload: the routes go, the file stays, empty
+    // (bird.conf may include it by name).
+    let retired = b.retire(false, Duration::from_secs(5));
+    tokio::time::timeout(Duration::from_secs(6), retired.done()).await.expect("retired within its limit");
+    assert_eq!(bird.routes(), set(&[OPERATORS]), "retired: BIRD took the withdrawal");
+    assert!(!std::fs::read_to_string(&moved).unwrap().contains("route"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_while_bird_hangs_leaves_a_routes_file_that_withdraws() {
+    let mut bird = Bird::new("hung");
+    bird.start().await;
+    let up = decision(true, WHY_HEALTHY);
+    let a = Announcer::start(&bird.settings(), bird.routes_file(), both(up, up));
+    until(
+        Duration::from_secs(10),
+        "both routes taken",
+        || bird.routes() == set(&[OPERATORS, V4, V6]) && a.status().routes.iter().all(|r| r.announced),
+        || format!("{}\n{:?}", bird.birdc("show route"), a.status()),
+    )
+    .await;
+
+    // BIRD stops answering while a change is on its way: `configure` waits
+    // for a greeting that does not come (5 s per step).
+    bird.pause(true);
+    let reconfigured = bird.reconfigurations();
+    a.want(both(up, decision(false, WHY_NO_BACKEND)));
+    let file = bird.routes_file();
+    until(
+        Duration::from_secs(5),
+        "the change written",
+        || !std::fs::read_to_string(&file).unwrap().contains(V6),
+        || std::fs::read_to_string(&file).unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let err = a.withdraw_all(Duration::from_secs(1)).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(err.contains("BIRD has not taken the withdrawal") && err.contains("announces nothing now"), "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("route"), "whatever BIRD reads next withdraws:\n{text}");
+
+    bird.pause(false);
+    until(
+        Duration::from_secs(15),
+        "BIRD to take the withdrawal once it answers",
+        || bird.routes() == set(&[OPERATORS]) && a.status().bird_error.is_empty(),
+        || format!("{}\n{:?}", bird.birdc("show route"), a.status()),
+    )
+    .await;
+    // The attempt the withdrawal overtook was abandoned: BIRD read the
+    // configuration once, not once for it and again for the withdrawal.
+    assert_eq!(bird.reconfigurations() - reconfigured, 1);
+    assert!(a.status().routes.iter().all(|r| !r.announced && r.why == WHY_STOPPING));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_announcer_with_nothing_to_announce_withdraws_what_a_killed_one_left() {
+    let mut bird = Bird::new("leftover");
+    // A killed predecessor's routes file: BIRD announces it from its start.
+    let up = decision(true, WHY_HEALTHY);
+    std::fs::write(bird.routes_file(), bird::routes_file_text(&both(up, up))).unwrap();
+    std::fs::set_permissions(bird.routes_file(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    bird.start().await;
+    until(
+        Duration::from_secs(10),
+        "the leftover routes",
+        || bird.routes() == set(&[OPERATORS, V4, V6]),
+        || bird.birdc("show route"),
+    )
+    .await;
+
+    let a = Announcer::start(&bird.settings(), bird.routes_file(), BTreeMap::new());
+    // What `xdplb drain` waits for: BIRD took a real wish, the first.
+    let s = a.taken_later().wait(Duration::from_secs(10)).await.unwrap();
+    assert!(s.configured_unix_ms > 0 && s.bird_error.is_empty(), "{s:?}");
+    assert_eq!(bird.routes(), set(&[OPERATORS]), "taken: the leftover routes are gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,8 +619,11 @@ async fn an_error_in_bird_conf_is_reported_with_its_file_and_line_and_retried() 
     bird.start().await;
     // Line 6 of bird.conf, after the include.
     bird.write_conf("protocol nonsense {}\n");
-    let a = Announcer::start(&bird.settings(), bird.routes_file());
-    a.want(both(decision(true, WHY_HEALTHY), decision(true, WHY_HEALTHY)));
+    let a = Announcer::start(
+        &bird.settings(),
+        bird.routes_file(),
+        both(decision(true, WHY_HEALTHY), decision(true, WHY_HEALTHY)),
+    );
     until(
         Duration::from_secs(10),
         "BIRD's refusal",
@@ -455,8 +648,11 @@ async fn an_error_in_bird_conf_is_reported_with_its_file_and_line_and_retried() 
     let err = a.withdraw_all(Duration::from_millis(1500)).await.unwrap_err().to_string();
     assert!(err.contains("BIRD has not taken the withdrawal") && err.contains(&conf), "{err}");
 
-    let b = Announcer::start(&bird.settings(), bird.routes_file());
-    b.want(both(decision(true, WHY_HEALTHY), decision(true, WHY_HEALTHY)));
+    let b = Announcer::start(
+        &bird.settings(),
+        bird.routes_file(),
+        both(decision(true, WHY_HEALTHY), decision(true, WHY_HEALTHY)),
+    );
     drop(a);
     bird.write_conf("");
     until(
@@ -474,8 +670,11 @@ async fn without_bird_the_error_says_to_start_it_and_withdraw_all_gives_up_in_ti
     let _gone = Gone(dir.clone());
     let settings = BgpSettings { bird_socket: dir.join("bird.ctl"), ..Default::default() };
     // The directory does not exist yet: the announcer makes it.
-    let a = Announcer::start(&settings, dir.join("lb0.bird.conf"));
-    a.want(BTreeMap::from([(ip("198.18.0.10"), decision(true, WHY_HEALTHY))]));
+    let a = Announcer::start(
+        &settings,
+        dir.join("lb0.bird.conf"),
+        BTreeMap::from([(ip("198.18.0.10"), decision(true, WHY_HEALTHY))]),
+    );
     until(Duration::from_secs(5), "the error", || !a.status().bird_error.is_empty(), || format!("{:?}", a.status()))
         .await;
     assert_eq!(
@@ -487,7 +686,14 @@ async fn without_bird_the_error_says_to_start_it_and_withdraw_all_gives_up_in_ti
     );
     assert!(std::fs::read_to_string(dir.join("lb0.bird.conf")).unwrap().contains("route 198.18.0.10/32 blackhole;"));
     let started = Instant::now();
-    let err = a.withdraw_all(Duration::from_millis(300)).await.unwrap_err().to_string();
+    let mut withdrawal = std::pin::pin!(a.withdraw_all(Duration::from_millis(300)));
+    // Polled once, before the announcer's task could run (one thread): the
+    // routes file announces nothing already, whatever BIRD does next.
+    let first =
+        std::future::Future::poll(withdrawal.as_mut(), &mut std::task::Context::from_waker(std::task::Waker::noop()));
+    assert!(first.is_pending());
+    assert!(!std::fs::read_to_string(dir.join("lb0.bird.conf")).unwrap().contains("route"));
+    let err = withdrawal.await.unwrap_err().to_string();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(err.contains("No such file or directory") && err.contains("announces nothing now"), "{err}");
     assert!(!std::fs::read_to_string(dir.join("lb0.bird.conf")).unwrap().contains("route"));

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use tracing::{info, warn};
 
 pub fn track_path(state_dir: &Path, iface: &str) -> PathBuf {
     state_dir.join(format!("{iface}.track"))
@@ -33,20 +34,57 @@ pub fn write_track_file(state_dir: &Path, iface: &str, can_serve: bool) -> Resul
     crate::status::replace_file(&path, &tmp, want)
 }
 
+/// Keeps the track file saying what it should. `say` is called each second
+/// (the daemon's tick) and reads the file every time: one removed or
+/// changed behind xdplb's back is written again (keepalived reads a missing
+/// file as 0, can serve), and a failed write is retried, its error logged
+/// once while it stays the same.
+#[derive(Debug, Default)]
+pub struct TrackFile {
+    said: Option<bool>,
+    error: Option<String>,
+}
+
+impl TrackFile {
+    pub fn say(&mut self, state_dir: &Path, iface: &str, can_serve: bool) {
+        match write_track_file(state_dir, iface, can_serve) {
+            Ok(()) => {
+                self.said = Some(can_serve);
+                if self.error.take().is_some() {
+                    info!("keepalived's track file is written again");
+                }
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if self.error.as_ref() != Some(&text) {
+                    warn!("cannot write keepalived's track file: {text}; retrying every second");
+                    self.error = Some(text);
+                }
+            }
+        }
+    }
+
+    /// What the file said when last written: Some(true) can serve (None: never written).
+    pub fn said(&self) -> Option<bool> {
+        self.said
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 
     use super::*;
 
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+
     #[test]
     fn the_track_file_says_0_to_serve_and_1_not_to_and_is_rewritten_only_on_change() {
-        struct Gone(PathBuf);
-        impl Drop for Gone {
-            fn drop(&mut self) {
-                std::fs::remove_dir_all(&self.0).ok();
-            }
-        }
         let dir = std::env::temp_dir().join(format!("xdplb-track-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         let _gone = Gone(dir.clone());
@@ -69,5 +107,42 @@ mod tests {
         assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode, "a change is a new file renamed over the old");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left, ["lb0.track"], "no temporary file is left");
+    }
+
+    #[test]
+    fn a_track_file_removed_changed_or_not_written_is_written_at_the_next_say() {
+        let dir = std::env::temp_dir().join(format!("xdplb-track-keep-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let _gone = Gone(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = track_path(&dir, "lb0");
+        let mut track = TrackFile::default();
+        assert_eq!(track.said(), None);
+        track.say(&dir, "lb0", true);
+        assert_eq!((std::fs::read_to_string(&path).unwrap(), track.said()), ("0\n".into(), Some(true)));
+
+        // keepalived reads a missing file as 0: the next tick puts it back.
+        std::fs::remove_file(&path).unwrap();
+        track.say(&dir, "lb0", false);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        std::fs::remove_file(&path).unwrap();
+        track.say(&dir, "lb0", false);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n", "written again with the same content");
+        std::fs::write(&path, "0\n").unwrap();
+        track.say(&dir, "lb0", false);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n", "changed behind xdplb's back");
+
+        // A write that fails (a state directory others may write to is
+        // refused) is tried again at each call, and succeeds once it can.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        track.say(&dir, "lb0", true);
+        assert!(!path.exists());
+        assert_eq!(track.said(), Some(false), "what the file said when last written");
+        track.say(&dir, "lb0", true);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        track.say(&dir, "lb0", true);
+        assert_eq!((std::fs::read_to_string(&path).unwrap(), track.said()), ("0\n".into(), Some(true)));
     }
 }

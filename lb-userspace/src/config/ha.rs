@@ -121,7 +121,7 @@ fn absolute_path(s: &str) -> Result<PathBuf, String> {
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     let a: SocketAddr =
         s.parse().map_err(|_| format!("`{s}` is not an address:port (e.g. 198.18.0.11:7946, [2001:db8::11]:7946)"))?;
-    unicast(a.ip(), "address")?;
+    unicast(a.ip(), "a flow sync address")?;
     if a.port() == 0 {
         return Err(format!("`{s}` needs a port other than 0"));
     }
@@ -150,7 +150,7 @@ impl Fields<'_> {
         if m.get("peers").is_none() {
             self.error(node.pos, &m.path("peers"), "is required (the other nodes' listen addresses)");
         }
-        if let Some(items) = self.list(&m, "peers") {
+        if let (Some(items), Some(at)) = (self.list(&m, "peers"), m.get("peers").map(|n| n.pos)) {
             for item in items {
                 let parsed =
                     scalar(item).ok_or_else(|| "must be a list of address:port".to_string()).and_then(socket_addr);
@@ -166,7 +166,7 @@ impl Fields<'_> {
                 }
             }
             if items.is_empty() {
-                self.error(node.pos, &m.path("peers"), "needs at least one peer");
+                self.error(at, &m.path("peers"), "needs at least one peer");
             }
         }
         let refresh = self.value(&m, "refresh", parse_duration).unwrap_or(DEFAULT_SYNC_REFRESH);

@@ -297,3 +297,195 @@ fn vips_is_required_so_an_empty_file_is_no_configuration() {
     }
     assert!(parse("c.yaml", "vips: []\n").unwrap().vips.is_empty());
 }
+
+/// A directory of key files for one test, removed with it.
+struct KeyDir(std::path::PathBuf);
+
+impl KeyDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("xdplb-config-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes a key file of `mode`; returns its path.
+    fn key(&self, name: &str, bytes: &[u8], mode: u32) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for KeyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `flow_sync:` section with `key_file: KEY` on line 6 (value at column 13).
+const FLOW_SYNC: &str = "flow_sync:
+  listen: 198.18.40.11:7946
+  peers:
+    - 198.18.40.12:7946
+    - \"[2001:db8::13]:7946\"
+  key_file: KEY
+  refresh: 5s
+  max_rate: 20000
+vips: []
+";
+
+/// The errors of `FLOW_SYNC` with `key` as its key file and `edits` made, one per line.
+fn flow_sync_errors(key: &str, edits: &[(&str, &str)]) -> String {
+    let mut text = FLOW_SYNC.replace("KEY", key);
+    for (from, to) in edits {
+        assert!(text.contains(from), "`{from}` is not in the text");
+        text = text.replace(from, to);
+    }
+    parse("c.yaml", &text).unwrap_err().to_string()
+}
+
+#[test]
+fn flow_sync_parses_and_its_key_file_is_checked() {
+    let dir = KeyDir::new("key");
+    let good = dir.key("good.key", b"0123456789abcdef\n\n", 0o600);
+    let c = parse("c.yaml", &FLOW_SYNC.replace("KEY", &good)).unwrap();
+    let fs = c.flow_sync.unwrap();
+    assert_eq!(fs.listen, "198.18.40.11:7946".parse().unwrap());
+    assert_eq!(fs.peers, ["198.18.40.12:7946".parse().unwrap(), "[2001:db8::13]:7946".parse().unwrap()]);
+    assert_eq!((fs.refresh, fs.max_rate), (Duration::from_secs(5), 20_000));
+    assert_eq!(fs.key.bytes, b"0123456789abcdef", "the trailing newlines are not part of the key");
+    assert_eq!(format!("{:?}", fs.key), format!("SyncKey({good}, 16 bytes)"), "never the secret");
+    // Defaults.
+    let c = parse("c.yaml", &FLOW_SYNC.replace("KEY", &good).replace("  refresh: 5s\n  max_rate: 20000\n", ""));
+    let fs = c.unwrap().flow_sync.unwrap();
+    assert_eq!((fs.refresh, fs.max_rate), (ha::DEFAULT_SYNC_REFRESH, ha::DEFAULT_SYNC_MAX_RATE));
+    // 4 KiB is the most.
+    let longest = dir.key("longest.key", &[b'k'; 4096], 0o400);
+    assert_eq!(parse("c.yaml", &FLOW_SYNC.replace("KEY", &longest)).unwrap().flow_sync.unwrap().key.bytes.len(), 4096);
+
+    let group = dir.key("group.key", b"0123456789abcdef", 0o640);
+    let other = dir.key("other.key", b"0123456789abcdef", 0o604);
+    let short = dir.key("short.key", b"0123456789abcde\n", 0o600);
+    let long = dir.key("long.key", &[b'k'; 4097], 0o600);
+    let dir_path = dir.0.to_str().unwrap().to_string();
+    let cases = [
+        ("sync.key".to_string(), "`sync.key` must be an absolute path".to_string()),
+        (
+            "/nonexistent/sync.key".to_string(),
+            "cannot read /nonexistent/sync.key: No such file or directory (os error 2)".to_string(),
+        ),
+        (group.clone(), format!("{group} can be read by others: `chmod 600 {group}`")),
+        (other.clone(), format!("{other} can be read by others: `chmod 600 {other}`")),
+        (
+            short.clone(),
+            format!(
+                "{short} holds 15 bytes; a key needs at least 16 (e.g. `head -c 32 /dev/urandom | base64 > {short}`)"
+            ),
+        ),
+        (long.clone(), format!("{long} must be a regular file of at most 4 KiB")),
+        (dir_path.clone(), format!("{dir_path} must be a regular file of at most 4 KiB")),
+    ];
+    for (key, want) in cases {
+        let e = flow_sync_errors(&key, &[]);
+        assert_eq!(e, format!("c.yaml:6:13: flow_sync.key_file: {want}"));
+    }
+}
+
+#[test]
+fn flow_sync_errors_name_their_line_and_field() {
+    let dir = KeyDir::new("fields");
+    let key = dir.key("k", b"0123456789abcdef", 0o600);
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("- \"[2001:db8::13]:7946\"", "- 198.18.40.11:7946")],
+            "c.yaml:5:7: flow_sync.peers: 198.18.40.11:7946 is this node's own listen address",
+        ),
+        (
+            &[("- \"[2001:db8::13]:7946\"", "- 198.18.40.12:7946")],
+            "c.yaml:5:7: flow_sync.peers: 198.18.40.12:7946 is listed twice",
+        ),
+        (
+            &[("    - 198.18.40.12:7946\n    - \"[2001:db8::13]:7946\"\n", ""), ("  peers:\n", "  peers: []\n")],
+            "c.yaml:3:10: flow_sync.peers: needs at least one peer",
+        ),
+        (
+            &[("    - 198.18.40.12:7946\n    - \"[2001:db8::13]:7946\"\n", ""), ("  peers:\n", "")],
+            "c.yaml:2:3: flow_sync.peers: is required (the other nodes' listen addresses)",
+        ),
+        (
+            &[("- 198.18.40.12:7946", "- 198.18.40.12")],
+            "c.yaml:4:7: flow_sync.peers: `198.18.40.12` is not an address:port (e.g. 198.18.0.11:7946, \
+             [2001:db8::11]:7946)",
+        ),
+        (
+            &[("- 198.18.40.12:7946", "- [198.18.40.12:7946]")],
+            "c.yaml:4:7: flow_sync.peers: must be a list of address:port",
+        ),
+        (
+            &[("max_rate: 20000", "max_rate: 99")],
+            "c.yaml:8:13: flow_sync.max_rate: `99` is not a number of flows per second from 100 to 10000000",
+        ),
+        (
+            &[("max_rate: 20000", "max_rate: 10000001")],
+            "c.yaml:8:13: flow_sync.max_rate: `10000001` is not a number of flows per second from 100 to 10000000",
+        ),
+        (
+            &[("max_rate: 20000", "max_rate: -5")],
+            "c.yaml:8:13: flow_sync.max_rate: `-5` is not a number of flows per second from 100 to 10000000",
+        ),
+        (
+            &[("listen: 198.18.40.11:7946", "listen: 198.18.40.11:0")],
+            "c.yaml:2:11: flow_sync.listen: `198.18.40.11:0` needs a port other than 0",
+        ),
+        (
+            &[("listen: 198.18.40.11:7946", "listen: 0.0.0.0:7946")],
+            "c.yaml:2:11: flow_sync.listen: 0.0.0.0 cannot be a flow sync address: it is the unspecified address",
+        ),
+        (&[("  listen: 198.18.40.11:7946\n", "")], "c.yaml:2:3: flow_sync.listen: is required"),
+        (&[("refresh: 5s", "refresh: 5")], "c.yaml:7:12: flow_sync.refresh: `5` needs a unit: ms, s or m (e.g. 5s)"),
+        (
+            &[("refresh: 5s", "refresh: 0s")],
+            "c.yaml:7:12: flow_sync.refresh: `0s` is out of range (more than 0, at most a day)",
+        ),
+        (
+            &[("  refresh: 5s\n", "  refresh: 5s\n  mtu: 1400\n")],
+            "c.yaml:8:3: flow_sync.mtu: unknown key (known here: listen, peers, key_file, refresh, max_rate)",
+        ),
+    ];
+    for (edits, want) in cases {
+        assert_eq!(flow_sync_errors(&key, edits), *want, "{edits:?}");
+    }
+}
+
+#[test]
+fn bgp_durations_and_paths() {
+    let c = parse(
+        "c.yaml",
+        "bgp:\n  routes_file: /run/xdplb/eth0.bird.conf\n  bird_socket: /run/bird2.ctl\n  warmup: 0s\n  withdraw_wait: 500ms\nvips: []\n",
+    )
+    .unwrap();
+    let bgp = c.bgp.unwrap();
+    assert_eq!(bgp.routes_file.as_deref(), Some(std::path::Path::new("/run/xdplb/eth0.bird.conf")));
+    assert_eq!(bgp.bird_socket, std::path::Path::new("/run/bird2.ctl"));
+    assert_eq!((bgp.warmup, bgp.withdraw_wait), (Duration::ZERO, Duration::from_millis(500)));
+    let c = parse("c.yaml", "bgp:\n  warmup: 0\n  withdraw_wait: 0\nvips: []\n").unwrap();
+    let bgp = c.bgp.unwrap();
+    assert_eq!((bgp.warmup, bgp.withdraw_wait), (Duration::ZERO, Duration::ZERO));
+    assert_eq!(parse("c.yaml", "bgp: {}\nvips: []\n").unwrap().bgp, Some(BgpSettings::default()));
+
+    let bad = "bgp:\n  routes_file: xdplb.bird.conf\n  bird_socket: bird.ctl\n  warmup: 5\n  withdraw_wait: 2 hours\nvips: []\n";
+    let e = parse("c.yaml", bad).unwrap_err().to_string();
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "c.yaml:2:16: bgp.routes_file: `xdplb.bird.conf` must be an absolute path",
+            "c.yaml:3:16: bgp.bird_socket: `bird.ctl` must be an absolute path",
+            "c.yaml:4:11: bgp.warmup: `5` needs a unit: ms, s or m (e.g. 5s)",
+            "c.yaml:5:18: bgp.withdraw_wait: unknown unit `hours` in `2 hours` (use ms, s or m)",
+        ]
+    );
+}

@@ -19,14 +19,20 @@
 //!   a peer with nothing to send answers with an empty datagram.
 //! - Records carry the backend's address and port, never its id: ids and
 //!   generations are each node's own. The receiver maps them to its own
-//!   ([`view::SyncView::resolve`]), computes the flow hash itself, and
-//!   installs them with a batched update.
+//!   ([`view::SyncView::resolve`]) and computes the flow hash itself. A
+//!   record never replaces a live entry of this node's own (a client that
+//!   reused a connection's addresses and ports here, or a peer that holds
+//!   an entry longer than the connection lasted): only where this node has
+//!   no entry, or one the dataplane would not keep anyway (stale), or one
+//!   it installed from a peer itself and has not changed since.
 //! - Flows installed from a peer are not sent back, unless this node's
 //!   entry for them changed since.
-//! - Datagrams are authenticated and numbered ([`wire`]); records sent are
-//!   paced to `max_rate` per second in all (each copy to each peer counts),
-//!   and records installed to `max_rate` per second times the number of
-//!   peers.
+//! - Datagrams are authenticated, name their sender and their destination,
+//!   and are numbered in a session that each process draws at random when
+//!   it starts ([`wire`]); records sent are paced to `max_rate` per second
+//!   in all (each copy to each peer counts), and records installed to
+//!   `max_rate` per second times the number of peers. A peer's request for
+//!   the full set is answered at most once a second.
 //! - Only DSR and IP-in-IP VIPs are synced. NAT connections are not: their
 //!   state is in NAT_FLOWS, and their replies must come back through the
 //!   node that translated them, which another node cannot stand in for.
@@ -38,14 +44,14 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::MapData;
+use aya::maps::{Map, MapData, MapError};
 use lb_common::maps::{FlowKey, FlowValue};
 use tokio::{
     net::UdpSocket,
@@ -61,7 +67,7 @@ use crate::{
 };
 pub use view::SyncView;
 use view::{Reject, vip_key_of};
-use wire::{FlowRecord, Message, Opener, Sealer};
+use wire::{FlowRecord, Message, Opener, Sealer, Session};
 
 /// After a table change, wait until changes stop for this long...
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -73,8 +79,8 @@ const WALK_BUDGET: Duration = Duration::from_secs(30);
 /// The same warning at most once per this long.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 /// The sender's bursts, in records: at least a full IPv4 datagram, at most 30.
-const PACER_MIN_BURST: f64 = 67.0;
-const PACER_MAX_BURST: f64 = 30.0 * 67.0;
+const PACER_MIN_BURST: f64 = wire::MAX_V4_RECORDS as f64;
+const PACER_MAX_BURST: f64 = 30.0 * PACER_MIN_BURST;
 /// The socket's receive buffer: a few thousand datagrams, so a peer's burst
 /// (or a round from several peers at once) is not lost while the receiver
 /// installs the previous ones.
@@ -82,6 +88,27 @@ const RECEIVE_BUFFER: libc::c_int = 8 << 20;
 /// Deviating flows are checked against the installed ones this many at a
 /// time, so the receiver never waits long for the lock.
 const FILTER_CHUNK: usize = 4096;
+/// A peer's request for the full set is answered at most this often: each
+/// answer is a walk of the flow table and up to all its deviating flows.
+const ANSWER_EVERY: Duration = Duration::from_secs(1);
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): an update that only creates.
+const BPF_NOEXIST: u64 = 1;
+/// `BPF_ANY`: create or replace.
+const BPF_ANY: u64 = 0;
+
+/// FLOWS, as the receiver writes it.
+type FlowTable = aya::maps::HashMap<MapData, FlowKey, FlowValue>;
+
+/// This process's session (see [`wire::Session`]): drawn once, and shared
+/// by the channels reloads start, so peers see one session per run.
+fn process_session() -> Result<Arc<Session>> {
+    static SESSION: OnceLock<Arc<Session>> = OnceLock::new();
+    if let Some(s) = SESSION.get() {
+        return Ok(s.clone());
+    }
+    let drawn = Session::random().map_err(|_| anyhow!("flow_sync: the system's random source failed"))?;
+    Ok(SESSION.get_or_init(|| Arc::new(drawn)).clone())
+}
 
 /// The flow sync channel of this node; dropping it stops it (see `stop`
 /// and `restart` for when its socket closes).
@@ -92,6 +119,9 @@ pub struct FlowSync {
     /// Another descriptor of the tasks' socket, handed to the next channel
     /// by `restart`.
     socket: std::net::UdpSocket,
+    /// What was accepted from each peer, handed to the next channel by
+    /// `restart`: a reload does not make old datagrams acceptable again.
+    opener: Arc<Mutex<Opener>>,
 }
 
 impl FlowSync {
@@ -106,7 +136,7 @@ impl FlowSync {
         view: SyncView,
         status: Arc<Mutex<SyncStatus>>,
     ) -> Result<FlowSync> {
-        Self::start_on(None, settings, flows, view, status)
+        Self::start_on(None, None, settings, flows, view, status)
     }
 
     /// Replaces this channel with one for `settings` (a reload), at once.
@@ -125,12 +155,17 @@ impl FlowSync {
         } else {
             None
         };
+        let opener = self.opener.clone();
+        // Stopped before the opener changes: the old receiver, if it is
+        // still running, checks `stop` under the opener's lock.
         drop(self);
-        Self::start_on(socket, settings, flows, view, status)
+        lock(&opener).reconfigure(&settings.key.bytes, settings.listen, &settings.peers);
+        Self::start_on(socket, Some(opener), settings, flows, view, status)
     }
 
     fn start_on(
         socket: Option<std::net::UdpSocket>,
+        opener: Option<Arc<Mutex<Opener>>>,
         settings: &FlowSyncSettings,
         flows: MapData,
         view: SyncView,
@@ -139,6 +174,8 @@ impl FlowSync {
         tokio::runtime::Handle::try_current()
             .context("flow_sync: must be started inside the controller's tokio runtime")?;
         let capacity = flows.info().context("flow_sync: reading the FLOWS map's capacity failed")?.max_entries();
+        let table = flow_table(&flows)?;
+        let session = process_session()?;
         let socket = match socket {
             Some(s) => s,
             None => {
@@ -183,12 +220,15 @@ impl FlowSync {
         });
         let (view_tx, view_rx) = watch::channel(Arc::new(view));
         let (request_tx, request_rx) = mpsc::channel(settings.peers.len() * 2 + 2);
-        let opener = Opener::new(&settings.key.bytes, &settings.peers);
-        let sealer = Sealer::new(&settings.key.bytes, unix_us());
+        let opener = opener.unwrap_or_else(|| {
+            Arc::new(Mutex::new(Opener::new(&settings.key.bytes, settings.listen, &settings.peers)))
+        });
+        let sealer = Sealer::new(&settings.key.bytes, settings.listen, session);
         // Only the two tasks hold the socket: once they end, it is closed.
         let net = Arc::new(Net { shared: shared.clone(), socket });
+        let receiver = Receiver { opener: opener.clone(), table, view: view_rx.clone(), requests: request_tx };
         let tasks = vec![
-            tokio::spawn(receive_loop(net.clone(), opener, view_rx.clone(), request_tx)),
+            tokio::spawn(receive_loop(net.clone(), receiver)),
             tokio::spawn(send_loop(net, sealer, view_rx, request_rx)),
         ];
         let peers: Vec<String> = settings.peers.iter().map(|p| p.to_string()).collect();
@@ -199,7 +239,7 @@ impl FlowSync {
             shared.refresh,
             shared.max_rate
         );
-        Ok(FlowSync { shared, view: view_tx, tasks, socket: handoff })
+        Ok(FlowSync { shared, view: view_tx, tasks, socket: handoff, opener })
     }
 
     /// The tables changed (after an apply): flows may deviate now. Sends
@@ -303,10 +343,6 @@ fn unix_ms() -> u64 {
     unix_time().as_millis() as u64
 }
 
-fn unix_us() -> u64 {
-    unix_time().as_micros() as u64
-}
-
 /// An io::Error's text without the "(os error N)" suffix.
 fn os_message(e: &std::io::Error) -> String {
     let s = e.to_string();
@@ -327,6 +363,12 @@ fn bind(listen: SocketAddr) -> Result<std::net::UdpSocket> {
         };
         anyhow!("flow_sync: cannot listen on {listen}: {}{hint}", os_message(&e))
     })
+}
+
+/// Another handle to FLOWS, for writing single entries with flags.
+fn flow_table(flows: &MapData) -> Result<FlowTable> {
+    let map = Map::from_map_data(walks::dup_map_data(flows)?).context("flow_sync: opening the FLOWS map failed")?;
+    FlowTable::try_from(map).context("flow_sync: the FLOWS map is not a map of flows")
 }
 
 /// Raises the socket's receive buffer to `RECEIVE_BUFFER`: beyond
@@ -457,6 +499,12 @@ impl Installed {
         }
     }
 
+    /// Whether this node installed `value` for `key` from a peer (and the
+    /// walks have not found it changed since).
+    fn holds(&self, key: &FlowKey, value: &FlowValue) -> bool {
+        self.entries.get(key).is_some_and(|e| e.value == *value)
+    }
+
     /// Whether the flow is as a peer gave it (then it is not sent back, and
     /// counts as seen by walk `pass`). One whose entry changed since is this
     /// node's own again, and forgotten.
@@ -578,14 +626,7 @@ async fn send_to(sh: &Net, peer: usize, datagram: &[u8], records: usize) {
 /// One round: walk, then send the deviating flows to `targets`, paced.
 /// `answer`: the targets asked for them; with nothing to send they get an
 /// empty datagram, so they know they were heard.
-async fn round(
-    sh: &Net,
-    sealer: &mut Sealer,
-    pacer: &mut Bucket,
-    view: Arc<SyncView>,
-    targets: &[usize],
-    answer: bool,
-) {
+async fn round(sh: &Net, sealer: &Sealer, pacer: &mut Bucket, view: Arc<SyncView>, targets: &[usize], answer: bool) {
     let limit = sh.record_limit();
     let walker = sh.shared.clone();
     let walked = match tokio::task::spawn_blocking(move || walk(&walker, &view, limit)).await {
@@ -619,21 +660,24 @@ async fn round(
         });
     }
     if walked.records.is_empty() && answer {
-        let (empty, _) = sealer.flows(&[], unix_ms());
         for &p in targets {
+            let (empty, _) = sealer.flows(&[], sh.peers[p], unix_ms());
             send_to(sh, p, &empty, 0).await;
         }
     }
     let mut rest = &walked.records[..];
     while !rest.is_empty() {
-        let (datagram, n) = sealer.flows(rest, unix_ms());
+        let n = Sealer::fit(rest);
         if n == 0 {
             break;
         }
-        rest = &rest[n..];
+        // Each copy is sealed for its peer: the destination is in the tag.
+        let now = unix_ms();
         for &p in targets {
+            let (datagram, _) = sealer.flows(&rest[..n], sh.peers[p], now);
             send_to(sh, p, &datagram, n).await;
         }
+        rest = &rest[n..];
         let wait = pacer.reserve(n * targets.len(), Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
@@ -663,7 +707,7 @@ async fn settle(view: &mut watch::Receiver<Arc<SyncView>>) {
 
 async fn send_loop(
     sh: Arc<Net>,
-    mut sealer: Sealer,
+    sealer: Sealer,
     mut view: watch::Receiver<Arc<SyncView>>,
     mut requests: mpsc::Receiver<usize>,
 ) {
@@ -675,7 +719,7 @@ async fn send_loop(
     // This node may have restarted: every peer sends it what deviates. A
     // peer that does not answer (down, or starting too) is asked again,
     // after 1 s, 2 s, 4 s... up to the refresh period.
-    ask(&sh, &mut sealer, &all).await;
+    ask(&sh, &sealer, &all).await;
     let mut backoff = Duration::from_secs(1);
     let mut ask_again = tokio::time::Instant::now() + backoff;
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + sh.refresh, sh.refresh);
@@ -703,55 +747,129 @@ async fn send_loop(
             _ = tokio::time::sleep_until(ask_again), if !unanswered.is_empty() => {
                 // Those that answered while this waited are not asked again.
                 let still: Vec<usize> = unanswered.into_iter().filter(|&p| !sh.answered[p].load(Ordering::Acquire)).collect();
-                ask(&sh, &mut sealer, &still).await;
+                ask(&sh, &sealer, &still).await;
                 backoff = (backoff * 2).min(sh.refresh);
                 ask_again = tokio::time::Instant::now() + backoff;
                 continue;
             }
         };
         let current = view.borrow_and_update().clone();
-        round(&sh, &mut sealer, &mut pacer, current, &targets, answer).await;
+        round(&sh, &sealer, &mut pacer, current, &targets, answer).await;
         sh.rounds.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 /// Asks `peers` for every flow of theirs that deviates.
-async fn ask(sh: &Net, sealer: &mut Sealer, peers: &[usize]) {
-    let request = sealer.request_full_set(unix_ms());
+async fn ask(sh: &Net, sealer: &Sealer, peers: &[usize]) {
     for &p in peers {
+        let request = sealer.request_full_set(sh.peers[p], unix_ms());
         send_to(sh, p, &request, 0).await;
     }
 }
 
-/// Installs a peer's records that resolve on this node, within the rate.
-fn install(sh: &Shared, view: &SyncView, peer: usize, records: &[FlowRecord], bucket: &mut Bucket) {
-    let allowed = bucket.take_up_to(records.len(), Instant::now());
-    let mut entries = Vec::with_capacity(records.len());
-    let mut rejected: BTreeMap<Reject, (u64, &FlowRecord)> = BTreeMap::new();
-    for (i, r) in records.iter().enumerate() {
-        let resolved = if i < allowed { view.resolve(r) } else { Err(Reject::RateLimit) };
-        match resolved {
-            Ok(value) => entries.push((r.flow, value)),
-            Err(why) => rejected.entry(why).or_insert((0, r)).0 += 1,
-        }
+/// What to do with a peer's record for a flow this node has `current` for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// Write it: no entry (any more), or one the dataplane would not keep
+    /// (stale here), or one installed from a peer and unchanged since.
+    Write,
+    /// The entry says the same already.
+    Same,
+    /// This node's own entry, on a backend up here: a connection of its own
+    /// (or one the peer holds on to longer than it lasted). Keep it.
+    KeepLocal,
+}
+
+fn placement(
+    view: &SyncView,
+    installed: &Installed,
+    flow: &FlowKey,
+    current: Option<&FlowValue>,
+    incoming: &FlowValue,
+) -> Placement {
+    match current {
+        None => Placement::Write,
+        Some(c) if c == incoming => Placement::Same,
+        Some(c) if installed.holds(flow, c) || !view.keeps(flow, c) => Placement::Write,
+        Some(_) => Placement::KeepLocal,
     }
-    let mut written = 0;
-    if !entries.is_empty() {
-        match walks::insert_batched(&sh.flows, &entries) {
-            Ok(n) => written = n.min(entries.len()),
-            Err(e) => {
-                sh.warn("install", || format!("flow sync: installing flows from {} failed: {e:#}", sh.peers[peer]))
+}
+
+fn already_exists(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
+}
+
+/// Puts a peer's flow into FLOWS, unless this node keeps its own entry
+/// (`placement`). The common case, no entry, is one update that only
+/// creates; otherwise the entry is read and maybe replaced. (The dataplane
+/// may change the entry between the two: only a stale entry, chosen again
+/// for a packet in that moment, is lost that way.)
+fn place(
+    table: &mut FlowTable,
+    installed: &mut Installed,
+    view: &SyncView,
+    flow: &FlowKey,
+    value: FlowValue,
+) -> Result<Result<(), Reject>> {
+    match table.insert(flow, value, BPF_NOEXIST) {
+        Ok(()) => {
+            installed.remember(*flow, value);
+            return Ok(Ok(()));
+        }
+        Err(e) if already_exists(&e) => {}
+        Err(e) => return Err(e).context("creating an entry in FLOWS failed"),
+    }
+    let current = match table.get(flow, 0) {
+        Ok(v) => Some(v),
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => return Err(e).context("reading an entry of FLOWS failed"),
+    };
+    match placement(view, installed, flow, current.as_ref(), &value) {
+        Placement::KeepLocal => return Ok(Err(Reject::LocalEntryKept)),
+        Placement::Same => {}
+        Placement::Write => table.insert(flow, value, BPF_ANY).context("writing an entry of FLOWS failed")?,
+    }
+    installed.remember(*flow, value);
+    Ok(Ok(()))
+}
+
+/// Installs a peer's records that resolve on this node, within the rate.
+fn install(
+    sh: &Shared,
+    table: &mut FlowTable,
+    view: &SyncView,
+    peer: usize,
+    records: &[FlowRecord],
+    bucket: &mut Bucket,
+) {
+    let allowed = bucket.take_up_to(records.len(), Instant::now());
+    let mut rejected: BTreeMap<Reject, (u64, &FlowRecord)> = BTreeMap::new();
+    let mut written = 0u64;
+    let mut failed = None;
+    {
+        let mut installed = sh.installed();
+        for (i, r) in records.iter().enumerate() {
+            let resolved = if i < allowed { view.resolve(r) } else { Err(Reject::RateLimit) };
+            let placed = match resolved {
+                Ok(value) => place(table, &mut installed, view, &r.flow, value),
+                Err(why) => Ok(Err(why)),
+            };
+            match placed {
+                Ok(Ok(())) => written += 1,
+                Ok(Err(why)) => rejected.entry(why).or_insert((0, r)).0 += 1,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        let mut installed = sh.installed();
-        for (k, v) in &entries[..written] {
-            installed.remember(*k, *v);
-        }
+    }
+    if let Some(e) = failed {
+        sh.warn("install", || format!("flow sync: installing flows from {} failed: {e:#}", sh.peers[peer]));
     }
     {
         let mut st = sh.status();
         st.records_received += records.len() as u64;
-        st.flows_installed += written as u64;
+        st.flows_installed += written;
         if let Some(p) = st.peers.get_mut(peer) {
             p.records_received += records.len() as u64;
         }
@@ -776,16 +894,42 @@ fn install(sh: &Shared, view: &SyncView, peer: usize, records: &[FlowRecord], bu
     }
 }
 
-async fn receive_loop(
-    sh: Arc<Net>,
-    mut opener: Opener,
+/// Answers each peer's request for the full set at most once per
+/// `ANSWER_EVERY`.
+struct RequestGate {
+    last: Vec<Option<Instant>>,
+}
+
+impl RequestGate {
+    fn new(peers: usize) -> Self {
+        Self { last: vec![None; peers] }
+    }
+
+    /// Whether to answer `peer`'s request that arrived at `now`.
+    fn admit(&mut self, peer: usize, now: Instant) -> bool {
+        let Some(last) = self.last.get_mut(peer) else { return false };
+        if last.is_some_and(|t| now.saturating_duration_since(t) < ANSWER_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// What the receive task holds.
+struct Receiver {
+    opener: Arc<Mutex<Opener>>,
+    table: FlowTable,
     view: watch::Receiver<Arc<SyncView>>,
     requests: mpsc::Sender<usize>,
-) {
+}
+
+async fn receive_loop(sh: Arc<Net>, mut rx: Receiver) {
     let mut buf = vec![0u8; 2048];
     let rate = f64::from(sh.max_rate) * sh.peers.len().max(1) as f64;
     let mut bucket = Bucket::new(rate, rate, Instant::now());
     let mut heard = vec![false; sh.peers.len()];
+    let mut gate = RequestGate::new(sh.peers.len());
     loop {
         let (len, from) = match sh.socket.recv_from(&mut buf).await {
             Ok(got) => got,
@@ -795,11 +939,20 @@ async fn receive_loop(
                 continue;
             }
         };
-        let accepted = match opener.open(from, &buf[..len], unix_ms()) {
+        let opened = {
+            let mut opener = lock(&rx.opener);
+            // A newer channel may have taken the opener over (`restart`): its
+            // peers are not this channel's.
+            if sh.stop.load(Ordering::Acquire) {
+                return;
+            }
+            opener.open(from, &buf[..len], unix_ms()).map_err(|refusal| (refusal, opener.peer_of(from)))
+        };
+        let accepted = match opened {
             Ok(a) => a,
-            Err(refusal) => {
+            Err((refusal, known)) => {
                 *sh.status().datagrams_refused.entry(refusal.name().to_string()).or_default() += 1;
-                let (who, topic) = match opener.peer_of(from) {
+                let (who, topic) = match known {
                     Some(p) => (from.ip().to_string(), format!("refused {} {}", refusal.name(), sh.peers[p])),
                     None => (from.to_string(), format!("refused {}", refusal.name())),
                 };
@@ -815,15 +968,18 @@ async fn receive_loop(
             tracing::info!("flow sync: heard from peer {peer}");
         }
         match accepted.message {
-            Message::RequestFullSet => {
+            Message::RequestFullSet if gate.admit(accepted.peer, Instant::now()) => {
                 tracing::info!("flow sync: {peer} asks for every deviating flow (it started); sending them");
                 // Full: a round for it is already queued.
-                let _ = requests.try_send(accepted.peer);
+                let _ = rx.requests.try_send(accepted.peer);
+            }
+            Message::RequestFullSet => {
+                tracing::debug!("flow sync: {peer} asks again within {ANSWER_EVERY:?}; answered already");
             }
             Message::Flows(records) => {
                 sh.answered[accepted.peer].store(true, Ordering::Release);
-                let current = view.borrow().clone();
-                install(&sh, &current, accepted.peer, &records, &mut bucket);
+                let current = rx.view.borrow().clone();
+                install(&sh, &mut rx.table, &current, accepted.peer, &records, &mut bucket);
             }
         }
     }
@@ -899,6 +1055,50 @@ mod tests {
             inst.remember(key(i % 5), value(i));
         }
         assert!(inst.order.len() <= 2 * inst.entries.len() + 1024 + 1, "stale order entries compacted");
+    }
+
+    /// The VIP of `key(_)`, with backends 3 and 4 (active) and 5 (down).
+    fn sync_view() -> SyncView {
+        use lb_common::maps::{BACKEND_ACTIVE, BACKEND_DOWN, FWD_DSR, VipKey};
+        let backend = |id: u32, state| view::BackendView { id, addr: [id, 0, 0, 0], port: 0, generation: 1, state };
+        let backends = [backend(3, BACKEND_ACTIVE), backend(4, BACKEND_ACTIVE), backend(5, BACKEND_DOWN)];
+        let mut v = SyncView::default();
+        let vip = VipKey { addr: [1, 0, 0, 0], port: 80, protocol: PROTO_TCP, family: 4 };
+        v.insert(vip, view::VipView::new(FWD_DSR, 0, (0, 7, 1), vec![3; 7].into(), backends));
+        v
+    }
+
+    #[test]
+    fn a_peers_record_never_replaces_a_live_entry_of_this_nodes_own() {
+        let v = sync_view();
+        let mut inst = Installed::new(100);
+        let place =
+            |inst: &Installed, current: Option<FlowValue>| placement(&v, inst, &key(1), current.as_ref(), &value(3));
+        assert_eq!(place(&inst, None), Placement::Write, "no entry");
+        assert_eq!(place(&inst, Some(value(3))), Placement::Same);
+        // This node's own connection, on a backend up here.
+        assert_eq!(place(&inst, Some(value(4))), Placement::KeepLocal);
+        // Stale here: the dataplane would choose again anyway.
+        assert_eq!(place(&inst, Some(FlowValue { generation: 2, ..value(4) })), Placement::Write, "another generation");
+        assert_eq!(place(&inst, Some(value(5))), Placement::Write, "a backend down here");
+        assert_eq!(place(&inst, Some(value(42))), Placement::Write, "a backend the VIP does not have");
+        // Installed from a peer earlier: the peer's newer record replaces it...
+        inst.remember(key(1), value(4));
+        assert_eq!(place(&inst, Some(value(4))), Placement::Write);
+        // ...but not once this node's dataplane chose again for it.
+        assert_eq!(place(&inst, Some(FlowValue { hash: 9, ..value(4) })), Placement::KeepLocal);
+    }
+
+    #[test]
+    fn a_request_for_the_full_set_is_answered_once_a_second_per_peer() {
+        let t0 = Instant::now();
+        let mut gate = RequestGate::new(2);
+        assert!(gate.admit(0, t0));
+        assert!(!gate.admit(0, t0 + Duration::from_millis(999)));
+        assert!(gate.admit(1, t0 + Duration::from_millis(500)), "another peer");
+        assert!(gate.admit(0, t0 + ANSWER_EVERY));
+        assert!(!gate.admit(0, t0 + ANSWER_EVERY));
+        assert!(!gate.admit(2, t0), "not a peer");
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub enum Reject {
     UnknownBackend,
     BackendDown,
     RateLimit,
+    LocalEntryKept,
 }
 
 impl Reject {
@@ -125,6 +126,7 @@ impl Reject {
             Reject::UnknownBackend => "unknown backend",
             Reject::BackendDown => "backend down",
             Reject::RateLimit => "rate limit",
+            Reject::LocalEntryKept => "local entry kept",
         }
     }
 
@@ -138,6 +140,10 @@ impl Reject {
             }
             Reject::BackendDown => "a backend that is down here (its health check fails on this node)",
             Reject::RateLimit => "more than max_rate records per second per peer arrived (raise flow_sync.max_rate)",
+            Reject::LocalEntryKept => {
+                "this node tracks the flow itself, on a backend that is up here: its own entry is kept (a client \
+                 reused the connection's addresses and ports, or a peer holds an entry that outlived its connection)"
+            }
         }
     }
 }
@@ -178,12 +184,25 @@ impl SyncView {
             .then(|| v.ring.clone())
     }
 
-    /// If the tracked flow deviates, its backend: the VIP is synced, the
-    /// flow's backend (id and generation) is one of the VIP's, active or
-    /// draining, and Maglev's choice for the flow's hash is another.
-    pub fn deviation(&self, flow: &FlowKey, value: &FlowValue) -> Option<&BackendView> {
-        let vip = self.vips.get(&vip_key_of(flow)).filter(|v| v.synced())?;
+    /// The VIP of a tracked flow and the backend the dataplane keeps it on:
+    /// one of the VIP's (id and generation), active or draining. None: the
+    /// entry is stale, and the dataplane chooses again at the next packet.
+    fn kept(&self, flow: &FlowKey, value: &FlowValue) -> Option<(&VipView, &BackendView)> {
+        let vip = self.vips.get(&vip_key_of(flow))?;
         let b = vip.backend(value.backend_id).filter(|b| b.generation == value.generation && b.keeps_flows())?;
+        Some((vip, b))
+    }
+
+    /// Whether the dataplane keeps the tracked flow on its backend (see `kept`).
+    pub fn keeps(&self, flow: &FlowKey, value: &FlowValue) -> bool {
+        self.kept(flow, value).is_some()
+    }
+
+    /// If the tracked flow deviates, its backend: the VIP is synced, the
+    /// dataplane keeps the flow on its backend, and Maglev's choice for the
+    /// flow's hash is another.
+    pub fn deviation(&self, flow: &FlowKey, value: &FlowValue) -> Option<&BackendView> {
+        let (vip, b) = self.kept(flow, value).filter(|(vip, _)| vip.synced())?;
         (vip.maglev_choice(value.hash) != Some(value.backend_id)).then_some(b)
     }
 
@@ -302,6 +321,19 @@ mod tests {
             seen[(chosen - 7) as usize] += 1;
         }
         assert!(seen[0] > 50 && seen[1] > 50, "both backends chosen: {seen:?}");
+    }
+
+    #[test]
+    fn an_entry_is_kept_on_a_backend_up_here_of_its_generation() {
+        let v = view(FWD_DSR, &[7, 8]);
+        let f = flow(4);
+        for (id, kept) in [(7, true), (8, true), (9, true), (10, false), (42, false)] {
+            assert_eq!(v.keeps(&f, &tracked(&v, &f, id)), kept, "backend {id}");
+        }
+        assert!(!v.keeps(&f, &FlowValue { generation: 1, ..tracked(&v, &f, 7) }), "another generation");
+        // NAT VIPs too: whether an entry is stale does not depend on syncing.
+        assert!(view(FWD_NAT, &[7]).keeps(&f, &tracked(&v, &f, 7)));
+        assert!(!SyncView::default().keeps(&f, &tracked(&v, &f, 7)), "no such VIP");
     }
 
     #[test]

@@ -518,6 +518,11 @@ impl HaLook {
     }
 }
 
+/// "lb1 A, lb2 B, lb3 C".
+fn by_node(value: impl Fn(usize) -> String) -> String {
+    (0..NODES).map(|i| format!("lb{} {}", i + 1, value(i))).collect::<Vec<_>>().join(", ")
+}
+
 fn node_name(a: Ipv4Addr) -> String {
     (0..NODES).find(|&i| node_addr(i) == a).map(|i| format!("lb{}", i + 1)).unwrap_or_else(|| a.to_string())
 }
@@ -538,7 +543,7 @@ impl Scene for HaScene<'_> {
         let now = Instant::now();
         let n = answered(&samples, &held);
         self.answered.push_back((now, n));
-        while self.answered.len() > 2 && now.duration_since(self.answered[1].0) >= Duration::from_secs(1) {
+        while self.answered.len() > 1 && now.duration_since(self.answered[1].0) >= Duration::from_secs(1) {
             self.answered.pop_front();
         }
         let (t0, n0) = self.answered[0];
@@ -702,8 +707,8 @@ impl Ha<'_> {
         if o.expect(seen, "every node carrying traffic") {
             watch(ui, &mut self.view, HOLD, |_| false);
             let l = self.view.look();
-            let per: Vec<String> = (0..NODES).map(|i| format!("lb{} {:.0}", i + 1, l.requests_per_second(i))).collect();
-            ui.say(&format!("The three nodes share the {:.0} requests per second: {}.", l.rate, per.join(", ")));
+            let per = by_node(|i| format!("{:.0}", l.requests_per_second(i)));
+            ui.say(&format!("The three nodes share the {:.0} requests per second: {per}.", l.rate));
         }
     }
 
@@ -750,17 +755,14 @@ impl Ha<'_> {
         let seen = watch(ui, &mut self.view, WAIT, synced);
         if o.expect(seen, "every node's table holding every deviating flow") {
             let l = self.view.look();
-            let by_node: Vec<String> = (0..NODES).map(|i| format!("lb{} {}", i + 1, d[i])).collect();
-            let installed: Vec<String> =
-                (0..NODES).map(|i| format!("lb{} {}", i + 1, l.sync(i, "flows_installed"))).collect();
             ui.say(&format!(
                 "{total} of the {} keep-alive connections now deviate from Maglev's choice ({}); flow sync copied \
                  every deviating flow (closed short connections' too) to the peers, so each node's table holds all \
                  {} of them (flows installed from peers: {}).",
                 held.len(),
-                by_node.join(", "),
+                by_node(|i| d[i].to_string()),
                 l.sync(0, "deviating_flows"),
-                installed.join(", ")
+                by_node(|i| l.sync(i, "flows_installed").to_string())
             ));
             watch(ui, &mut self.view, HOLD, |_| false);
         }
@@ -849,7 +851,7 @@ impl Ha<'_> {
         o.moved = moved.len();
         o.moved_deviating = moved.iter().filter(|&&k| self.deviating[k]).count();
         o.kill_failures = self.failures_since(start);
-        let l = self.view.look();
+        let broken = self.view.fleet.snapshot().iter().filter(|h| h.failure.is_some()).count();
         if o.expect(seen, "every keep-alive connection answering after the convergence") {
             ui.say(&format!(
                 "The router dropped {name} {:.3} s after the kill; {} keep-alive connections changed node ({} of \
@@ -857,7 +859,7 @@ impl Ha<'_> {
                 o.kill.unwrap_or_default().as_secs_f64(),
                 o.moved,
                 o.moved_deviating,
-                l.broken(),
+                broken,
                 o.kill_failures
             ));
         }
