@@ -98,6 +98,15 @@ pub const TX_PORT_BACKEND: u32 = 1;
 pub const VIP_F_HASH_SOURCE_IP: u32 = 1 << 0;
 /// With no backend up, pass new flows to the local stack (`on_all_down: pass`).
 pub const VIP_F_PASS_WHEN_EMPTY: u32 = 1 << 1;
+/// Answer ICMP echo requests to the VIP's address (`icmp_echo: true`). The
+/// dataplane reads it per address, from `VIP_ADDRS` (see below): an echo
+/// request names no port, so it cannot find one VIP.
+pub const VIP_F_ICMP_ECHO: u32 = 1 << 2;
+
+/// In a `VIP_ADDRS` value, above the number of VIPs on the address: some VIP
+/// on it has `VIP_F_ICMP_ECHO`. The count never reaches this bit, and a
+/// dataplane that only tests the entry's presence ignores it.
+pub const VIP_ADDR_F_ICMP_ECHO: u32 = 1 << 31;
 
 /// Value of `VIPS`.
 #[repr(C)]
@@ -209,12 +218,29 @@ pub struct LbConfig {
     pub ipip_src_v6_host_mask: u32,
 }
 
-/// `NatFlow::state` / `NatReply::state`: how far a TCP connection is.
+/// `NatFlow::state` / `NatReply::state`: how far a connection is.
+///
+/// ```text
+///   SYN (TCP) / any packet (UDP) ──> EMBRYONIC ──backend's first reply──> OPEN
+///   OPEN ──FIN──> CLOSING ──RST──> CLOSED      (RST from OPEN: CLOSED)
+///   CLOSING / CLOSED ──SYN (the client reuses its port)──> EMBRYONIC
+/// ```
+///
+/// Only a TCP SYN (without ACK) creates TCP state: any other segment of an
+/// untracked 5-tuple is dropped. The controller forgets an EMBRYONIC
+/// connection after `nat.embryonic_timeout`, and reclaims EMBRYONIC ones
+/// first when the table nears full.
 pub const NAT_OPEN: u8 = 0;
 /// A FIN was seen: expires after the closed timeout without packets.
 pub const NAT_CLOSING: u8 = 1;
 /// A RST was seen.
 pub const NAT_CLOSED: u8 = 2;
+/// The client's SYN (or first UDP datagram) went to the backend, nothing
+/// came back yet. What the client sends does not change it; the backend's
+/// first reply makes both entries OPEN. Added without a layout change: an
+/// older controller reads it as "not open" and forgets it after its closed
+/// timeout.
+pub const NAT_EMBRYONIC: u8 = 3;
 
 /// Value of `NAT_FLOWS`, keyed by the client-side `FlowKey`.
 #[repr(C)]

@@ -26,7 +26,7 @@ pub fn rewrite_macs(ctx: &XdpContext, backend: &Backend, cfg: &LbConfig) -> Resu
 
 /// Ones' complement sum of a 20-byte IPv4 header, folded and inverted.
 #[inline(always)]
-fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
+pub(crate) fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
     let words = unsafe { &*(hdr as *const Ipv4Hdr as *const [u16; 10]) };
     let mut sum = 0u32;
     for w in words {
@@ -36,6 +36,9 @@ fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// The Don't Fragment bit of an IPv4 header's `frag_off`, in network order.
+const IPV4_DF: u16 = 0x4000u16.to_be();
 
 /// Prepends an outer IPv4 header toward `backend` and a fresh Ethernet header.
 /// `l3_len` is the inner packet's length, `hash` the flow hash.
@@ -54,13 +57,18 @@ pub fn ipip4(
     }
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(EncapError::Bounds)?;
     let outer = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(EncapError::Bounds)?;
+    let inner = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN + grow).ok_or(EncapError::Bounds)?;
+    // The outer header keeps the inner one's DF: a path too small for the
+    // packet answers "fragmentation needed" rather than fragmenting it.
+    // SAFETY: ptr_at checked that the inner header lies within the frame.
+    let df = unsafe { (*inner).frag_off } & IPV4_DF;
     let src = cfg.ipip_src_v4 | (hash.to_be() & cfg.ipip_src_v4_host_mask);
     let mut hdr = Ipv4Hdr {
         ver_ihl: 0x45,
         tos,
         tot_len: ((l3_len + grow as u32) as u16).to_be(),
         id: 0,
-        frag_off: 0,
+        frag_off: df,
         ttl: 64,
         protocol: IPPROTO_IPIP,
         check: 0,

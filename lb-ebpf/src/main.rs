@@ -2,8 +2,9 @@
 //!
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
 //!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
-//!   it also translates backends' replies back. Anything else leaves with
-//!   XDP_PASS, untouched.
+//!   it also translates backends' replies back. ICMP errors about a VIP's
+//!   flow follow it to its backend; echo requests to a VIP address are
+//!   answered (see `icmp`). Anything else leaves with XDP_PASS, untouched.
 //! - `xdplb_traced`: the same balancer, reporting every packet's decision and
 //!   frame to `xdplb trace`, which swaps it into the link while it runs.
 //! - `xdplb_decap`: strips the IP-in-IP header on a backend.
@@ -16,6 +17,7 @@
 mod decap;
 mod encap;
 mod floor;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -30,7 +32,7 @@ use lb_common::{
     flow_hash,
     maps::{
         AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CFG_NAT, FAMILY_V4, FWD_IPIP, FWD_NAT, FlowKey, FlowValue,
-        NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
+        LbConfig, NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
     reasons,
 };
@@ -82,8 +84,14 @@ pub fn xdplb_bench_floor(ctx: XdpContext) -> u32 {
 /// it got there.
 #[inline(always)]
 fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
-    let pkt = match parse::parse(ctx) {
-        Parsed::Packet(p) => p,
+    // An ICMP error about a VIP's flow is balanced as that flow, untracked:
+    // `track` is false for it.
+    let (pkt, track) = match parse::parse(ctx) {
+        Parsed::Packet(p) => (p, true),
+        Parsed::Icmp(i) => match icmp::classify(ctx, &i, obs) {
+            icmp::Verdict::Error(p) => (p, false),
+            icmp::Verdict::Done(action, reason) => return (action, reason),
+        },
         Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
         Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
         Parsed::Fragment(dst) => return for_vip_address(ctx, &dst, XDP_DROP, reasons::DROP_FRAGMENT, obs),
@@ -94,6 +102,10 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     let vip_key =
         VipKey { addr: pkt.flow.dst, port: pkt.flow.dport, protocol: pkt.flow.protocol, family: pkt.flow.family };
     let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
+        if !track {
+            // About the host's own traffic from a VIP address.
+            return (XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
+        }
         // Maybe a reply of a NAT connection, coming back from a backend.
         if let Some(cfg) = CONFIG.get(0)
             && cfg.flags & CFG_NAT != 0
@@ -111,6 +123,10 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     }
     // Copy: the controller may replace the element while we run.
     let vip = *vip;
+    if !track && vip.forwarding == FWD_NAT {
+        // NAT has to translate the quoted packet too: not done, passed as before.
+        return (XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
+    }
     obs.vip(&vip_key, &vip);
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&VIP_STATS, vip.vip_id, frame_len);
@@ -123,15 +139,26 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
             flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
         }
     };
+    // Before the flow is tracked: a packet that cannot be sent opens no flow.
+    if vip.forwarding == FWD_IPIP
+        && let Some(cfg) = CONFIG.get(0)
+        && exceeds_mtu(&pkt, cfg)
+    {
+        // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
+        return if track { icmp::too_big(ctx, &pkt, cfg) } else { (XDP_DROP, reasons::DROP_TOO_BIG) };
+    }
     let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     let chosen = if vip.forwarding == FWD_NAT {
+        if let Some(done) = nat::last_hop(ctx, &pkt) {
+            return done;
+        }
         let client_mac = match parse::ptr_at::<parse::EthHdr>(ctx, 0) {
             Some(eth) => unsafe { (*eth).src },
             None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
         nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
     } else {
-        choose_backend(&pkt.flow, &vip, hash, new_connection, obs)
+        choose_backend(&pkt.flow, &vip, hash, new_connection, track, obs)
     };
     let (backend_id, backend, hash) = match chosen {
         Ok(b) => b,
@@ -148,7 +175,7 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
 /// Whether the frame's destination MAC is the interface's own (CONFIG's
 /// `if_mac`), compared as a word and a half-word.
 #[inline(always)]
-fn addressed_to_us(ctx: &XdpContext) -> bool {
+pub(crate) fn addressed_to_us(ctx: &XdpContext) -> bool {
     let (Some(cfg), Some(eth)) = (CONFIG.get(0), parse::ptr_at::<parse::EthHdr>(ctx, 0)) else {
         return false;
     };
@@ -182,35 +209,44 @@ pub(crate) fn count_conntrack(reason: u32, obs: &mut impl Observe) {
 
 /// Connection tracking first, so an established flow keeps its backend when
 /// the table changes; Maglev for new flows and for flows whose backend went
-/// down or away. Counts the conntrack outcome itself.
+/// down or away. Counts the conntrack outcome itself. Without `track` (an
+/// ICMP error about the flow) the table is only read: no entry is made and
+/// nothing is counted.
 #[inline(always)]
 fn choose_backend(
     flow: &FlowKey,
     vip: &VipMeta,
     hash: impl Fn() -> u32,
     new_connection: bool,
+    track: bool,
     obs: &mut impl Observe,
 ) -> Result<(u32, Backend, u32), u32> {
+    // SAFETY: a hash map lookup; the value is copied out at once.
     if let Some(tracked) = unsafe { FLOWS.get(flow) } {
         let tracked = *tracked;
         let backend = BACKENDS.get(tracked.backend_id).filter(|b| b.generation == tracked.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
-                count_conntrack(reasons::CONNTRACK_HIT, obs);
+                if track {
+                    count_conntrack(reasons::CONNTRACK_HIT, obs);
+                }
                 return Ok((tracked.backend_id, *b, tracked.hash));
             }
             // A client reusing a source port opens a new connection: not to a draining server.
-            Some(b) if b.state == BACKEND_DRAINING => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
-            _ => count_conntrack(reasons::CONNTRACK_STALE, obs),
+            Some(b) if b.state == BACKEND_DRAINING && track => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
+            _ if track => count_conntrack(reasons::CONNTRACK_STALE, obs),
+            _ => {}
         }
-    } else {
+    } else if track {
         count_conntrack(reasons::CONNTRACK_MISS, obs);
     }
     let hash = hash();
     let (id, b) = maglev_pick(vip, hash, obs)?;
-    let value = FlowValue { backend_id: id, generation: b.generation, hash, _pad: 0 };
-    if FLOWS.insert(flow, &value, 0).is_err() {
-        count_reason(reasons::CONNTRACK_INSERT_FAILED);
+    if track {
+        let value = FlowValue { backend_id: id, generation: b.generation, hash, _pad: 0 };
+        if FLOWS.insert(flow, &value, 0).is_err() {
+            count_reason(reasons::CONNTRACK_INSERT_FAILED);
+        }
     }
     Ok((id, b, hash))
 }
@@ -241,6 +277,13 @@ pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32, obs: &mut impl Observe) -> R
     Ok((id, *b))
 }
 
+/// Whether IP-in-IP would take the packet beyond the interface MTU.
+#[inline(always)]
+fn exceeds_mtu(pkt: &Packet, cfg: &LbConfig) -> bool {
+    let overhead = if pkt.flow.family == FAMILY_V4 { 20 } else { 40 };
+    cfg.mtu != 0 && pkt.l3_len + overhead > cfg.mtu
+}
+
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, hash: u32) -> (u32, u32) {
     let Some(cfg) = CONFIG.get(0) else {
@@ -250,10 +293,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, has
         return nat::forward(ctx, pkt, backend, cfg);
     }
     let result = if vip.forwarding == FWD_IPIP {
-        let overhead = if pkt.flow.family == FAMILY_V4 { 20 } else { 40 };
-        if cfg.mtu != 0 && pkt.l3_len + overhead > cfg.mtu {
-            return (XDP_DROP, reasons::DROP_TOO_BIG);
-        }
+        // The MTU was checked before the flow was tracked (`exceeds_mtu`).
         // The outer header carries the inner length: it must be the frame's.
         if pkt.l3_len as usize > ctx.data_end() - ctx.data() - parse::ETH_LEN {
             return (XDP_DROP, reasons::DROP_MALFORMED_L4);

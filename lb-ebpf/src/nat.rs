@@ -1,17 +1,23 @@
 //! NAT forwarding (LVS `-m`): the destination becomes the backend's address
 //! and port on the way in, the source becomes the VIP's again on the way
-//! out. Checksums are updated incrementally (RFC 1624). NAT keeps its own
-//! connection table that follows TCP state (see `NAT_FLOWS`).
+//! out, and the TTL / hop limit goes down by one either way, as a router's
+//! would. Checksums are updated incrementally (RFC 1624). NAT keeps its own
+//! connection table that follows the connection's state (`NAT_EMBRYONIC` in
+//! lb-common for the state machine): a spoofed packet creates nothing that
+//! outlives the embryonic timeout, and only a SYN creates TCP state.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_TX},
+    bindings::{
+        BPF_ANY, BPF_NOEXIST,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     helpers::bpf_ktime_get_ns,
     programs::XdpContext,
 };
 use lb_common::{
     maps::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_CLOSED, NAT_CLOSING, NAT_OPEN,
-        NatFlow, NatReply, PROTO_TCP, PROTO_UDP, TX_PORT_BACKEND, TX_PORT_CLIENT, VipMeta,
+        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_CLOSED, NAT_CLOSING,
+        NAT_EMBRYONIC, NAT_OPEN, NatFlow, NatReply, PROTO_TCP, PROTO_UDP, TX_PORT_BACKEND, TX_PORT_CLIENT, VipMeta,
     },
     reasons,
 };
@@ -19,9 +25,18 @@ use lb_common::{
 use crate::{
     count_conntrack, maglev_pick,
     maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS},
-    parse::{ETH_LEN, EthHdr, Packet, TCP_FIN, TCP_RST, ptr_at},
+    parse::{ETH_LEN, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, TCP_FIN, TCP_RST, ptr_at},
     trace::Observe,
 };
+
+/// bpf_map_update_elem's answer when BPF_NOEXIST finds the key taken.
+const EEXIST: i32 = 17;
+
+/// The client's MAC is copied into the reply entry when a client packet is
+/// the first of its connection in a new 2^30 ns (about 1 s) slice: a router
+/// that changed MAC is followed within a second, at one extra lookup per
+/// connection and second, not per packet.
+const MAC_REFRESH_SHIFT: u32 = 30;
 
 #[inline(always)]
 fn fold(mut s: u32) -> u16 {
@@ -43,10 +58,15 @@ fn diff(sum: u32, old: &[u32; 4], new: &[u32; 4], words: usize) -> u32 {
     s
 }
 
-/// The new TCP/UDP state after a packet with these flags.
+/// The new state after a client or backend packet with these flags. An
+/// embryonic connection stays so whatever the client sends (a spoofer's RST
+/// or FIN must not buy it the longer closed timeout): only the backend's
+/// reply opens it (`reply`).
 #[inline(always)]
 fn next_state(state: u8, flags: u8) -> u8 {
-    if flags & TCP_RST != 0 {
+    if state == NAT_EMBRYONIC {
+        state
+    } else if flags & TCP_RST != 0 {
         NAT_CLOSED
     } else if flags & TCP_FIN != 0 && state < NAT_CLOSING {
         NAT_CLOSING
@@ -55,8 +75,36 @@ fn next_state(state: u8, flags: u8) -> u8 {
     }
 }
 
+/// The IPv4 TTL or IPv6 hop limit.
+#[inline(always)]
+fn hop_limit(ctx: &XdpContext, pkt: &Packet) -> Option<u8> {
+    if pkt.flow.family == FAMILY_V4 {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+        // SAFETY: ptr_at checked that the whole IPv4 header lies within the frame.
+        Some(unsafe { (*ip).ttl })
+    } else {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+        // SAFETY: ptr_at checked that the whole IPv6 header lies within the frame.
+        Some(unsafe { (*ip).hop_limit })
+    }
+}
+
+/// A packet NAT would forward but whose TTL / hop limit is 1 or less: it
+/// goes to the kernel untouched, which answers "time exceeded" as a router
+/// must (RFC 1812 5.3.1), counted as `pass_malformed_l3` (its IP header says
+/// it can go no further). None if it may be forwarded. Checked before any
+/// state is created or refreshed.
+#[inline(always)]
+pub fn last_hop(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
+    match hop_limit(ctx, pkt) {
+        Some(hops) if hops > 1 => None,
+        _ => Some((XDP_PASS, reasons::PASS_MALFORMED_L3)),
+    }
+}
+
 /// Rewrites one address (source or destination) and one port of the packet,
-/// fixing the IPv4 header and the TCP/UDP checksums.
+/// takes one off its TTL / hop limit, and fixes the IPv4 header and the
+/// TCP/UDP checksums. The caller checked (`last_hop`) that the TTL is above 1.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: u16) -> Option<()> {
     let v4 = pkt.flow.family == FAMILY_V4;
@@ -72,15 +120,29 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
             24
         };
     if v4 {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
         let a = ptr_at::<u32>(ctx, addr_off)?;
-        unsafe { a.write_unaligned(addr[0]) };
-        let check = ptr_at::<u16>(ctx, ETH_LEN + 10)?;
-        let old = unsafe { check.read_unaligned() };
-        let sum = diff(!old as u32, old_addr, addr, 1);
-        unsafe { check.write_unaligned(!fold(sum)) };
+        // SAFETY: ptr_at checked that the header and the 4-byte address lie within the frame.
+        let (ttl, protocol, old) = unsafe { ((*ip).ttl, (*ip).protocol, (*ip).check) };
+        let ttl_new = ttl.saturating_sub(1);
+        // TTL and protocol share one 16-bit word of the header checksum.
+        let mut sum = diff(!old as u32, old_addr, addr, 1);
+        sum += (!u16::from_ne_bytes([ttl, protocol]) as u32) + u16::from_ne_bytes([ttl_new, protocol]) as u32;
+        // SAFETY: as above; unaligned writes, the IP header may start at any offset.
+        unsafe {
+            a.write_unaligned(addr[0]);
+            (*ip).ttl = ttl_new;
+            (*ip).check = !fold(sum);
+        }
     } else {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
         let a = ptr_at::<[u32; 4]>(ctx, addr_off)?;
-        unsafe { a.write_unaligned(*addr) };
+        // SAFETY: ptr_at checked that the header and the 16-byte address lie within the frame.
+        // The hop limit is in no checksum.
+        unsafe {
+            a.write_unaligned(*addr);
+            (*ip).hop_limit = (*ip).hop_limit.saturating_sub(1);
+        }
     }
     // Port and transport checksum (which covers the pseudo-header's addresses).
     let l4 = pkt.l4_off;
@@ -88,6 +150,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
         return None;
     }
     let port_ptr = ptr_at::<u16>(ctx, l4 + if source { 0 } else { 2 })?;
+    // SAFETY: ptr_at checked that the 2-byte port lies within the frame.
     unsafe { port_ptr.write_unaligned(port) };
     let check_off = match pkt.flow.protocol {
         PROTO_TCP => 16,
@@ -95,6 +158,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
         _ => return Some(()),
     };
     let check = ptr_at::<u16>(ctx, l4 + check_off)?;
+    // SAFETY: ptr_at checked that the 2-byte checksum lies within the frame.
     let old = unsafe { check.read_unaligned() };
     if pkt.flow.protocol == PROTO_UDP && v4 && old == 0 {
         // IPv4 UDP without a checksum stays without one.
@@ -106,6 +170,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
     if pkt.flow.protocol == PROTO_UDP && new == 0 {
         new = 0xffff;
     }
+    // SAFETY: as above.
     unsafe { check.write_unaligned(new) };
     Some(())
 }
@@ -120,8 +185,14 @@ fn send(ctx: &XdpContext, slot: u32, ifindex: u32) -> Result<u32, u32> {
     TX_PORTS.redirect(slot, 0).map_err(|_| reasons::DROP_REDIRECT_FAILED)
 }
 
-/// Connection tracking for NAT, then Maglev for new connections. Records the
-/// reply mapping of a new connection. Counts the conntrack outcome.
+/// Connection tracking for NAT, then Maglev for new connections. Records a
+/// new connection in both directions, embryonic. Counts the conntrack
+/// outcome.
+///
+/// Only a SYN starts a TCP connection: another segment of an untracked
+/// 5-tuple (a spoofed ACK, or a connection the table forgot) is refused,
+/// counted as `drop_malformed_l4`, and creates nothing. A UDP datagram starts
+/// a flow, embryonic until the backend answers.
 #[inline(always)]
 pub fn choose_backend(
     pkt: &Packet,
@@ -131,64 +202,116 @@ pub fn choose_backend(
     client_mac: [u8; 6],
     obs: &mut impl Observe,
 ) -> Result<(u32, Backend), u32> {
+    // SAFETY: a helper without arguments or side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = NAT_FLOWS.get_ptr_mut(&pkt.flow) {
+    let tracked = NAT_FLOWS.get_ptr_mut(&pkt.flow);
+    if let Some(entry) = tracked {
+        // SAFETY: a value pointer from a map lookup, valid for this program run.
         let e = unsafe { *entry };
         let backend = BACKENDS.get(e.backend_id).filter(|b| b.generation == e.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
-                // A SYN on a tracked 5-tuple is a new connection reusing the
-                // client's port: it starts OPEN again, in both directions.
-                let state = if new_connection { NAT_OPEN } else { next_state(e.state, pkt.tcp_flags) };
+                // A SYN on a connection that closed is a new one reusing the
+                // client's port: embryonic again, in both directions. A SYN on
+                // an open one (a retransmission, or a spoofer's) changes nothing.
+                let reused = new_connection && (e.state == NAT_CLOSING || e.state == NAT_CLOSED);
+                let state = if reused { NAT_EMBRYONIC } else { next_state(e.state, pkt.tcp_flags) };
+                // SAFETY: as above; concurrent writers store whole fields of a live entry.
                 unsafe {
                     (*entry).last_seen_ns = now;
                     (*entry).state = state;
                 }
-                if new_connection && let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b)) {
-                    unsafe { (*r).state = NAT_OPEN };
+                if (reused || now >> MAC_REFRESH_SHIFT != e.last_seen_ns >> MAC_REFRESH_SHIFT)
+                    && let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b))
+                {
+                    // SAFETY: a value pointer from a map lookup, valid for this program run.
+                    unsafe {
+                        (*r).client_mac = client_mac;
+                        if reused {
+                            (*r).state = NAT_EMBRYONIC;
+                            (*r).last_seen_ns = now;
+                        }
+                    }
                 }
                 count_conntrack(reasons::CONNTRACK_HIT, obs);
                 return Ok((e.backend_id, *b));
             }
             Some(b) if b.state == BACKEND_DRAINING => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
+            // A tracked connection whose backend went: chosen again (even
+            // mid-stream, so the new backend can reset it), embryonic.
             _ => count_conntrack(reasons::CONNTRACK_STALE, obs),
         }
     } else {
         count_conntrack(reasons::CONNTRACK_MISS, obs);
+        if pkt.flow.protocol == PROTO_TCP && !new_connection {
+            return Err(reasons::DROP_MALFORMED_L4);
+        }
     }
     let (id, b) = maglev_pick(vip, hash(), obs)?;
-    let flow = NatFlow {
-        backend_id: id,
-        generation: b.generation,
-        last_seen_ns: now,
-        state: next_state(0, pkt.tcp_flags),
-        _pad: [0; 7],
-    };
-    if NAT_FLOWS.insert(&pkt.flow, &flow, 0).is_err() {
-        return Err(reasons::DROP_NAT_TABLE_FULL);
+    let flow =
+        NatFlow { backend_id: id, generation: b.generation, last_seen_ns: now, state: NAT_EMBRYONIC, _pad: [0; 7] };
+    // A stale entry is replaced; a missing one is created only if no other
+    // CPU created it meanwhile.
+    let flags = (if tracked.is_some() { BPF_ANY } else { BPF_NOEXIST }) as u64;
+    match NAT_FLOWS.insert(&pkt.flow, &flow, flags) {
+        Ok(()) => {}
+        // Another CPU won the race for this 5-tuple: its choice stands.
+        Err(e) if e == -EEXIST => return winner(&pkt.flow),
+        Err(_) => return Err(reasons::DROP_NAT_TABLE_FULL),
     }
     let reply_key = reply_key(pkt, &b);
-    // Two NAT VIPs sharing a backend could map one client port to the same
-    // reply 5-tuple: refuse the newcomer rather than misroute the other's replies.
-    if let Some(other) = unsafe { NAT_REVERSE.get(&reply_key) }
-        && (other.vip_addr != pkt.flow.dst || other.vip_port != pkt.flow.dport)
-    {
-        let _ = NAT_FLOWS.remove(&pkt.flow);
-        return Err(reasons::DROP_NAT_TABLE_FULL);
-    }
     let reply = NatReply {
         vip_addr: pkt.flow.dst,
         vip_port: pkt.flow.dport,
         client_mac,
-        state: flow.state,
+        state: NAT_EMBRYONIC,
         _pad: [0; 7],
         last_seen_ns: now,
     };
-    if NAT_REVERSE.insert(&reply_key, &reply, 0).is_err() {
-        let _ = NAT_FLOWS.remove(&pkt.flow);
-        return Err(reasons::DROP_NAT_TABLE_FULL);
+    // BPF_NOEXIST: a lookup and then an insert would let two CPUs each see
+    // the key free and the second overwrite the first's mapping.
+    match NAT_REVERSE.insert(&reply_key, &reply, BPF_NOEXIST as u64) {
+        Ok(()) => return Ok((id, b)),
+        Err(e) if e == -EEXIST => {
+            if let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key) {
+                // SAFETY: a value pointer from a map lookup, valid for this program run.
+                let same_vip = unsafe { (*r).vip_addr == pkt.flow.dst && (*r).vip_port == pkt.flow.dport };
+                // The same reply 5-tuple to the same VIP is the same client
+                // address and port: this very connection (another CPU's
+                // packet created it just now) or the previous one on this
+                // port, left behind. Either way it is ours to restart.
+                if same_vip {
+                    // SAFETY: as above.
+                    unsafe {
+                        (*r).client_mac = client_mac;
+                        (*r).state = NAT_EMBRYONIC;
+                        (*r).last_seen_ns = now;
+                    }
+                    return Ok((id, b));
+                }
+            }
+            // Two NAT VIPs sharing a backend would map one client port to
+            // the same reply 5-tuple: refuse the newcomer rather than
+            // misroute the other's replies.
+        }
+        Err(_) => {}
     }
-    Ok((id, b))
+    let _ = NAT_FLOWS.remove(&pkt.flow);
+    Err(reasons::DROP_NAT_TABLE_FULL)
+}
+
+/// The connection another CPU created for this 5-tuple while we chose, if
+/// its backend is still the one it chose; it also wrote the reply entry.
+#[inline(always)]
+fn winner(flow: &FlowKey) -> Result<(u32, Backend), u32> {
+    // SAFETY: a hash map lookup; the value is copied at once.
+    let Some(w) = (unsafe { NAT_FLOWS.get(flow) }).copied() else {
+        return Err(reasons::DROP_NAT_TABLE_FULL);
+    };
+    match BACKENDS.get(w.backend_id) {
+        Some(b) if b.generation == w.generation && b.state == BACKEND_ACTIVE => Ok((w.backend_id, *b)),
+        _ => Err(reasons::DROP_NAT_TABLE_FULL),
+    }
 }
 
 /// The 5-tuple of the backend's replies to this client.
@@ -213,6 +336,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cfg: &LbConfig
         return (XDP_DROP, reasons::DROP_MALFORMED_L4);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (XDP_DROP, reasons::DROP_MALFORMED_L4) };
+    // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
     unsafe {
         (*eth).dst = backend.mac;
         (*eth).src = cfg.backend_if_mac;
@@ -224,20 +348,49 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cfg: &LbConfig
 }
 
 /// The way out: a reply of a tracked connection goes back from the VIP to
-/// the client. None if the packet is not such a reply.
+/// the client. The first reply opens an embryonic connection, both
+/// directions. None if the packet is not such a reply.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Observe) -> Option<(u32, u32)> {
     let entry = NAT_REVERSE.get_ptr_mut(&pkt.flow)?;
+    // SAFETY: a value pointer from a map lookup, valid for this program run.
     let r = unsafe { *entry };
     obs.nat_reply(&r);
+    if let Some(done) = last_hop(ctx, pkt) {
+        return Some(done);
+    }
+    let state = if r.state == NAT_EMBRYONIC {
+        let client_side = FlowKey {
+            src: pkt.flow.dst,
+            dst: r.vip_addr,
+            sport: pkt.flow.dport,
+            dport: r.vip_port,
+            protocol: pkt.flow.protocol,
+            family: pkt.flow.family,
+            _pad: [0; 2],
+        };
+        if let Some(f) = NAT_FLOWS.get_ptr_mut(&client_side) {
+            // SAFETY: a value pointer from a map lookup, valid for this program run.
+            unsafe {
+                if (*f).state == NAT_EMBRYONIC {
+                    (*f).state = NAT_OPEN;
+                }
+            }
+        }
+        NAT_OPEN
+    } else {
+        r.state
+    };
+    // SAFETY: as above.
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_ns();
-        (*entry).state = next_state(r.state, pkt.tcp_flags);
+        (*entry).state = next_state(state, pkt.tcp_flags);
     }
     if rewrite(ctx, pkt, true, &r.vip_addr, r.vip_port).is_none() {
         return Some((XDP_DROP, reasons::DROP_MALFORMED_L4));
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
     unsafe {
         (*eth).dst = r.client_mac;
         (*eth).src = cfg.if_mac;

@@ -1,6 +1,7 @@
 //! Packet parsing: Ethernet, IPv4 (with options), IPv6 (with a bounded walk
-//! of extension headers), TCP and UDP. Every access goes through `ptr_at`,
-//! which checks the bounds the verifier asks for.
+//! of extension headers), TCP, UDP, and where an ICMP message starts (the
+//! `icmp` module reads it). Every access goes through `ptr_at`, which checks
+//! the bounds the verifier asks for.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::maps::{AddrKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP};
@@ -10,8 +11,10 @@ pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// How many IPv6 extension headers we walk before giving up: enough for
 /// hop-by-hop + destination options + routing + AH, and bounded for the verifier.
@@ -93,12 +96,12 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-fn v4_words(a: &[u8; 4]) -> [u32; 4] {
+pub fn v4_words(a: &[u8; 4]) -> [u32; 4] {
     [u32::from_ne_bytes(*a), 0, 0, 0]
 }
 
 #[inline(always)]
-fn v6_words(a: &[u8; 16]) -> [u32; 4] {
+pub fn v6_words(a: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
@@ -120,8 +123,20 @@ pub struct Packet {
     pub l4_off: usize,
 }
 
+/// An ICMP or ICMPv6 message (not a fragment).
+pub struct Icmp {
+    pub dst: AddrKey,
+    /// Length of the IP packet from its own header.
+    pub l3_len: u32,
+    pub tos: u8,
+    /// Offset of the ICMP header in the frame.
+    pub l4_off: usize,
+}
+
 pub enum Parsed {
     Packet(Packet),
+    /// ICMP (IPv4) or ICMPv6, to this destination.
+    Icmp(Icmp),
     /// Not IPv4 or IPv6 (ARP, LLDP, ...).
     NotIp,
     /// Ethernet or IP header truncated or invalid.
@@ -164,6 +179,9 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     }
     let (sport, dport, tcp_flags) = match ports(ctx, ip.protocol, ETH_LEN + ihl) {
         Ports::Found(s, d, f) => (s, d, f),
+        Ports::NotTcpUdp if ip.protocol == IPPROTO_ICMP => {
+            return Parsed::Icmp(Icmp { dst, l3_len: tot_len as u32, tos: ip.tos, l4_off: ETH_LEN + ihl });
+        }
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
     };
@@ -226,6 +244,11 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         Ports::Found(s, d, f) => (s, d, f),
         // Still an extension header after the walk (a fragment header among them): not walkable.
         Ports::NotTcpUdp if matches!(next, 0 | 43 | 44 | 51 | 60) => return Parsed::MalformedL4(dst),
+        Ports::NotTcpUdp if next == IPPROTO_ICMPV6 => {
+            let l3_len = u16::from_be(ip.payload_len) as u32 + core::mem::size_of::<Ipv6Hdr>() as u32;
+            let tos = (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4);
+            return Parsed::Icmp(Icmp { dst, l3_len, tos, l4_off: off });
+        }
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
     };

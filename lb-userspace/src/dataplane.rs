@@ -22,6 +22,7 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
+    decap::{DECAP_FILTER_SYMBOL, DecapFilter},
     maps::{
         AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
         DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND, TX_PORT_CLIENT,
@@ -213,6 +214,21 @@ impl Dataplane {
     /// of 2, at least a page): `xdplb trace` reads the traced program's
     /// events from it.
     pub fn open_with_trace_ring(sizes: MapSizes, pin_dir: Option<&Path>, trace_ring: u32) -> Result<Self> {
+        Self::open_inner(sizes, pin_dir, trace_ring, None)
+    }
+
+    /// Like `load`, with the decapsulation program's filter set in its
+    /// read-only data (what `xdplb decap` attaches; nothing is pinned).
+    pub fn load_decap(sizes: MapSizes, filter: &DecapFilter) -> Result<Self> {
+        Self::open_inner(sizes, None, TRACE_RING_DEFAULT_BYTES, Some(filter))
+    }
+
+    fn open_inner(
+        sizes: MapSizes,
+        pin_dir: Option<&Path>,
+        trace_ring: u32,
+        decap_filter: Option<&DecapFilter>,
+    ) -> Result<Self> {
         let sizes = match pin_dir {
             Some(dir) => pinned_sizes(dir).unwrap_or(sizes),
             None => sizes,
@@ -227,6 +243,9 @@ impl Dataplane {
         }
         for (name, entries) in sized_maps(sizes) {
             loader.map_max_entries(name, entries);
+        }
+        if let Some(filter) = decap_filter {
+            loader.override_global(DECAP_FILTER_SYMBOL, filter, true);
         }
         let mut ebpf = loader
             .map_max_entries(names::TRACE_EVENTS, trace_ring)

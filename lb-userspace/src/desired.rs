@@ -219,6 +219,11 @@ pub struct Observed {
     pub next_hop_mac: HashMap<IpAddr, [u8; 6]>,
     /// The interface each backend address is reached through, when known.
     pub next_hop_ifindex: HashMap<IpAddr, u32>,
+    /// The next hop each backend address is reached through, when known: the
+    /// address itself, or a gateway (then DSR cannot reach it).
+    pub next_hop: HashMap<IpAddr, IpAddr>,
+    /// The routing table as last read: a reload checks new DSR backends against it.
+    pub routes: Option<std::sync::Arc<crate::neighbours::Routes>>,
     /// (client-facing, backend-facing) interface indexes: a NAT backend must
     /// be behind the backend-facing one, any other behind the client-facing one.
     pub interfaces: Option<(u32, u32)>,
@@ -228,6 +233,11 @@ impl Observed {
     /// The MAC to send a backend's packets to, if it is reachable the way its VIP's mode needs.
     fn mac_for(&self, addr: &IpAddr, forwarding: Forwarding) -> Option<[u8; 6]> {
         let mac = self.next_hop_mac.get(addr).copied()?;
+        // DSR leaves the VIP as the IP destination: a gateway would route it
+        // by the VIP (see `routed_dsr_backends`). A route that changed at run time.
+        if forwarding == Forwarding::Dsr && self.next_hop.get(addr).is_some_and(|nh| nh != addr) {
+            return None;
+        }
         match (self.interfaces, self.next_hop_ifindex.get(addr)) {
             (Some((client, backend)), Some(&via)) => {
                 let want = if forwarding == Forwarding::Nat { backend } else { client };
@@ -299,6 +309,9 @@ pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         if o.on_all_down != v.on_all_down {
             out.push(format!("VIP {}: on_all_down changed", v.name));
         }
+        if o.icmp_echo != v.icmp_echo {
+            out.push(format!("VIP {}: icmp_echo changed", v.name));
+        }
     }
     for o in old.vips.iter().filter(|o| !new.vips.iter().any(|v| key(v) == key(o))) {
         out.push(format!("VIP {} removed", o.name));
@@ -336,6 +349,38 @@ pub fn own_address_conflicts(config: &Config, own: &[crate::addr::LocalAddr]) ->
         for a in v.backends.iter().map(|b| b.address).chain(sorry) {
             if own.contains(&a) {
                 out.push(format!("vips `{}`: backend {a} is this load balancer's own address", v.name));
+            }
+        }
+    }
+    out
+}
+
+/// DSR backends (and sorry servers) reached through a gateway: one message
+/// each, naming the VIP, the backend, the gateway and the fix. DSR changes
+/// only the MAC and keeps the VIP as the IP destination, so a router that
+/// received the frame would route it by the VIP: back to this balancer, or
+/// nowhere. IP-in-IP and NAT rewrite the destination and may be routed.
+/// `gateway` answers from the routing table; `iface` is the balanced interface.
+pub fn routed_dsr_backends(config: &Config, gateway: impl Fn(IpAddr) -> Option<IpAddr>, iface: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in config.vips.iter().filter(|v| v.forwarding == Forwarding::Dsr) {
+        let sorry = match v.on_all_down {
+            OnAllDown::SorryServer { address, .. } => Some(address),
+            _ => None,
+        };
+        let mut addrs: Vec<IpAddr> = v.backends.iter().map(|b| b.address).chain(sorry).collect();
+        addrs.sort();
+        addrs.dedup();
+        for a in addrs {
+            if let Some(gw) = gateway(a) {
+                out.push(format!(
+                    "vips `{}`: backend {a} of DSR VIP {} is reached through gateway {gw}, not on a network of \
+                     {iface}: DSR changes only the MAC and keeps the VIP as the IP destination, so the gateway \
+                     would route the packet by the VIP (back to this balancer, or nowhere); use forwarding: ipip, \
+                     or put the backend on a network of {iface}",
+                    v.name,
+                    fmt_backend(v.address, v.port),
+                ));
             }
         }
     }
@@ -417,6 +462,7 @@ fn vip_spec(v: &VipConfig, overrides: &Overrides, observed: &Observed) -> VipSpe
         table_size: v.table_size,
         backends,
         pass_when_empty: v.on_all_down == OnAllDown::Pass,
+        icmp_echo: v.icmp_echo,
     }
 }
 
@@ -542,6 +588,54 @@ mod tests {
         let specs = vip_specs(&c, &Overrides::new(), &observed(&["198.18.0.12"], &all));
         assert_eq!(specs[0].backends.len(), 3);
         assert_eq!(addresses_to_resolve(&c).len(), 3);
+    }
+
+    #[test]
+    fn icmp_echo_is_on_unless_a_vip_says_false() {
+        let all = ["198.18.0.11", "198.18.0.12", "198.18.0.99"];
+        let c = config::parse("c.yaml", CONFIG).unwrap();
+        let specs = vip_specs(&c, &Overrides::new(), &observed(&all, &all));
+        assert!(specs[0].icmp_echo, "default: answered");
+        let off = CONFIG.replace("    port: 80\n", "    port: 80\n    icmp_echo: false\n");
+        let c2 = config::parse("c.yaml", &off).unwrap();
+        assert!(!vip_specs(&c2, &Overrides::new(), &observed(&all, &all))[0].icmp_echo);
+        assert!(describe_changes(&c, &c2).contains(&"VIP web: icmp_echo changed".to_string()));
+        let bad = CONFIG.replace("    port: 80\n", "    port: 80\n    icmp_echo: maybe\n");
+        let err = format!("{:#}", config::parse("c.yaml", &bad).unwrap_err());
+        assert!(err.contains("icmp_echo: `maybe` is not one of true, false"), "{err}");
+    }
+
+    #[test]
+    fn dsr_backends_behind_a_gateway_are_named_with_the_fix() {
+        let a = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let routes = crate::neighbours::Routes::from_routes(&[
+            (a("198.18.0.0"), 24, None, 2),
+            (a("198.19.5.0"), 24, Some(a("198.18.0.254")), 2),
+        ]);
+        let text = "vips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: 198.18.0.11\n      - address: 198.19.5.5\n  - name: tunnel\n    address: 198.18.100.2\n    port: 80\n    forwarding: ipip\n    backends:\n      - address: 198.19.5.6\n";
+        let c = config::parse("c.yaml", text).unwrap();
+        let found = routed_dsr_backends(&c, |x| routes.gateway(x), "lb0");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(
+                "vips `web`: backend 198.19.5.5 of DSR VIP 198.18.100.1:80 is reached through gateway 198.18.0.254, \
+                 not on a network of lb0"
+            ),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].ends_with("use forwarding: ipip, or put the backend on a network of lb0"), "{}", found[0]);
+        // Once the route changes at run time, the backend gets no DSR traffic.
+        let mut o = all_up(&c);
+        o.next_hop_mac.insert(a("198.19.5.5"), [2, 0, 0, 0, 0, 9]);
+        o.next_hop_mac.insert(a("198.19.5.6"), [2, 0, 0, 0, 0, 9]);
+        o.next_hop.insert(a("198.19.5.5"), a("198.18.0.254"));
+        o.next_hop.insert(a("198.19.5.6"), a("198.18.0.254"));
+        o.next_hop.insert(a("198.18.0.11"), a("198.18.0.11"));
+        let specs = vip_specs(&c, &Overrides::new(), &o);
+        let up: Vec<bool> = specs[0].backends.iter().map(|b| b.healthy).collect();
+        assert_eq!(up, [true, false], "DSR: the routed backend is out");
+        assert!(specs[1].backends[0].healthy, "IP-in-IP may be routed");
     }
 
     #[test]

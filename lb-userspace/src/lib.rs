@@ -7,6 +7,7 @@ pub mod attach;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod desired;
 pub mod dns;
 pub mod doctor;

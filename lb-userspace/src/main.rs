@@ -194,6 +194,16 @@ enum Cmd {
         /// detached again when xdplb exits (as `xdplb run --ephemeral`).
         #[arg(long)]
         ephemeral: bool,
+        /// Decapsulate only packets whose outer source is in PREFIX (ADDRESS/LEN
+        /// or ADDRESS; repeatable): the balancers' ipip_source_v4 and
+        /// ipip_source_v6. Default: any source (a warning says so). Other
+        /// IP-in-IP packets pass to the stack untouched.
+        #[arg(long = "allow-source", value_name = "PREFIX")]
+        allow_source: Vec<lb_userspace::decap::SourcePrefix>,
+        /// Decapsulate only packets whose inner destination is ADDRESS
+        /// (repeatable: the VIPs this backend serves). Default: any.
+        #[arg(long = "vip", value_name = "ADDRESS")]
+        vip: Vec<std::net::IpAddr>,
     },
     /// Attach a pass-everything XDP program: needed on the peer of a veth that
     /// xdplb transmits on, or the veth drops XDP_TX frames.
@@ -392,8 +402,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("xdplb: {summary}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Decap { iface, xdp_mode, ephemeral } => {
-            attach_helper(&cli.pin_root, &iface, programs::DECAP, xdp_mode.into(), "decap_link", ephemeral)
+        Cmd::Decap { iface, xdp_mode, ephemeral, allow_source, vip } => {
+            require_root("attach eBPF programs")?;
+            let opts = lb_userspace::decap::Options {
+                iface,
+                mode: xdp_mode.into(),
+                ephemeral,
+                allow_sources: allow_source,
+                vips: vip,
+            };
+            let how = lb_userspace::decap::attach(&cli.pin_root, &opts)?;
+            println!("{}: {} attached ({how:?})", opts.iface, programs::DECAP);
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Pass { iface, ephemeral } => {
             attach_helper(&cli.pin_root, &iface, programs::PASS, XdpModeSetting::Auto, "pass_link", ephemeral)

@@ -13,10 +13,15 @@
 //! refresh opens a new connection. A backend whose next hop stops resolving
 //! is withdrawn only after `WITHDRAW_AFTER` consecutive failed rounds, so one
 //! flapping neighbour entry does not reshuffle its flows.
+//!
+//! The routing table of the last successful round is kept ([`Routes`]): a
+//! reload asks it whether a DSR backend sits behind a gateway (see
+//! `desired::routed_dsr_backends`) without a netlink exchange on the event loop.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
+    sync::Arc,
     time::Duration,
 };
 
@@ -28,11 +33,41 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Route {
     dst: Option<IpAddr>,
     len: u8,
     gateway: Option<IpAddr>,
     oif: Option<u32>,
+}
+
+/// The main routing table (unicast routes, both families), as one dump read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes(Vec<Route>);
+
+impl Routes {
+    /// The route toward `dst`: the longest matching prefix (policy routing
+    /// is not consulted).
+    fn lookup(&self, dst: IpAddr) -> Option<&Route> {
+        self.0.iter().filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst))).max_by_key(|r| r.len)
+    }
+
+    /// The gateway `dst` is reached through, if its route has one (None: on
+    /// a directly connected network, or no route at all).
+    pub fn gateway(&self, dst: IpAddr) -> Option<IpAddr> {
+        self.lookup(dst)?.gateway.filter(|g| *g != dst)
+    }
+
+    /// A table of `(prefix, length, gateway, interface index)` routes.
+    #[cfg(test)]
+    pub(crate) fn from_routes(routes: &[(IpAddr, u8, Option<IpAddr>, u32)]) -> Self {
+        Self(
+            routes
+                .iter()
+                .map(|&(dst, len, gateway, oif)| Route { dst: Some(dst), len, gateway, oif: Some(oif) })
+                .collect(),
+        )
+    }
 }
 
 /// Whether `prefix/len` contains `addr`.
@@ -69,6 +104,8 @@ pub struct Neighbours {
     timeout: Duration,
     /// The interfaces xdplb can send through: (index, name).
     ifaces: Vec<(u32, String)>,
+    /// The routing table as the last successful dump read it.
+    routes: Option<Arc<Routes>>,
 }
 
 /// How long a routing or neighbour table dump may take.
@@ -129,7 +166,7 @@ impl Neighbours {
     /// Opens a netlink connection (its task runs on the current tokio runtime).
     pub fn new(ifaces: Vec<(u32, String)>) -> Result<Self> {
         let (handle, conn) = connect()?;
-        Ok(Self { handle, conn, broken: false, timeout: NETLINK_TIMEOUT, ifaces })
+        Ok(Self { handle, conn, broken: false, timeout: NETLINK_TIMEOUT, ifaces, routes: None })
     }
 
     /// A resolver whose connection never answers (its task is not run while
@@ -155,7 +192,7 @@ impl Neighbours {
     }
 
     /// The main routing table, both families: one dump, however many backends.
-    async fn routes(&self) -> Result<Vec<Route>> {
+    async fn dump_routes(&self) -> Result<Routes> {
         let mut out = Vec::new();
         for msg in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -185,17 +222,36 @@ impl Neighbours {
                 out.push(route);
             }
         }
-        Ok(out)
+        Ok(Routes(out))
+    }
+
+    /// The routing table as the last successful round (or `read_routes`) read it.
+    pub fn last_routes(&self) -> Option<Arc<Routes>> {
+        self.routes.clone()
+    }
+
+    /// Reads the routing table now (one dump, bounded by the timeout).
+    pub async fn read_routes(&mut self) -> Result<Arc<Routes>> {
+        if self.broken {
+            self.reconnect().context("reopening the netlink connection failed")?;
+        }
+        match within(self.timeout, "the routing table dump", self.dump_routes()).await {
+            Ok(r) => {
+                let r = Arc::new(r);
+                self.routes = Some(r.clone());
+                Ok(r)
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
     }
 
     /// The next hop toward `dst`: longest-prefix match over the main table
     /// (policy routing is not consulted).
-    fn next_hop(&self, routes: &[Route], dst: IpAddr) -> Result<(IpAddr, u32)> {
-        let route = routes
-            .iter()
-            .filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst)))
-            .max_by_key(|r| r.len)
-            .ok_or_else(|| anyhow!("no route to {dst}"))?;
+    fn next_hop(&self, routes: &Routes, dst: IpAddr) -> Result<(IpAddr, u32)> {
+        let route = routes.lookup(dst).ok_or_else(|| anyhow!("no route to {dst}"))?;
         let Some(oif) = route.oif.filter(|o| self.ifaces.iter().any(|(i, _)| i == o)) else {
             let other = route.oif.map_or("no interface".to_string(), |i| format!("interface index {i}"));
             let names: Vec<&str> = self.ifaces.iter().map(|(_, n)| n.as_str()).collect();
@@ -248,7 +304,7 @@ impl Neighbours {
             self.reconnect().context("reopening the netlink connection failed")?;
         }
         let tables = async {
-            let routes = within(self.timeout, "the routing table dump", self.routes()).await?;
+            let routes = within(self.timeout, "the routing table dump", self.dump_routes()).await?;
             let table = within(self.timeout, "the neighbour table dump", self.table()).await?;
             Ok::<_, anyhow::Error>((routes, table))
         };
@@ -259,6 +315,8 @@ impl Neighbours {
                 return Err(e);
             }
         };
+        let routes = Arc::new(routes);
+        self.routes = Some(routes.clone());
         let mut out = HashMap::new();
         for &addr in addrs {
             let r = match self.next_hop(&routes, addr) {
@@ -296,7 +354,7 @@ fn solicit(addr: IpAddr) {
 mod tests {
     use std::time::Duration;
 
-    use super::{Misses, Neighbours, Resolution, WITHDRAW_AFTER, contains};
+    use super::{Misses, Neighbours, Resolution, Routes, WITHDRAW_AFTER, contains};
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
@@ -357,5 +415,24 @@ mod tests {
         assert!(contains(a("0.0.0.0"), 0, a("198.18.1.1")));
         assert!(contains(a("2001:db8::"), 64, a("2001:db8::11")));
         assert!(!contains(a("2001:db8::"), 64, a("198.18.0.1")));
+    }
+
+    #[test]
+    fn a_gateway_is_named_only_for_a_routed_address() {
+        let a = |s: &str| s.parse().unwrap();
+        let routes = Routes::from_routes(&[
+            (a("198.18.0.0"), 24, None, 2),
+            (a("198.19.5.0"), 24, Some(a("198.18.0.254")), 2),
+            (a("0.0.0.0"), 0, Some(a("198.18.0.1")), 2),
+            (a("2001:db8::"), 64, None, 2),
+            // A host route whose gateway is the host itself (`via` the same address): connected.
+            (a("198.19.6.6"), 32, Some(a("198.19.6.6")), 2),
+        ]);
+        assert_eq!(routes.gateway(a("198.18.0.11")), None, "connected");
+        assert_eq!(routes.gateway(a("198.19.5.5")), Some(a("198.18.0.254")));
+        assert_eq!(routes.gateway(a("203.0.113.9")), Some(a("198.18.0.1")), "the default route");
+        assert_eq!(routes.gateway(a("2001:db8::11")), None);
+        assert_eq!(routes.gateway(a("2001:db8:9::1")), None, "no route: nothing to say");
+        assert_eq!(routes.gateway(a("198.19.6.6")), None);
     }
 }

@@ -24,7 +24,8 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
         BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, Backend, FWD_DSR, FWD_IPIP, FWD_NAT,
-        NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
+        NO_BACKEND, VIP_ADDR_F_ICMP_ECHO, VIP_F_HASH_SOURCE_IP, VIP_F_ICMP_ECHO, VIP_F_PASS_WHEN_EMPTY, VipKey,
+        VipMeta,
     },
 };
 
@@ -87,6 +88,8 @@ pub struct VipSpec {
     pub backends: Vec<BackendSpec>,
     /// With no backend up, pass new flows to the local stack instead of dropping them.
     pub pass_when_empty: bool,
+    /// Answer ICMP echo requests to the VIP's address (if any VIP on it says so).
+    pub icmp_echo: bool,
 }
 
 impl VipSpec {
@@ -539,12 +542,16 @@ impl Reconciler {
         if spec.pass_when_empty {
             flags |= VIP_F_PASS_WHEN_EMPTY;
         }
+        if spec.icmp_echo {
+            flags |= VIP_F_ICMP_ECHO;
+        }
         let forwarding = match spec.forwarding {
             Forwarding::Dsr => FWD_DSR,
             Forwarding::Ipip => FWD_IPIP,
             Forwarding::Nat => FWD_NAT,
         };
         let applied = &self.vips[key];
+        let echo_changed = (applied.meta.flags ^ flags) & VIP_F_ICMP_ECHO != 0;
         let table_changed = is_new || applied.table_members != members || applied.meta.ring_size != spec.table_size;
         let mut meta = VipMeta { vip_id, forwarding, flags, ..applied.meta };
         if table_changed {
@@ -577,8 +584,8 @@ impl Reconciler {
                 self.regions.retire(applied.meta.ring_offset, applied.meta.ring_size);
             }
         }
-        if is_new {
-            self.add_vip_addr(dp, spec.addr)?;
+        if is_new || echo_changed {
+            self.write_vip_addr(dp, spec.addr, Some((key, flags)))?;
         }
 
         // 3. Backends leaving the table change state only now, after a pause
@@ -622,21 +629,35 @@ impl Reconciler {
         Ok(())
     }
 
-    fn vips_on(&self, ip: IpAddr) -> u32 {
-        self.vips.values().filter(|v| v.addr == ip).count() as u32
+    /// `VIP_ADDRS`' value for `ip`: how many VIPs it has, with
+    /// `VIP_ADDR_F_ICMP_ECHO` if any of them answers echo requests. `pending`
+    /// is a VIP's flags about to replace the applied ones.
+    fn vip_addr_value(&self, ip: IpAddr, pending: Option<(&VipKey, u32)>) -> u32 {
+        let mut value = 0;
+        for (key, v) in self.vips.iter().filter(|(_, v)| v.addr == ip) {
+            let flags = match pending {
+                Some((k, flags)) if k == key => flags,
+                _ => v.meta.flags,
+            };
+            value += 1;
+            if flags & VIP_F_ICMP_ECHO != 0 {
+                value |= VIP_ADDR_F_ICMP_ECHO;
+            }
+        }
+        value
     }
 
-    fn add_vip_addr(&mut self, dp: &mut Dataplane, ip: IpAddr) -> Result<()> {
-        dp.set_vip_addr(&addr::addr_key(ip), self.vips_on(ip))
+    fn write_vip_addr(&mut self, dp: &mut Dataplane, ip: IpAddr, pending: Option<(&VipKey, u32)>) -> Result<()> {
+        match self.vip_addr_value(ip, pending) {
+            0 => dp.remove_vip_addr(&addr::addr_key(ip)),
+            n => dp.set_vip_addr(&addr::addr_key(ip), n),
+        }
     }
 
     fn remove_vip(&mut self, dp: &mut Dataplane, key: &VipKey) -> Result<()> {
         let vip = self.vips.remove(key).expect("caller checked");
         dp.remove_vip(key)?;
-        match self.vips_on(vip.addr) {
-            0 => dp.remove_vip_addr(&addr::addr_key(vip.addr))?,
-            n => dp.set_vip_addr(&addr::addr_key(vip.addr), n)?,
-        }
+        self.write_vip_addr(dp, vip.addr, None)?;
         self.regions.retire(vip.meta.ring_offset, vip.meta.ring_size);
         for (_, b) in vip.backends {
             self.release_backend(dp, b)?;

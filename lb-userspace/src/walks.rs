@@ -23,10 +23,22 @@ use aya::{
     Pod,
     maps::{Array, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapType},
 };
-use lb_common::maps::{Backend, FlowKey, FlowValue, NAT_OPEN, NatFlow, NatReply, PROTO_TCP};
+use lb_common::maps::{
+    Backend, FlowKey, FlowValue, NAT_CLOSED, NAT_CLOSING, NAT_EMBRYONIC, NatFlow, NatReply, PROTO_TCP,
+};
 use tokio::sync::mpsc;
 
 use crate::config::NatSettings;
+
+/// Above this share of the NAT table (the fuller of its two maps, in
+/// tenths), a collection reclaims embryonic connections, oldest first, down
+/// to `NAT_LOW_WATER`; and the next collection follows `NAT_PRESSURE_PERIOD`
+/// later instead of at the next second tick. The dataplane cannot scan for
+/// an entry to give up, so this headroom is what lets a new connection in
+/// while spoofed SYNs or datagrams fill the table.
+pub const NAT_HIGH_WATER: u64 = 9;
+pub const NAT_LOW_WATER: u64 = 8;
+pub const NAT_PRESSURE_PERIOD: Duration = Duration::from_millis(250);
 
 /// Entries asked for per batch: more than any hash bucket holds (the kernel
 /// answers ENOSPC when one bucket does not fit), few enough to stay small.
@@ -181,6 +193,20 @@ pub struct NatSweep {
     pub connections: u64,
     pub evicted_idle: u64,
     pub evicted_closed: u64,
+    /// Embryonic connections (no reply from the backend) past `embryonic_timeout`.
+    pub evicted_embryonic: u64,
+    /// Embryonic connections reclaimed, oldest first, because the table was
+    /// above its high-water mark.
+    pub reclaimed: u64,
+    /// Entries in the fuller of the two maps, as read and as left.
+    pub occupancy_before: u64,
+    pub occupancy_after: u64,
+    /// The maps' capacity (each).
+    pub capacity: u64,
+    /// The table was above its high-water mark: the next collection comes sooner.
+    pub pressure: bool,
+    /// Started by the previous collection's pressure, not by the tick.
+    pub follow_up: bool,
     pub complete: bool,
     pub took: Duration,
 }
@@ -252,6 +278,7 @@ enum Verdict {
     Keep,
     EvictIdle,
     EvictClosed,
+    EvictEmbryonic,
 }
 
 /// A connection's reply entry: from `replies` (a read of the reply table,
@@ -271,33 +298,47 @@ fn reply_of(
     }
 }
 
-/// Whether a connection stays, judged by the later of its two directions'
-/// last packets and by either direction having closed.
-fn verdict(now: u64, protocol: u8, flow: &NatFlow, reply: Option<&NatReply>, nat: &NatSettings) -> Verdict {
-    let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
-    let closed = flow.state != NAT_OPEN || reply.is_some_and(|r| r.state != NAT_OPEN);
-    let timeout = if closed {
-        nat.closed_timeout
-    } else if protocol == PROTO_TCP {
-        nat.tcp_timeout
-    } else {
-        nat.udp_timeout
-    };
-    if now.saturating_sub(last) <= timeout.as_nanos() as u64 {
-        Verdict::Keep
-    } else if closed {
-        Verdict::EvictClosed
-    } else {
-        Verdict::EvictIdle
-    }
+/// Whether the backend never answered: both entries still embryonic (the
+/// dataplane opens both on the first reply; one open is enough to count as
+/// answered, should a race leave them apart).
+fn embryonic(flow: &NatFlow, reply: Option<&NatReply>) -> bool {
+    flow.state == NAT_EMBRYONIC && reply.is_none_or(|r| r.state == NAT_EMBRYONIC)
 }
 
-/// Forgets NAT connections that closed (FIN/RST) or went idle, both
-/// directions' entries; also reply entries left behind by a re-steered flow.
+fn closed_state(state: u8) -> bool {
+    state == NAT_CLOSING || state == NAT_CLOSED
+}
+
+/// Whether a connection stays, judged by the later of its two directions'
+/// last packets, by whether the backend ever answered, and by either
+/// direction having closed.
+fn verdict(now: u64, protocol: u8, flow: &NatFlow, reply: Option<&NatReply>, nat: &NatSettings) -> Verdict {
+    let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+    let embryonic = embryonic(flow, reply);
+    let closed = !embryonic && (closed_state(flow.state) || reply.is_some_and(|r| closed_state(r.state)));
+    let (timeout, evict) = if embryonic {
+        (nat.embryonic_timeout, Verdict::EvictEmbryonic)
+    } else if closed {
+        (nat.closed_timeout, Verdict::EvictClosed)
+    } else if protocol == PROTO_TCP {
+        (nat.tcp_timeout, Verdict::EvictIdle)
+    } else {
+        (nat.udp_timeout, Verdict::EvictIdle)
+    };
+    if now.saturating_sub(last) <= timeout.as_nanos() as u64 { Verdict::Keep } else { evict }
+}
+
+/// Forgets NAT connections that closed (FIN/RST), went idle, or never got
+/// an answer from their backend (embryonic), both directions' entries; also
+/// reply entries left behind by a re-steered flow. Above the high-water mark
+/// (`NAT_HIGH_WATER`) it then reclaims embryonic connections, oldest first,
+/// until the fuller map is down to the low-water mark or none is left.
 pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Result<NatSweep> {
     let started = Instant::now();
     let deadline = started + budget;
     let now = monotonic_ns();
+    let info = maps.nat_flows.map().info().context("reading the NAT_FLOWS map's info failed")?;
+    let capacity = u64::from(info.max_entries());
     let mut replies = HashMap::new();
     let replies_complete = for_each_batched::<FlowKey, NatReply>(maps.nat_reverse.map(), deadline, |k, r| {
         replies.insert(*k, *r);
@@ -308,15 +349,29 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
         flows.push((*k, *f));
         true
     })?;
-    let mut sweep = NatSweep { complete: replies_complete && flows_complete, ..NatSweep::default() };
+    // Entries left in each map: what the reads found, less what is removed.
+    let (mut flows_left, mut replies_left) = (flows.len() as u64, replies.len() as u64);
+    let occupancy_before = flows_left.max(replies_left);
+    let pressure = occupancy_before * 10 > capacity * NAT_HIGH_WATER;
+    let mut sweep = NatSweep {
+        complete: replies_complete && flows_complete,
+        capacity,
+        occupancy_before,
+        pressure,
+        ..NatSweep::default()
+    };
     let mut live_replies = HashSet::new();
+    // Embryonic connections kept: (last packet, key, reply key), reclaimable under pressure.
+    let mut unanswered = Vec::new();
     let mut backends: HashMap<u32, Option<Backend>> = HashMap::new();
     for (key, flow) in flows {
         let b = *backends.entry(flow.backend_id).or_insert_with(|| maps.backends.get(&flow.backend_id, 0).ok());
         let Some(b) = b else { continue };
         if b.generation != flow.generation {
             // Its backend slot went to another server: the connection is dead.
-            let _ = maps.nat_flows.remove(&key);
+            if maps.nat_flows.remove(&key).is_ok() {
+                flows_left -= 1;
+            }
             sweep.evicted_idle += 1;
             continue;
         }
@@ -334,27 +389,60 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
         if verdict == Verdict::Keep {
             sweep.connections += 1;
             live_replies.insert(reply_key);
+            if pressure && embryonic(&flow, reply.as_ref()) {
+                let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+                unanswered.push((last, key, reply_key));
+            }
             continue;
         }
-        let _ = maps.nat_flows.remove(&key);
-        let _ = maps.nat_reverse.remove(&reply_key);
-        if verdict == Verdict::EvictClosed {
-            sweep.evicted_closed += 1;
-        } else {
-            sweep.evicted_idle += 1;
+        if maps.nat_flows.remove(&key).is_ok() {
+            flows_left -= 1;
+        }
+        if maps.nat_reverse.remove(&reply_key).is_ok() {
+            replies_left = replies_left.saturating_sub(1);
+        }
+        match verdict {
+            Verdict::EvictClosed => sweep.evicted_closed += 1,
+            Verdict::EvictEmbryonic => sweep.evicted_embryonic += 1,
+            _ => sweep.evicted_idle += 1,
         }
     }
-    // A partial walk has not seen every connection: its replies are not orphans.
+    // A partial walk has not seen every connection: its replies are not
+    // orphans. Under pressure an orphan goes whatever its age.
     if sweep.complete {
         let longest = nat.tcp_timeout.max(nat.udp_timeout).as_nanos() as u64;
+        let linger = longest.min(nat.closed_timeout.as_nanos() as u64 * 6);
         for (key, r) in replies {
             if !live_replies.contains(&key)
-                && now.saturating_sub(r.last_seen_ns) > longest.min(nat.closed_timeout.as_nanos() as u64 * 6)
+                && (pressure || now.saturating_sub(r.last_seen_ns) > linger)
+                && maps.nat_reverse.remove(&key).is_ok()
             {
-                let _ = maps.nat_reverse.remove(&key);
+                replies_left = replies_left.saturating_sub(1);
             }
         }
     }
+    if pressure {
+        let target = capacity * NAT_LOW_WATER / 10;
+        unanswered.sort_unstable_by_key(|(last, ..)| *last);
+        for (_, key, reply_key) in unanswered {
+            if flows_left.max(replies_left) <= target {
+                break;
+            }
+            // Answered since the read: it stays.
+            if maps.nat_flows.get(&key, 0).map_or(true, |f| f.state != NAT_EMBRYONIC) {
+                continue;
+            }
+            if maps.nat_flows.remove(&key).is_ok() {
+                flows_left -= 1;
+            }
+            if maps.nat_reverse.remove(&reply_key).is_ok() {
+                replies_left = replies_left.saturating_sub(1);
+            }
+            sweep.reclaimed += 1;
+            sweep.connections -= 1;
+        }
+    }
+    sweep.occupancy_after = flows_left.max(replies_left);
     sweep.took = started.elapsed();
     Ok(sweep)
 }
@@ -414,17 +502,32 @@ impl Walker {
         true
     }
 
-    /// Collects idle and closed NAT connections, unless a collection is
-    /// already running. Returns whether one was started.
+    /// Collects idle, closed and unanswered NAT connections, unless a
+    /// collection is already running. Returns whether one was started.
     pub fn sweep_nat(&self, nat: NatSettings, budget: Duration) -> bool {
+        self.spawn_nat_sweep(nat, budget, None)
+    }
+
+    /// The same, `after` from now: the follow-up of a collection that found
+    /// the table above its high-water mark. Holds the one-at-a-time claim
+    /// while it waits, so the tick does not start another meanwhile.
+    pub fn sweep_nat_after(&self, nat: NatSettings, budget: Duration, after: Duration) -> bool {
+        self.spawn_nat_sweep(nat, budget, Some(after))
+    }
+
+    fn spawn_nat_sweep(&self, nat: NatSettings, budget: Duration, after: Option<Duration>) -> bool {
         let Some(busy) = Self::claim(&self.nat_busy) else { return false };
         let (maps, tx) = (self.nat.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
-            let _busy = busy;
+            if let Some(after) = after {
+                std::thread::sleep(after);
+            }
             let result = sweep_nat(&mut maps.lock().unwrap(), &nat, budget);
+            // Released before the result is sent: its receiver may start the follow-up.
+            drop(busy);
             match result {
                 Ok(s) => {
-                    let _ = tx.send(Walked::Nat(s));
+                    let _ = tx.send(Walked::Nat(NatSweep { follow_up: after.is_some(), ..s }));
                 }
                 Err(e) => tracing::warn!("collecting NAT connections failed: {e:#}"),
             }
@@ -435,6 +538,8 @@ impl Walker {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::maps::{NAT_OPEN, PROTO_UDP};
+
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
@@ -499,5 +604,31 @@ mod tests {
         assert_eq!(verdict(now, PROTO_TCP, &flow, Some(&stale), &nat), Verdict::EvictIdle);
         let fresh = NatFlow { last_seen_ns: now - SECOND, ..flow };
         assert_eq!(verdict(now, PROTO_TCP, &fresh, Some(&stale), &nat), Verdict::Keep);
+    }
+
+    #[test]
+    fn an_unanswered_connection_goes_after_the_embryonic_timeout_and_an_answer_keeps_it() {
+        let nat = NatSettings::default();
+        let now = 10_000 * SECOND;
+        let flow = NatFlow { last_seen_ns: now - 6 * SECOND, state: NAT_EMBRYONIC, ..NatFlow::default() };
+        let reply = NatReply { last_seen_ns: now - 6 * SECOND, state: NAT_EMBRYONIC, ..NatReply::default() };
+        for protocol in [PROTO_TCP, PROTO_UDP] {
+            assert_eq!(verdict(now, protocol, &flow, Some(&reply), &nat), Verdict::EvictEmbryonic);
+            assert_eq!(verdict(now, protocol, &flow, None, &nat), Verdict::EvictEmbryonic);
+            // A client retransmitting its SYN keeps it a while, no longer than the timeout.
+            let retried = NatFlow { last_seen_ns: now - SECOND, ..flow };
+            assert_eq!(verdict(now, protocol, &retried, Some(&reply), &nat), Verdict::Keep);
+        }
+        // Answered (the dataplane opened both entries): the protocol's timeout.
+        let open = NatFlow { state: NAT_OPEN, ..flow };
+        let answered = NatReply { state: NAT_OPEN, ..reply };
+        assert_eq!(verdict(now, PROTO_TCP, &open, Some(&answered), &nat), Verdict::Keep);
+        assert_eq!(verdict(now, PROTO_UDP, &open, Some(&answered), &nat), Verdict::Keep);
+        // One direction open is an answer, should a race leave them apart.
+        assert_eq!(verdict(now, PROTO_TCP, &flow, Some(&answered), &nat), Verdict::Keep);
+        // A backend that answered with RST: closed, not embryonic.
+        let reset = NatReply { state: NAT_CLOSED, last_seen_ns: now - 11 * SECOND, ..reply };
+        let old = NatFlow { last_seen_ns: now - 11 * SECOND, ..open };
+        assert_eq!(verdict(now, PROTO_TCP, &old, Some(&reset), &nat), Verdict::EvictClosed);
     }
 }

@@ -45,6 +45,7 @@ pub fn vip(name: &str, addr: &str, port: u16, l4: L4, forwarding: Forwarding, ba
         hash: HashMode::FiveTuple,
         table_size: 65_537,
         pass_when_empty: false,
+        icmp_echo: true,
         backends: backends
             .iter()
             .enumerate()

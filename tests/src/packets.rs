@@ -161,6 +161,141 @@ pub fn with_ipv6_ext(frame: &[u8], kind: u8) -> Vec<u8> {
     out
 }
 
+/// Where the transport header of the IP packet `ip` starts and which protocol
+/// it is, walking IPv6 hop-by-hop, routing, destination-options and AH
+/// headers; with the packet's end (its IPv4 total length or IPv6 payload
+/// length, never past `ip`). None for anything malformed, truncated or
+/// fragmented: bounds-checked throughout, for fuzzed and rewritten frames.
+pub fn transport_of(ip: &[u8]) -> Option<(u8, usize, usize)> {
+    match ip.first()? >> 4 {
+        4 if ip.len() >= 20 => {
+            let ihl = (ip[0] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+            (ihl >= 20 && ihl <= total && total <= ip.len() && !fragment).then_some((ip[9], ihl, total))
+        }
+        6 if ip.len() >= 40 => {
+            let total = 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            if total > ip.len() {
+                return None;
+            }
+            let (mut next, mut off) = (ip[6], 40);
+            // RFC 8200 allows any number; 16 is more than any real chain.
+            for _ in 0..16 {
+                let len = match next {
+                    0 | 43 | 60 => (*ip.get(off + 1)? as usize + 1) * 8,
+                    51 => (*ip.get(off + 1)? as usize + 2) * 4,
+                    _ => return (off <= total).then_some((next, off, total)),
+                };
+                next = *ip.get(off)?;
+                off += len;
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// The ones' complement sum over the transport segment of `ip` (with the
+/// pseudo-header where the protocol has one), and the offset of its checksum
+/// field. None where `transport_of` is, or for another protocol.
+fn transport_sum(ip: &[u8]) -> Option<(u32, usize)> {
+    let (proto, off, total) = transport_of(ip)?;
+    let l4 = &ip[off..total];
+    let field = match proto {
+        6 if l4.len() >= 20 => 16,
+        17 if l4.len() >= 8 => 6,
+        1 | 58 if l4.len() >= 4 => 2,
+        _ => return None,
+    };
+    let v4 = ip[0] >> 4 == 4;
+    let pseudo = match (v4, proto) {
+        // ICMPv4 has no pseudo-header.
+        (true, 1) => 0,
+        (true, _) => sum16(&ip[12..20]) + proto as u32 + l4.len() as u32,
+        (false, _) => sum16(&ip[8..40]) + proto as u32 + sum16(&(l4.len() as u32).to_be_bytes()),
+    };
+    Some((pseudo + sum16(l4), off + field))
+}
+
+/// Whether the TCP, UDP, ICMP or ICMPv6 checksum of the IP packet `ip`
+/// verifies (an IPv4 UDP checksum of 0, "none", counts as valid); None when
+/// it cannot be told (see `transport_of`). Never panics.
+pub fn transport_checksum_ok(ip: &[u8]) -> Option<bool> {
+    let (sum, field) = transport_sum(ip)?;
+    if ip[0] >> 4 == 4 && ip[9] == 17 && ip[field..field + 2] == [0, 0] {
+        return Some(true);
+    }
+    Some(fold(sum) == 0xffff)
+}
+
+/// Like `ipv4_header_ok`, for any bytes: false if they cannot hold the header.
+pub fn ipv4_header_valid(ip: &[u8]) -> bool {
+    let ihl = ip.first().map_or(0, |b| (b & 0x0f) as usize * 4);
+    ihl >= 20 && ip.len() >= ihl && ipv4_header_ok(ip)
+}
+
+/// Recomputes whatever checksums of an Ethernet frame can be: the IPv4
+/// header's, and the transport checksum. A mutated frame stays
+/// "well-formed where it can be", so the checks after it still bite.
+pub fn fix_checksums(frame: &mut [u8]) {
+    let Some(ip) = frame.get_mut(14..) else { return };
+    if ip.len() >= 20 && ip[0] >> 4 == 4 && frame[12..14] == [0x08, 0x00] {
+        let ip = &mut frame[14..];
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        if ihl >= 20 && ip.len() >= ihl {
+            ip[10..12].fill(0);
+            let c = checksum(&ip[..ihl]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    let ip = &mut frame[14..];
+    if let Some((_, field)) = transport_sum(ip) {
+        ip[field..field + 2].fill(0);
+        if let Some((sum, _)) = transport_sum(ip) {
+            let mut c = !fold(sum);
+            // UDP sends a computed 0 as all ones (0 means "no checksum").
+            if c == 0 && ip[0] >> 4 == 4 && ip[9] == 17 {
+                c = 0xffff;
+            }
+            ip[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+}
+
+/// An ICMP (IPv4) or ICMPv6 message in a frame from `src` to `dst`: `kind`
+/// and `code`, the 4 bytes after the checksum (`rest`: an echo's identifier
+/// and sequence, an MTU), then `body` (echo data, or the quoted packet of an
+/// error). Checksums valid.
+pub fn icmp(src: IpAddr, dst: IpAddr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(body);
+    let mut out = Vec::new();
+    out.extend_from_slice(&LB_MAC);
+    out.extend_from_slice(&CLIENT_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+            out.extend_from_slice(&((20 + msg.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&[0, 1, 0, 0, 64, 1, 0, 0]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            out.extend_from_slice(&[58, 64]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        _ => panic!("mixed address families"),
+    }
+    out.extend_from_slice(&msg);
+    fix_checksums(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +314,40 @@ mod tests {
         let g = frame(L4::Udp, "2001:db8::1".parse().unwrap(), 4000, "2001:db8::100".parse().unwrap(), 53);
         assert!(l4_checksum_ok(&g[14..]));
         assert!(l4_checksum_ok(&with_ipv6_ext(&g, 0)[14..]));
+    }
+
+    #[test]
+    fn the_bounds_checked_checkers_agree_and_never_panic() {
+        let f = frame(L4::Tcp, "198.18.1.1".parse().unwrap(), 4000, "198.18.0.100".parse().unwrap(), 80);
+        let g = frame(L4::Udp, "2001:db8::1".parse().unwrap(), 4000, "2001:db8::100".parse().unwrap(), 53);
+        for good in [&f, &g, &with_ipv6_ext(&g, 60)] {
+            assert_eq!(transport_checksum_ok(&good[14..]), Some(true));
+            let mut bad = good.clone();
+            *bad.last_mut().unwrap() ^= 0x40;
+            assert_eq!(transport_checksum_ok(&bad[14..]), Some(false));
+            fix_checksums(&mut bad);
+            assert_eq!(transport_checksum_ok(&bad[14..]), Some(true));
+            for len in 0..good.len() {
+                transport_checksum_ok(&good[14.min(len)..len]);
+                ipv4_header_valid(&good[14.min(len)..len]);
+                fix_checksums(&mut good[..len].to_vec());
+            }
+        }
+        assert!(ipv4_header_valid(&f[14..]) && !ipv4_header_valid(&f[14..30]));
+        let v4: (IpAddr, IpAddr) = ("198.18.1.1".parse().unwrap(), "198.18.0.100".parse().unwrap());
+        let v6: (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap());
+        let ping = icmp(v4.0, v4.1, 8, 0, [0, 1, 0, 1], b"ping");
+        assert!(ipv4_header_ok(&ping[14..]) && transport_checksum_ok(&ping[14..]) == Some(true));
+        let ping6 = icmp(v6.0, v6.1, 128, 0, [0, 1, 0, 1], b"ping");
+        assert_eq!(transport_checksum_ok(&ping6[14..]), Some(true));
+        // Cross-checked against etherparse's own ICMPv6 checksum.
+        let mut theirs = Vec::new();
+        let (IpAddr::V6(s), IpAddr::V6(d)) = v6 else { unreachable!() };
+        PacketBuilder::ethernet2(LB_MAC, CLIENT_MAC)
+            .ipv6(s.octets(), d.octets(), 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut theirs, b"ping")
+            .unwrap();
+        assert_eq!(theirs[54..58], ping6[54..58]);
     }
 }

@@ -212,7 +212,9 @@ fn non_vip_traffic_passes_untouched() {
 #[test]
 fn icmp_to_a_vip_address_passes_to_the_host() {
     let mut e = Engine::new();
-    let s = spec(false, L4::Tcp, Forwarding::Dsr);
+    let mut s = spec(false, L4::Tcp, Forwarding::Dsr);
+    // Echo is answered unless no VIP on the address allows it (tests below).
+    s.icmp_echo = false;
     e.apply(std::slice::from_ref(&s));
     let mut ping = Vec::new();
     let IpAddr::V4(v) = s.addr else { unreachable!() };
@@ -503,9 +505,10 @@ fn ipip_beyond_the_mtu_is_dropped_and_counted() {
             .unwrap();
         out
     };
-    // IP length 1480 + 20 = 1500 fits; 1481 + 20 does not.
+    // IP length 1480 + 20 = 1500 fits; 1481 + 20 does not: the client is
+    // answered with ICMP (see the ICMP tests below), the packet dropped.
     assert_eq!(e.run(&big(MTU as usize - 20 - 28)).action, XDP_TX);
-    assert_eq!(e.run(&big(MTU as usize - 20 - 28 + 1)).action, XDP_DROP);
+    assert_eq!(e.run(&big(MTU as usize - 20 - 28 + 1)).action, XDP_TX);
     assert_eq!(e.reasons()[reasons::DROP_TOO_BIG as usize], 1);
 }
 
@@ -568,12 +571,40 @@ fn reply_to(request: &[u8], from: IpAddr, sport: u16, to: IpAddr, dport: u16, l4
     r
 }
 
+/// The backend's reply to a frame NAT forwarded to it (addresses, ports
+/// and MACs swapped; a TCP segment without flags).
+fn answer(forwarded: &[u8]) -> Vec<u8> {
+    let v6 = forwarded[12..14] == [0x86, 0xdd];
+    let (src, dst, l4_off) = if v6 { (22..38, 38..54, 54) } else { (26..30, 30..34, 34) };
+    let ip = |r: std::ops::Range<usize>| -> IpAddr {
+        if v6 {
+            IpAddr::from(<[u8; 16]>::try_from(&forwarded[r]).unwrap())
+        } else {
+            IpAddr::from(<[u8; 4]>::try_from(&forwarded[r]).unwrap())
+        }
+    };
+    let port = |at: usize| u16::from_be_bytes([forwarded[at], forwarded[at + 1]]);
+    let l4 = if forwarded[if v6 { 20 } else { 23 }] == 6 { L4::Tcp } else { L4::Udp };
+    let mac: [u8; 6] = forwarded[0..6].try_into().unwrap();
+    reply_to(forwarded, ip(dst), port(l4_off + 2), ip(src), port(l4_off), l4, mac)
+}
+
+/// Every NAT entry, both directions, is in `state`.
+fn assert_nat_states(e: &Engine, state: u8, what: &str) {
+    let flows: Vec<u8> = e.dp.nat_flows().iter().map(|(_, f)| f.state).collect();
+    let replies: Vec<u8> = e.dp.nat_replies().iter().map(|(_, r)| r.state).collect();
+    assert!(!flows.is_empty() && !replies.is_empty(), "{what}: no NAT entries");
+    assert!(flows.iter().chain(&replies).all(|&s| s == state), "{what}: states {flows:?} / {replies:?}, not {state}");
+}
+
 fn nat_both_ways(v6: bool, l4: L4) {
     let mut e = Engine::new();
     let s = nat_spec(v6, l4);
     e.apply(std::slice::from_ref(&s));
     let c = client(v6, 9);
-    let input = frame(l4, c, 41_000, s.addr, s.port);
+    // Only a SYN opens a TCP connection; any UDP datagram opens a flow.
+    let input =
+        if l4 == L4::Tcp { packets::syn(c, 41_000, s.addr, s.port) } else { frame(l4, c, 41_000, s.addr, s.port) };
     let out = e.run(&input);
     assert_eq!(out.action, XDP_TX, "{v6} {l4:?}: forwarded");
     let b = backend_of(&out.frame);
@@ -595,8 +626,11 @@ fn nat_both_ways(v6: bool, l4: L4) {
         assert!(packets::ipv4_header_ok(ip), "IPv4 header checksum updated");
     }
     assert!(packets::l4_checksum_ok(ip), "transport checksum updated");
+    let hops = if v6 { 7 } else { 8 };
+    assert_eq!(ip[hops], input[14 + hops] - 1, "TTL / hop limit counted down");
     let payload_at = l4_off + if l4 == L4::Tcp { 20 } else { 8 };
     assert_eq!(out.frame[payload_at..], input[payload_at..], "payload untouched");
+    assert_nat_states(&e, lb_common::maps::NAT_EMBRYONIC, "before the backend answers");
 
     // The reply from the backend goes back from the VIP to the client's MAC.
     let reply = reply_to(&input, backend, 8080, c, 41_000, l4, backend_mac(b));
@@ -612,6 +646,8 @@ fn nat_both_ways(v6: bool, l4: L4) {
         assert!(packets::ipv4_header_ok(ip));
     }
     assert!(packets::l4_checksum_ok(ip));
+    assert_eq!(ip[hops], reply[14 + hops] - 1, "TTL / hop limit counted down");
+    assert_nat_states(&e, lb_common::maps::NAT_OPEN, "the backend answered");
     // A reply nobody asked for passes untouched.
     let stranger = reply_to(&input, backend, 8080, c, 41_001, l4, backend_mac(b));
     let out = e.run(&stranger);
@@ -663,10 +699,13 @@ fn nat_tracks_tcp_state_and_refuses_new_flows_when_full() {
     let s = nat_spec(false, L4::Tcp);
     e.apply(std::slice::from_ref(&s));
     for i in 0..16 {
-        assert_eq!(e.run(&frame(L4::Tcp, client(false, i), 6000, s.addr, 80)).action, XDP_TX);
+        let out = e.run(&packets::syn(client(false, i), 6000, s.addr, 80));
+        assert_eq!(out.action, XDP_TX);
+        // The backend answers: the connection opens.
+        assert_eq!(e.run(&answer(&out.frame)).action, XDP_TX);
     }
     // Full: a new connection is refused, established ones keep going.
-    assert_eq!(e.run(&frame(L4::Tcp, client(false, 99), 6000, s.addr, 80)).action, XDP_DROP);
+    assert_eq!(e.run(&packets::syn(client(false, 99), 6000, s.addr, 80)).action, XDP_DROP);
     assert_eq!(e.reasons()[reasons::DROP_NAT_TABLE_FULL as usize], 1);
     assert_eq!(e.run(&frame(L4::Tcp, client(false, 3), 6000, s.addr, 80)).action, XDP_TX);
     // FIN and RST move the connection's state.
@@ -725,7 +764,11 @@ fn trace_reports_the_decision_and_the_frame_as_it_left() {
         e.apply(std::slice::from_ref(&s));
         let mut ring = e.start_trace(&trace::Filter::default());
         let src = client(v6, 5);
-        let input = frame(L4::Tcp, src, 42_000, s.addr, s.port);
+        let input = if fwd == Forwarding::Nat {
+            packets::syn(src, 42_000, s.addr, s.port)
+        } else {
+            frame(L4::Tcp, src, 42_000, s.addr, s.port)
+        };
         let out = e.run_traced(&input);
         assert_eq!(out.action, XDP_TX, "{what}");
         let (hash, slot, id) = e.maglev_choice(&s, src, 42_000);
@@ -846,5 +889,709 @@ fn trace_filters_cuts_and_stops_at_its_deadline() {
         e.set_trace(filter.config(deadline, 1));
         assert_eq!(e.run_traced(&big).action, XDP_TX);
         assert!(trace_events(&mut ring).is_empty(), "deadline {deadline}");
+    }
+}
+
+// ICMP to a VIP address: errors about a VIP's flow follow it to its
+// backend, IP-in-IP too big for the MTU is answered, echo is answered.
+
+/// The IP packet a backend sends as the VIP to the client (a DSR/IP-in-IP
+/// reply), as an ICMP error quotes it: its first `keep` bytes.
+fn quoted_reply(l4: L4, vip: IpAddr, vport: u16, client: IpAddr, cport: u16, keep: usize) -> Vec<u8> {
+    let reply = frame(l4, vip, vport, client, cport);
+    reply[14..(14 + keep).min(reply.len())].to_vec()
+}
+
+/// A router on the way to the client, reporting an error to the VIP.
+fn router(v6: bool) -> IpAddr {
+    if v6 { "2001:db8:200::1" } else { "198.18.200.1" }.parse().unwrap()
+}
+
+/// (kind, code, rest) of every ICMP error the dataplane forwards.
+fn icmp_errors(v6: bool) -> Vec<(u8, u8, [u8; 4])> {
+    if v6 {
+        // Destination unreachable, packet too big (MTU 1400), time exceeded.
+        vec![(1, 4, [0; 4]), (2, 0, 1400u32.to_be_bytes()), (3, 0, [0; 4])]
+    } else {
+        // Fragmentation needed (MTU 1400), port unreachable, time exceeded.
+        vec![(3, 4, [0, 0, 0x05, 0x78]), (3, 3, [0; 4]), (11, 0, [0; 4])]
+    }
+}
+
+fn icmp_errors_reach_the_backend(v6: bool, fwd: Forwarding) {
+    let what = format!("v6={v6} {fwd:?}");
+    let mut e = Engine::new();
+    let s = spec(v6, L4::Tcp, fwd);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(v6, 11);
+    // A tracked flow, and a port Maglev alone decides.
+    let flow = e.run(&frame(L4::Tcp, c, 40_000, s.addr, 80));
+    assert_eq!(flow.action, XDP_TX, "{what}");
+    let tracked = backend_of(&flow.frame);
+    let mut sent = 1;
+    for (sport, tracked_flow) in [(40_000u16, true), (40_001, false)] {
+        for (kind, code, rest) in icmp_errors(v6) {
+            let quoted = quoted_reply(L4::Tcp, s.addr, 80, c, sport, if v6 { 120 } else { 28 });
+            let input = packets::icmp(router(v6), s.addr, kind, code, rest, &quoted);
+            assert_eq!(packets::transport_checksum_ok(&input[14..]), Some(true));
+            let out = e.run(&input);
+            let case = format!("{what} type {kind} code {code} port {sport}");
+            assert_eq!(out.action, XDP_TX, "{case}: forwarded");
+            sent += 1;
+            let want = if tracked_flow { tracked } else { e.predicted_backend(&s, c, sport) };
+            assert_eq!(backend_of(&out.frame), want, "{case}: the flow's backend");
+            assert_eq!(out.frame[6..12], LB_MAC, "{case}");
+            match fwd {
+                Forwarding::Dsr => assert_eq!(out.frame[12..], input[12..], "{case}: the IP packet untouched"),
+                Forwarding::Ipip => {
+                    let (hdr, backend_at) = if v6 { (40, 24..40) } else { (20, 16..20) };
+                    assert_eq!(out.frame.len(), input.len() + hdr, "{case}");
+                    assert_eq!(out.frame[14 + hdr..], input[14..], "{case}: carried whole");
+                    let backend = match s.backends[want].addr {
+                        IpAddr::V4(a) => a.octets().to_vec(),
+                        IpAddr::V6(a) => a.octets().to_vec(),
+                    };
+                    assert_eq!(out.frame[14..][backend_at], backend[..], "{case}: outer destination");
+                    if v6 {
+                        assert_eq!((out.frame[12..14].to_vec(), out.frame[20]), (vec![0x86, 0xdd], 41));
+                    } else {
+                        assert_eq!((out.frame[12..14].to_vec(), out.frame[23]), (vec![0x08, 0x00], 4));
+                        assert!(packets::ipv4_header_ok(&out.frame[14..]), "{case}: outer checksum");
+                    }
+                    // The outer source comes from the flow's hash, as for the flow's packets.
+                    let (hash, _, _) = e.maglev_choice(&s, c, sport);
+                    let h = hash.to_be_bytes();
+                    if v6 {
+                        let mut want = "2001:db8:ffff::".parse::<std::net::Ipv6Addr>().unwrap().octets();
+                        want[12..].copy_from_slice(&h);
+                        assert_eq!(out.frame[22..38], want, "{case}: outer source");
+                    } else {
+                        assert_eq!(out.frame[26..30], [198, 19, h[2], h[3]], "{case}: outer source");
+                    }
+                }
+                Forwarding::Nat => unreachable!(),
+            }
+            let inner = &out.frame[out.frame.len() - (input.len() - 14)..];
+            assert_eq!(packets::transport_checksum_ok(inner), Some(true), "{case}: ICMP checksum");
+        }
+    }
+    let r = e.reasons();
+    assert_eq!(r[reasons::TX as usize], sent, "{what}: every one counted tx");
+    assert_eq!(r.iter().sum::<u64>() - r[reasons::CONNTRACK_MISS as usize], sent, "{what}: one reason each");
+    assert_eq!(e.dp.flow_count(), 1, "{what}: no flow entry for an ICMP error");
+    assert_eq!((r[reasons::CONNTRACK_MISS as usize], r[reasons::CONNTRACK_HIT as usize]), (1, 0), "{what}");
+}
+
+#[test]
+fn icmp4_errors_reach_the_dsr_backend() {
+    icmp_errors_reach_the_backend(false, Forwarding::Dsr);
+}
+#[test]
+fn icmp6_errors_reach_the_dsr_backend() {
+    icmp_errors_reach_the_backend(true, Forwarding::Dsr);
+}
+#[test]
+fn icmp4_errors_reach_the_ipip_backend() {
+    icmp_errors_reach_the_backend(false, Forwarding::Ipip);
+}
+#[test]
+fn icmp6_errors_reach_the_ipip_backend() {
+    icmp_errors_reach_the_backend(true, Forwarding::Ipip);
+}
+
+/// A tracked flow keeps its backend when the table changes; so do the
+/// ICMP errors about it, and an error never opens a flow.
+#[test]
+fn an_icmp_error_follows_its_tracked_flow_not_maglev() {
+    let mut e = Engine::new();
+    let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4[..2]);
+    e.apply(std::slice::from_ref(&s));
+    let flows: Vec<IpAddr> = (0..200).map(|i| client(false, i)).collect();
+    let first: Vec<usize> =
+        flows.iter().map(|&c| backend_of(&e.run(&frame(L4::Tcp, c, 7000, s.addr, 80)).frame)).collect();
+    let grown = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
+    e.apply(std::slice::from_ref(&grown));
+    let mut moved = 0;
+    for (i, &c) in flows.iter().enumerate() {
+        let quoted = quoted_reply(L4::Tcp, s.addr, 80, c, 7000, 28);
+        let out = e.run(&packets::icmp(router(false), s.addr, 3, 4, [0, 0, 0x05, 0x78], &quoted));
+        assert_eq!(backend_of(&out.frame), first[i], "error about flow {i}: its tracked backend");
+        moved += usize::from(e.predicted_backend(&grown, c, 7000) != first[i]);
+    }
+    assert!(moved > 30, "the table change must matter ({moved})");
+    assert_eq!(e.dp.flow_count(), 200);
+}
+
+/// Cut or invalid quoted headers are dropped and counted; errors about
+/// anything but a DSR/IP-in-IP VIP's flow pass to the host as before.
+#[test]
+fn icmp_errors_that_are_not_about_a_vip_flow() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = spec(v6, L4::Udp, Forwarding::Dsr);
+        let mut n = nat_spec(v6, L4::Tcp);
+        n.port = 443;
+        e.apply(&[s.clone(), n.clone()]);
+        let c = client(v6, 3);
+        let (kind, code, rest) = icmp_errors(v6)[0];
+        let err = |quoted: &[u8], to: IpAddr| packets::icmp(router(v6), to, kind, code, rest, quoted);
+        let ip_len = if v6 { 40 } else { 20 };
+        let good = quoted_reply(L4::Udp, s.addr, 53, c, 5000, ip_len + 8);
+        let mut bad_version = good.clone();
+        bad_version[0] = 0x55;
+        let mut dropped = vec![("quote cut in the IP header", err(&good[..ip_len - 4], s.addr))];
+        dropped.push(("quote cut before the ports", err(&good[..ip_len + 3], s.addr)));
+        dropped.push(("quoted IP version 5", err(&bad_version, s.addr)));
+        if !v6 {
+            let mut bad_ihl = good.clone();
+            bad_ihl[0] = 0x44;
+            dropped.push(("quoted IHL 4", err(&bad_ihl, s.addr)));
+        }
+        // An ICMP header cut short.
+        let whole = err(&good, s.addr);
+        let mut cut = whole[..14 + ip_len + 6].to_vec();
+        if v6 {
+            cut[18..20].copy_from_slice(&6u16.to_be_bytes());
+        } else {
+            cut[16..18].copy_from_slice(&26u16.to_be_bytes());
+            packets::fix_checksums(&mut cut);
+        }
+        dropped.push(("ICMP header cut", cut));
+        for (what, input) in &dropped {
+            assert_eq!(e.run(input).action, XDP_DROP, "v6={v6}: {what}");
+        }
+        let passed_other = vec![
+            ("about another port of the VIP address", err(&quoted_reply(L4::Udp, s.addr, 54, c, 5000, 48), s.addr)),
+            ("about TCP to the UDP VIP's port", err(&quoted_reply(L4::Tcp, s.addr, 53, c, 5000, 48), s.addr)),
+            ("about a NAT VIP's flow", err(&quoted_reply(L4::Tcp, n.addr, 443, c, 5000, 48), n.addr)),
+            ("quoting another source", err(&quoted_reply(L4::Udp, router(v6), 53, c, 5000, 48), s.addr)),
+            ("a redirect", packets::icmp(router(v6), s.addr, if v6 { 137 } else { 5 }, 0, [0; 4], &good)),
+        ];
+        for (what, input) in &passed_other {
+            let out = e.run(input);
+            assert_eq!((out.action, &out.frame), (XDP_PASS, input), "v6={v6}: {what}");
+        }
+        let other_host = err(&good, if v6 { "2001:db8::200" } else { "198.18.0.200" }.parse().unwrap());
+        assert_eq!(e.run(&other_host).frame, other_host);
+        let r = e.reasons();
+        assert_eq!(r[reasons::DROP_MALFORMED_L4 as usize], dropped.len() as u64, "v6={v6}");
+        assert_eq!(r[reasons::PASS_VIP_OTHER_PROTO as usize], passed_other.len() as u64, "v6={v6}");
+        assert_eq!(r[reasons::PASS_NOT_VIP as usize], 1);
+        assert_eq!(r.iter().sum::<u64>(), dropped.len() as u64 + passed_other.len() as u64 + 1, "one reason each");
+        assert_eq!(e.dp.flow_count(), 0);
+    }
+}
+
+/// An IP-in-IP packet beyond the MTU: the client hears the MTU that fits,
+/// from the VIP, quoting the packet; no flow is opened.
+fn too_big_is_answered(v6: bool, dont_fragment: bool) {
+    let what = format!("v6={v6} DF={dont_fragment}");
+    let mut e = Engine::new();
+    let s = spec(v6, L4::Udp, Forwarding::Ipip);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(v6, 8);
+    let (overhead, ip_hdr) = if v6 { (40, 40) } else { (20, 20) };
+    let big = |payload: usize| {
+        let mut out = Vec::new();
+        let eth = etherparse::PacketBuilder::ethernet2(packets::CLIENT_MAC, LB_MAC);
+        let ip = match (c, s.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => eth.ipv4(a.octets(), b.octets(), 64),
+            (IpAddr::V6(a), IpAddr::V6(b)) => eth.ipv6(a.octets(), b.octets(), 64),
+            _ => unreachable!(),
+        };
+        ip.udp(1000, 53).write(&mut out, &(0..payload).map(|i| i as u8).collect::<Vec<_>>()).unwrap();
+        if !v6 {
+            let flags = if dont_fragment { 0x4000 } else { 0 };
+            out = packets::as_ipv4_fragment(&out, flags);
+        }
+        out
+    };
+    let fits = MTU as usize - overhead - ip_hdr - 8;
+    let input = big(fits + 1);
+    let out = e.run(&input);
+    assert_eq!(out.action, XDP_TX, "{what}: answered");
+    let (vip, client_ip) = match (s.addr, c) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (a.octets().to_vec(), b.octets().to_vec()),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (a.octets().to_vec(), b.octets().to_vec()),
+        _ => unreachable!(),
+    };
+    let mut want = Vec::new();
+    want.extend_from_slice(&packets::CLIENT_MAC);
+    want.extend_from_slice(&LB_MAC);
+    if v6 {
+        // 1280 bytes: IPv6 header, ICMPv6 "packet too big" with MTU 1460, 1232 bytes of the packet.
+        want.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        want.extend_from_slice(&1240u16.to_be_bytes());
+        want.extend_from_slice(&[58, 64]);
+        want.extend_from_slice(&vip);
+        want.extend_from_slice(&client_ip);
+        want.extend_from_slice(&[2, 0, 0, 0]);
+        want.extend_from_slice(&(MTU - 40).to_be_bytes());
+        want.extend_from_slice(&input[14..14 + 1232]);
+    } else {
+        // 576 bytes: IPv4 header, ICMP "fragmentation needed" with MTU 1480, 548 bytes of the packet.
+        want.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        want.extend_from_slice(&576u16.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+        want.extend_from_slice(&vip);
+        want.extend_from_slice(&client_ip);
+        want.extend_from_slice(&[3, 4, 0, 0, 0, 0]);
+        want.extend_from_slice(&((MTU - 20) as u16).to_be_bytes());
+        want.extend_from_slice(&input[14..14 + 548]);
+    }
+    // Checksums computed here, independently; then the whole frame, byte for byte.
+    packets::fix_checksums(&mut want);
+    assert_eq!(out.frame.len(), want.len(), "{what}: length");
+    assert_eq!(out.frame, want, "{what}: the answer, byte for byte");
+    if !v6 {
+        assert!(packets::ipv4_header_ok(&out.frame[14..]), "{what}");
+    }
+    assert_eq!(packets::transport_checksum_ok(&out.frame[14..]), Some(true), "{what}: ICMP checksum");
+    assert_eq!(e.dp.flow_count(), 0, "{what}: a packet too big opens no flow");
+    // What fits is still forwarded, and tracked.
+    assert_eq!(e.run(&big(fits)).action, XDP_TX);
+    assert_eq!(e.dp.flow_count(), 1);
+    let r = e.reasons();
+    assert_eq!((r[reasons::DROP_TOO_BIG as usize], r[reasons::TX as usize]), (1, 1), "{what}");
+}
+
+#[test]
+fn ipip4_too_big_answers_fragmentation_needed() {
+    too_big_is_answered(false, true);
+}
+#[test]
+fn ipip4_too_big_without_df_is_answered_too() {
+    too_big_is_answered(false, false);
+}
+#[test]
+fn ipip6_too_big_answers_packet_too_big() {
+    too_big_is_answered(true, true);
+}
+
+/// At most `TOO_BIG_PER_CPU_PER_SEC` answers per CPU in a second; the rest
+/// are dropped, every one counted `drop_too_big`.
+#[test]
+fn too_big_answers_are_rate_limited_per_cpu() {
+    const PER_CPU: u64 = 100;
+    let mut e = Engine::new();
+    let s = spec(false, L4::Udp, Forwarding::Ipip);
+    e.apply(std::slice::from_ref(&s));
+    let mut input = Vec::new();
+    etherparse::PacketBuilder::ethernet2(packets::CLIENT_MAC, LB_MAC)
+        .ipv4([198, 18, 128, 1], [198, 18, 0, 100], 64)
+        .udp(1000, 53)
+        .write(&mut input, &[9u8; 1472])
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let sent = cpus * PER_CPU + 50;
+    let start = std::time::Instant::now();
+    let answered = (0..sent).filter(|_| e.run(&input).action == XDP_TX).count() as u64;
+    let r = e.reasons();
+    assert_eq!(r[reasons::DROP_TOO_BIG as usize], sent);
+    if start.elapsed() < std::time::Duration::from_millis(900) {
+        assert!((PER_CPU..=cpus * PER_CPU).contains(&answered), "{answered} answered of {sent}");
+    } else {
+        eprintln!("too slow ({:?}) for a one-second window: only counted", start.elapsed());
+    }
+}
+
+fn echo(from: IpAddr, to: IpAddr, kind: u8, ttl: u8) -> Vec<u8> {
+    let mut f = packets::icmp(from, to, kind, 0, [0x12, 0x34, 0, 7], b"abcdefghijklmnopqrstuvwxyz012345");
+    if from.is_ipv4() {
+        f[22] = ttl;
+    } else {
+        f[21] = ttl;
+    }
+    packets::fix_checksums(&mut f);
+    f
+}
+
+#[test]
+fn echo_requests_to_a_vip_address_are_answered() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = spec(v6, L4::Tcp, Forwarding::Ipip);
+        e.apply(std::slice::from_ref(&s));
+        let c = client(v6, 5);
+        let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+        let input = echo(c, s.addr, request, 57);
+        let out = e.run(&input);
+        assert_eq!(out.action, XDP_TX, "v6={v6}: answered");
+        // The reply: from the VIP, TTL 64, checksums computed independently.
+        let mut want = echo(s.addr, c, reply, 64);
+        want[0..6].copy_from_slice(&packets::CLIENT_MAC);
+        want[6..12].copy_from_slice(&LB_MAC);
+        assert_eq!(out.frame, want, "v6={v6}: the reply, byte for byte");
+        assert_eq!(packets::transport_checksum_ok(&out.frame[14..]), Some(true));
+        if !v6 {
+            assert!(packets::ipv4_header_ok(&out.frame[14..]));
+        }
+        // Echo to another address is the host's; replies to the VIP too.
+        let other = echo(c, if v6 { "2001:db8::200" } else { "198.18.0.200" }.parse().unwrap(), request, 64);
+        assert_eq!(e.run(&other).frame, other);
+        let pong = echo(c, s.addr, reply, 64);
+        assert_eq!(e.run(&pong).frame, pong);
+        let r = e.reasons();
+        assert_eq!(
+            (r[reasons::TX as usize], r[reasons::PASS_NOT_VIP as usize], r[reasons::PASS_VIP_OTHER_PROTO as usize]),
+            (1, 1, 1)
+        );
+        assert_eq!(e.dp.flow_count(), 0);
+    }
+}
+
+/// `icmp_echo: false` on every VIP of an address: echo passes to the host;
+/// one VIP that allows it is enough; the setting follows reloads.
+#[test]
+fn icmp_echo_false_passes_echo_to_the_host() {
+    let mut e = Engine::new();
+    let mut web = spec(false, L4::Tcp, Forwarding::Dsr);
+    web.icmp_echo = false;
+    let mut dns = vip("dns", VIP4, 53, L4::Udp, Forwarding::Dsr, &BACKENDS4);
+    dns.icmp_echo = false;
+    e.apply(&[web.clone(), dns.clone()]);
+    let input = echo(client(false, 1), web.addr, 8, 64);
+    let out = e.run(&input);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &input), "no VIP allows it");
+    dns.icmp_echo = true;
+    e.apply(&[web.clone(), dns.clone()]);
+    assert_eq!(e.run(&input).action, XDP_TX, "one VIP on the address allows it");
+    e.apply(std::slice::from_ref(&web));
+    assert_eq!(e.run(&input).action, XDP_PASS, "the VIP that allowed it is gone");
+    let r = e.reasons();
+    assert_eq!((r[reasons::PASS_VIP_OTHER_PROTO as usize], r[reasons::TX as usize]), (2, 1));
+}
+
+// ------------------------------------------------------------------ NAT state
+// Spoofed packets must not hold NAT state: only a SYN creates TCP state, a
+// connection stays embryonic until its backend answers, and the controller's
+// sweep forgets (or, above the high-water mark, reclaims) embryonic ones.
+
+/// A client → VIP TCP segment with these flags.
+fn tcp_with_flags(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = frame(L4::Tcp, src, sport, dst, dport);
+    let l4 = if src.is_ipv4() { 34 } else { 54 };
+    assert_eq!(f[l4 + 13], 0, "frame() sends no flags");
+    f[l4 + 13] = flags;
+    // RFC 1624: the checksum's sum grows by the flags' value.
+    let old = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    let mut sum = !old as u32 + flags as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    f[l4 + 16..l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    assert!(packets::l4_checksum_ok(&f[14..]));
+    f
+}
+
+/// Sets the IPv4 TTL / IPv6 hop limit, keeping the header checksum valid.
+fn with_hops(frame: &[u8], hops: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if f[12..14] == [0x86, 0xdd] {
+        f[21] = hops;
+    } else {
+        f[22] = hops;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = packets::checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+fn nat_sweep(e: &Engine, nat: &lb_userspace::config::NatSettings) -> lb_userspace::walks::NatSweep {
+    let mut maps = e.dp.walk_maps().expect("walk handles");
+    lb_userspace::walks::sweep_nat(&mut maps.nat, nat, std::time::Duration::from_secs(30)).expect("a NAT sweep")
+}
+
+fn nat_engine(table: u32) -> Engine {
+    Engine::with_sizes(lb_userspace::dataplane::MapSizes {
+        max_vips: 8,
+        max_backends: 64,
+        conntrack: 1024,
+        maglev_pool: 4 * 65_537,
+        nat_table: table,
+    })
+}
+
+/// Requirement 1: a TCP segment other than a SYN, of a 5-tuple NAT does not
+/// track, creates nothing; it is dropped and counted as `drop_malformed_l4`.
+#[test]
+fn nat_creates_tcp_state_only_from_a_syn() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = nat_spec(v6, L4::Tcp);
+        e.apply(std::slice::from_ref(&s));
+        // ACK, none, FIN+ACK, RST, SYN+ACK, PSH+ACK: none opens a connection.
+        for (i, flags) in [0x10u8, 0x00, 0x11, 0x04, 0x12, 0x18].into_iter().enumerate() {
+            let spoofed = tcp_with_flags(client(v6, i as u32), 7000, s.addr, 80, flags);
+            let out = e.run(&spoofed);
+            assert_eq!(out.action, XDP_DROP, "v6={v6} flags {flags:#x}");
+        }
+        assert!(e.dp.nat_flows().is_empty() && e.dp.nat_replies().is_empty(), "v6={v6}: state created");
+        let r = e.reasons();
+        assert_eq!((r[reasons::DROP_MALFORMED_L4 as usize], r[reasons::CONNTRACK_MISS as usize]), (6, 6));
+        assert_eq!((r[reasons::TX as usize], r[reasons::DROP_NAT_TABLE_FULL as usize]), (0, 0));
+        // A SYN does, and then the same 5-tuple's ACK follows it.
+        let c = client(v6, 0);
+        assert_eq!(e.run(&packets::syn(c, 7000, s.addr, 80)).action, XDP_TX);
+        assert_eq!(e.run(&tcp_with_flags(c, 7000, s.addr, 80, 0x10)).action, XDP_TX);
+        assert_eq!((e.dp.nat_flows().len(), e.dp.nat_replies().len()), (1, 1));
+    }
+}
+
+/// Requirements 2 and 4: a SYN or a UDP datagram creates both entries
+/// embryonic; nothing the client sends opens them; the backend's first reply
+/// opens both. A SYN reusing a closed connection's port starts embryonic again.
+#[test]
+fn nat_connections_stay_embryonic_until_the_backend_answers() {
+    use lb_common::maps::{NAT_CLOSED, NAT_EMBRYONIC, NAT_OPEN};
+    for (v6, l4) in [(false, L4::Tcp), (true, L4::Tcp), (false, L4::Udp), (true, L4::Udp)] {
+        let what = format!("v6={v6} {l4:?}");
+        let mut e = Engine::new();
+        let s = nat_spec(v6, l4);
+        e.apply(std::slice::from_ref(&s));
+        let c = client(v6, 3);
+        let first =
+            if l4 == L4::Tcp { packets::syn(c, 7001, s.addr, s.port) } else { frame(l4, c, 7001, s.addr, s.port) };
+        let out = e.run(&first);
+        assert_eq!(out.action, XDP_TX, "{what}");
+        assert_nat_states(&e, NAT_EMBRYONIC, &what);
+        // The client alone (a retransmission; for TCP a spoofer's RST too) does not open it.
+        assert_eq!(e.run(&first).action, XDP_TX);
+        if l4 == L4::Tcp {
+            assert_eq!(e.run(&tcp_with_flags(c, 7001, s.addr, s.port, 0x04)).action, XDP_TX);
+        }
+        assert_nat_states(&e, NAT_EMBRYONIC, &what);
+        // The backend answers: both directions open.
+        assert_eq!(e.run(&answer(&out.frame)).action, XDP_TX, "{what}");
+        assert_nat_states(&e, NAT_OPEN, &what);
+        if l4 == L4::Tcp {
+            // RST, then the client reuses its port: a new connection, embryonic.
+            assert_eq!(e.run(&tcp_with_flags(c, 7001, s.addr, s.port, 0x04)).action, XDP_TX);
+            assert_eq!(e.dp.nat_flows()[0].1.state, NAT_CLOSED, "{what}");
+            assert_eq!(e.run(&first).action, XDP_TX);
+            assert_nat_states(&e, NAT_EMBRYONIC, &format!("{what}: the port reused"));
+        }
+    }
+}
+
+/// Requirements 2 and 4, the controller's side: embryonic connections go
+/// after `embryonic_timeout`, answered ones stay (TCP and UDP).
+#[test]
+fn nat_sweep_forgets_unanswered_connections_after_the_embryonic_timeout() {
+    let mut e = Engine::new();
+    let (tcp, mut udp) = (nat_spec(false, L4::Tcp), nat_spec(false, L4::Udp));
+    udp.name = "dns4".into();
+    e.apply(&[tcp.clone(), udp.clone()]);
+    for i in 0..20 {
+        let syn = e.run(&packets::syn(client(false, i), 7002, tcp.addr, 80));
+        let datagram = e.run(&frame(L4::Udp, client(false, i), 7002, udp.addr, 53));
+        assert_eq!((syn.action, datagram.action), (XDP_TX, XDP_TX));
+        // Half of each get their answer.
+        if i % 2 == 0 {
+            assert_eq!(e.run(&answer(&syn.frame)).action, XDP_TX);
+            assert_eq!(e.run(&answer(&datagram.frame)).action, XDP_TX);
+        }
+    }
+    assert_eq!((e.dp.nat_flows().len(), e.dp.nat_replies().len()), (40, 40));
+    let nat = lb_userspace::config::NatSettings {
+        embryonic_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let before = nat_sweep(&e, &nat);
+    assert_eq!((before.connections, before.evicted_embryonic), (40, 0), "young: kept");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let after = nat_sweep(&e, &nat);
+    assert_eq!((after.connections, after.evicted_embryonic, after.evicted_idle), (20, 20, 0), "{after:?}");
+    assert!(!after.pressure);
+    assert_eq!((e.dp.nat_flows().len(), e.dp.nat_replies().len()), (20, 20));
+    assert_nat_states(&e, lb_common::maps::NAT_OPEN, "the answered ones");
+}
+
+/// Requirement 3: spoofed SYNs fill the table and refuse a real connection;
+/// one sweep (the timeout has not passed) reclaims the oldest embryonic
+/// entries down to the low-water mark, keeps every answered connection and
+/// the youngest embryonic ones, and new connections get in again.
+#[test]
+fn nat_a_full_table_gives_up_its_oldest_embryonic_connections() {
+    const TABLE: u32 = 1024;
+    let mut e = nat_engine(TABLE);
+    let s = nat_spec(false, L4::Tcp);
+    e.apply(std::slice::from_ref(&s));
+    // 100 real connections, answered.
+    for i in 0..100 {
+        let out = e.run(&packets::syn(client(false, i), 7003, s.addr, 80));
+        assert_eq!(e.run(&answer(&out.frame)).action, XDP_TX);
+    }
+    // Spoofed SYNs until the table refuses.
+    let mut spoofed = 0;
+    while e.run(&packets::syn(client(false, 1000 + spoofed), 7003, s.addr, 80)).action == XDP_TX {
+        spoofed += 1;
+        assert!(spoofed < 2 * TABLE, "the table never filled");
+    }
+    assert_eq!(100 + spoofed, TABLE);
+    assert_eq!(e.run(&packets::syn(client(false, 9999), 7003, s.addr, 80)).action, XDP_DROP, "a real SYN refused");
+    assert_eq!(e.reasons()[reasons::DROP_NAT_TABLE_FULL as usize], 2);
+
+    let sweep = nat_sweep(&e, &lb_userspace::config::NatSettings::default());
+    println!("full table sweep: {sweep:?}");
+    assert!(sweep.pressure, "{sweep:?}");
+    let low = TABLE as u64 * lb_userspace::walks::NAT_LOW_WATER / 10;
+    assert_eq!(sweep.occupancy_after, low, "{sweep:?}");
+    assert_eq!(sweep.reclaimed, TABLE as u64 - low);
+    assert_eq!(sweep.evicted_embryonic + sweep.evicted_idle + sweep.evicted_closed, 0, "nothing timed out");
+    let left: std::collections::HashSet<IpAddr> =
+        e.dp.nat_flows().into_iter().map(|(k, _)| addr::from_words(&k.src, k.family)).collect();
+    assert!((0..100).all(|i| left.contains(&client(false, i))), "an answered connection was reclaimed");
+    // Oldest first: the spoofed SYNs that came last are the ones left.
+    let kept = (low - 100) as u32;
+    assert!((spoofed - kept..spoofed).all(|i| left.contains(&client(false, 1000 + i))), "not the oldest reclaimed");
+    assert!((0..spoofed - kept).all(|i| !left.contains(&client(false, 1000 + i))));
+    // Room again.
+    let out = e.run(&packets::syn(client(false, 9999), 7003, s.addr, 80));
+    assert_eq!(out.action, XDP_TX, "a real SYN after the sweep");
+    // Below the high-water mark the next sweep reclaims nothing.
+    let calm = nat_sweep(&e, &lb_userspace::config::NatSettings::default());
+    assert!(!calm.pressure && calm.reclaimed == 0, "{calm:?}");
+}
+
+/// Requirement 5: the reply entry is inserted with BPF_NOEXIST. A reply
+/// 5-tuple another VIP holds is never taken over (the newcomer is refused,
+/// the other's replies still go back from its VIP); one left behind by this
+/// VIP's previous connection on the port is taken over, embryonic.
+#[test]
+fn nat_never_takes_over_another_vips_reply_mapping() {
+    use lb_common::maps::{NAT_EMBRYONIC, NAT_OPEN};
+    let mut e = Engine::new();
+    // Two VIPs, one backend server (same address and port) behind both.
+    let a = nat_spec(false, L4::Tcp);
+    let mut b = vip("other", "198.18.0.101", 80, L4::Tcp, Forwarding::Nat, &BACKENDS4[..1]);
+    b.backends[0].port = 8080;
+    let mut a1 = a.clone();
+    a1.backends.truncate(1);
+    e.apply(&[a1.clone(), b.clone()]);
+    let c = client(false, 7);
+    let to_a = e.run(&packets::syn(c, 7004, a1.addr, 80));
+    assert_eq!(to_a.action, XDP_TX);
+    assert_eq!(e.run(&answer(&to_a.frame)).action, XDP_TX);
+    // The same client port to the other VIP: the same reply 5-tuple.
+    assert_eq!(e.run(&packets::syn(c, 7004, b.addr, 80)).action, XDP_DROP);
+    assert_eq!(e.reasons()[reasons::DROP_NAT_TABLE_FULL as usize], 1);
+    assert_eq!((e.dp.nat_flows().len(), e.dp.nat_replies().len()), (1, 1), "no state for the refused one");
+    let back = e.run(&answer(&to_a.frame));
+    assert_eq!(back.action, XDP_TX);
+    assert_eq!(back.frame[26..30], [198, 18, 0, 100], "A's replies still come from A");
+    assert_nat_states(&e, NAT_OPEN, "A's connection untouched");
+    // A's client-side entry forgotten, its reply entry left behind: the next
+    // SYN on the port takes the reply entry over, from the new MAC.
+    let (key, _) = e.dp.nat_flows()[0];
+    e.dp.remove_nat_flow(&key);
+    let mut syn = packets::syn(c, 7004, a1.addr, 80);
+    syn[6..12].copy_from_slice(&[0x02, 0xc1, 0, 0, 0, 0x42]);
+    assert_eq!(e.run(&syn).action, XDP_TX);
+    assert_nat_states(&e, NAT_EMBRYONIC, "a new connection on the port");
+    assert_eq!(e.dp.nat_replies()[0].1.client_mac, [0x02, 0xc1, 0, 0, 0, 0x42]);
+}
+
+/// Requirement 6: the client's MAC is followed (at most a second late), TTL
+/// and hop limit count down both ways with valid checksums, and a packet
+/// that arrives with 1 passes to the kernel untouched (`pass_malformed_l3`)
+/// and creates nothing.
+#[test]
+fn nat_follows_the_client_mac_and_counts_hops_down() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = nat_spec(v6, L4::Tcp);
+        e.apply(std::slice::from_ref(&s));
+        let c = client(v6, 11);
+        // TTL 1 (and 0) to the VIP: passed untouched, no state.
+        for hops in [1, 0] {
+            let last = with_hops(&packets::syn(c, 7005, s.addr, 80), hops);
+            let out = e.run(&last);
+            assert_eq!((out.action, &out.frame), (XDP_PASS, &last), "v6={v6} hops {hops}");
+        }
+        assert!(e.dp.nat_flows().is_empty(), "state for a packet that went nowhere");
+        assert_eq!(e.reasons()[reasons::PASS_MALFORMED_L3 as usize], 2);
+
+        let out = e.run(&with_hops(&packets::syn(c, 7005, s.addr, 80), 2));
+        assert_eq!(out.action, XDP_TX);
+        let hop_at = if v6 { 21 } else { 22 };
+        assert_eq!(out.frame[hop_at], 1, "counted down");
+        if !v6 {
+            assert!(packets::ipv4_header_ok(&out.frame[14..]));
+        }
+        let reply = answer(&out.frame);
+        let back = e.run(&reply);
+        assert_eq!((back.action, back.frame[hop_at]), (XDP_TX, 63));
+        assert_eq!(back.frame[0..6], packets::CLIENT_MAC);
+        if !v6 {
+            assert!(packets::ipv4_header_ok(&back.frame[14..]));
+        }
+        assert!(packets::l4_checksum_ok(&back.frame[14..]));
+        // A reply arriving with TTL 1: untouched, to the kernel.
+        let last = with_hops(&reply, 1);
+        let out = e.run(&last);
+        assert_eq!((out.action, &out.frame), (XDP_PASS, &last));
+        assert_eq!(e.reasons()[reasons::PASS_MALFORMED_L3 as usize], 3);
+
+        // The client's router changes MAC. The reply entry follows on the
+        // first client packet of a new ~1 s slice: here the entry is aged by hand.
+        let new_mac = [0x02, 0xc1, 0, 0, 0, 0x77];
+        let mut maps = e.dp.walk_maps().unwrap();
+        let (key, mut flow) = e.dp.nat_flows()[0];
+        flow.last_seen_ns -= 2 << 30;
+        maps.nat.nat_flows.insert(key, flow, 0).unwrap();
+        let mut ack = tcp_with_flags(c, 7005, s.addr, 80, 0x10);
+        ack[6..12].copy_from_slice(&new_mac);
+        assert_eq!(e.run(&ack).action, XDP_TX);
+        let back = e.run(&reply);
+        assert_eq!(
+            (back.action, back.frame[0..6].to_vec()),
+            (XDP_TX, new_mac.to_vec()),
+            "v6={v6}: replies follow the MAC"
+        );
+    }
+}
+
+/// Measurements (printed, no thresholds): how much of the NAT table spoofed
+/// floods hold, and what one sweep past the embryonic timeout leaves.
+#[test]
+fn nat_occupancy_under_spoofed_floods() {
+    const N: u32 = 10_000;
+    let nat = lb_userspace::config::NatSettings {
+        embryonic_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let client_n = |i: u32| -> IpAddr { format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250).parse().unwrap() };
+    let mut engines = Vec::new();
+    for (what, l4) in [("bare ACKs", L4::Tcp), ("UDP datagrams", L4::Udp), ("SYNs", L4::Tcp)] {
+        let mut e = Engine::new();
+        let s = nat_spec(false, l4);
+        e.apply(std::slice::from_ref(&s));
+        for i in 0..N {
+            let pkt = match what {
+                "bare ACKs" => tcp_with_flags(client_n(i), 9000, s.addr, 80, 0x10),
+                "SYNs" => packets::syn(client_n(i), 9000, s.addr, 80),
+                _ => frame(L4::Udp, client_n(i), 9000, s.addr, 53),
+            };
+            e.run(&pkt);
+        }
+        let table = e.dp.sizes().nat_table;
+        println!(
+            "NAT occupancy after {N} spoofed {what}: {} client-side / {} reply entries of {table}",
+            e.dp.nat_flows().len(),
+            e.dp.nat_replies().len()
+        );
+        engines.push((what, e));
+    }
+    std::thread::sleep(nat.embryonic_timeout + std::time::Duration::from_millis(100));
+    for (what, e) in &engines {
+        let sweep = nat_sweep(e, &nat);
+        println!(
+            "NAT occupancy after {N} spoofed {what} and one sweep past the embryonic timeout: {} / {} \
+             (evicted {} embryonic in {:?})",
+            e.dp.nat_flows().len(),
+            e.dp.nat_replies().len(),
+            sweep.evicted_embryonic,
+            sweep.took
+        );
     }
 }

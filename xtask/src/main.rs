@@ -58,6 +58,22 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Fuzz for a while: generated and mutated frames through the real
+    /// balancer (BPF_PROG_TEST_RUN, needs root), and YAML through the
+    /// configuration loader. Prints the seed of any failure and saves the
+    /// failing inputs under tests/fuzz/found/. (`cargo xtask test` runs a
+    /// short, fixed-seed pass of both.)
+    Fuzz {
+        /// Seconds for each fuzzer.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Replay one batch: the seed a failure printed (hex).
+        #[arg(long)]
+        seed: Option<String>,
+        /// Only one fuzzer: frames or config.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Set up, build, check formatting and lints, and run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -116,6 +132,7 @@ fn main() -> Result<()> {
             exec(&mut bench)
         }
         Cmd::Deb { debug } => deb::run(debug),
+        Cmd::Fuzz { time, seed, only } => fuzz(time, seed.as_deref(), only.as_deref()),
         Cmd::Test { args } => {
             setup::run()?;
             setup::require_root("the tests load eBPF programs and create network namespaces")?;
@@ -134,6 +151,34 @@ fn main() -> Result<()> {
             run_tests(&test, &deb)
         }
     }
+}
+
+/// Runs each fuzzer's `long_run` test (ignored by a plain `cargo test`) with
+/// its time and seed in the environment.
+fn fuzz(time: u64, seed: Option<&str>, only: Option<&str>) -> Result<()> {
+    let fuzzers = [("frames", "tests", "fuzz_frames"), ("config", "lb-userspace", "fuzz_config")];
+    if let Some(o) = only
+        && !fuzzers.iter().any(|(name, _, _)| *name == o)
+    {
+        bail!("--only takes frames or config, not {o}");
+    }
+    let chosen: Vec<_> = fuzzers.iter().filter(|(name, _, _)| only.is_none_or(|o| o == *name)).collect();
+    if chosen.iter().any(|(name, _, _)| *name == "frames") {
+        setup::require_root("the frame fuzzer loads the eBPF object")?;
+    }
+    setup::run()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (name, package, test) in chosen {
+        step(&format!("fuzzing {name} for {time} s"));
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["test", "-p", package, "--test", test, "--", "--ignored", "--exact", "long_run", "--nocapture"])
+            .env("XDPLB_FUZZ_TIME", time.to_string());
+        if let Some(seed) = seed {
+            cmd.env("XDPLB_FUZZ_SEED", seed);
+        }
+        exec(&mut cmd)?;
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line

@@ -32,6 +32,7 @@ fn vip(addr: &str, port: u16, backends: Vec<BackendSpec>) -> VipSpec {
         table_size: 65537,
         backends,
         pass_when_empty: false,
+        icmp_echo: true,
     }
 }
 

@@ -288,8 +288,23 @@ impl<'f> Fields<'f> {
     }
 
     fn nat(&mut self, node: &Node, path: &str) -> Option<NatSettings> {
-        let m = self.map(node, path, &["table_size", "tcp_timeout", "udp_timeout", "closed_timeout"])?;
+        let m =
+            self.map(node, path, &["table_size", "tcp_timeout", "udp_timeout", "closed_timeout", "embryonic_timeout"])?;
         let d = NatSettings::default();
+        let tcp_timeout = self.value(&m, "tcp_timeout", parse_duration).unwrap_or(d.tcp_timeout);
+        let udp_timeout = self.value(&m, "udp_timeout", parse_duration).unwrap_or(d.udp_timeout);
+        // At least the first SYN retransmission (1 s), and no longer than an
+        // answered connection would stay.
+        let shortest_open = tcp_timeout.min(udp_timeout);
+        let embryonic_timeout = self
+            .value(&m, "embryonic_timeout", |s| match parse_duration(s)? {
+                t if t < Duration::from_secs(1) => Err(format!("`{s}` is shorter than 1s")),
+                t if t > shortest_open => {
+                    Err(format!("`{s}` is longer than tcp_timeout or udp_timeout ({}s)", shortest_open.as_secs_f64()))
+                }
+                t => Ok(t),
+            })
+            .unwrap_or(d.embryonic_timeout.min(shortest_open));
         Some(NatSettings {
             table_size: self
                 .value(&m, "table_size", |s| match s.parse::<u32>() {
@@ -297,9 +312,10 @@ impl<'f> Fields<'f> {
                     _ => Err(format!("`{s}` is not a number of connections from 1024 to 67108864")),
                 })
                 .unwrap_or(d.table_size),
-            tcp_timeout: self.value(&m, "tcp_timeout", parse_duration).unwrap_or(d.tcp_timeout),
-            udp_timeout: self.value(&m, "udp_timeout", parse_duration).unwrap_or(d.udp_timeout),
+            tcp_timeout,
+            udp_timeout,
             closed_timeout: self.value(&m, "closed_timeout", parse_duration).unwrap_or(d.closed_timeout),
+            embryonic_timeout,
         })
     }
 
@@ -338,6 +354,7 @@ impl<'f> Fields<'f> {
             "health_check",
             "on_all_down",
             "sorry_server",
+            "icmp_echo",
         ];
         let m = self.map(node, path, KEYS)?;
         let at = node.pos;
@@ -433,6 +450,13 @@ impl<'f> Fields<'f> {
             None => HealthCheck::default(),
         };
         let on_all_down = self.on_all_down(&m, address);
+        let icmp_echo = self
+            .value(&m, "icmp_echo", |s| match s {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(format!("`{s}` is not one of true, false")),
+            })
+            .unwrap_or(true);
         if let OnAllDown::SorryServer { address: sorry, port } = &on_all_down
             && backends.iter().any(|b| b.address == *sorry && b.port == *port)
             && let Some(n) = m.get("sorry_server")
@@ -451,6 +475,7 @@ impl<'f> Fields<'f> {
             named_backends,
             health_check,
             on_all_down,
+            icmp_echo,
             pos: at,
         })
     }

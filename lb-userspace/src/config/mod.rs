@@ -246,6 +246,9 @@ pub struct VipConfig {
     pub named_backends: Vec<NamedBackend>,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
+    /// Answer ICMP echo requests to the VIP's address (`icmp_echo`, default
+    /// true); an address is answered if any of its VIPs allows it.
+    pub icmp_echo: bool,
     pub pos: Pos,
 }
 
@@ -268,6 +271,10 @@ pub struct NatSettings {
     pub udp_timeout: Duration,
     /// A TCP connection that saw FIN or RST is forgotten this long after its last packet.
     pub closed_timeout: Duration,
+    /// A connection whose backend never answered (a SYN, or UDP datagrams,
+    /// with no reply yet) is forgotten this long after its last packet:
+    /// spoofed packets hold the table only this long.
+    pub embryonic_timeout: Duration,
 }
 
 impl Default for NatSettings {
@@ -278,6 +285,8 @@ impl Default for NatSettings {
             tcp_timeout: Duration::from_secs(900),
             udp_timeout: Duration::from_secs(300),
             closed_timeout: Duration::from_secs(10),
+            // Several SYN retransmissions' worth (1 s, then 2 s, RFC 6298).
+            embryonic_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -6,6 +6,8 @@
 //! position of every node, which is what `xdplb check` needs to report all
 //! errors at once.
 
+use std::collections::HashSet;
+
 use yaml_rust2::{
     parser::{Event, MarkedEventReceiver, Parser},
     scanner::Marker,
@@ -50,7 +52,9 @@ impl Node {
 
 enum Frame {
     Seq(Pos, Vec<Node>),
-    Map(Pos, Vec<(String, Pos, Node)>, Option<(String, Pos)>),
+    /// The keys seen, besides the entries: a mapping of 100,000 keys must not
+    /// cost 100,000 comparisons per key.
+    Map(Pos, Vec<(String, Pos, Node)>, Option<(String, Pos)>, HashSet<String>),
 }
 
 #[derive(Default)]
@@ -65,13 +69,13 @@ impl Builder {
         match self.stack.last_mut() {
             None => self.root = Some(node),
             Some(Frame::Seq(_, items)) => items.push(node),
-            Some(Frame::Map(_, entries, pending)) => match pending.take() {
+            Some(Frame::Map(_, entries, pending, keys)) => match pending.take() {
                 None => match node.value {
                     Value::Scalar(key) => *pending = Some((key, node.pos)),
                     _ => self.error = Some((node.pos, "mapping keys must be plain scalars".into())),
                 },
                 Some((key, key_pos)) => {
-                    if entries.iter().any(|(k, _, _)| *k == key) && self.error.is_none() {
+                    if !keys.insert(key.clone()) && self.error.is_none() {
                         self.error = Some((key_pos, format!("duplicate key `{key}`")));
                     }
                     entries.push((key, key_pos, node));
@@ -87,12 +91,12 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::Scalar(s, ..) => self.push_node(Node { value: Value::Scalar(s), pos }),
             Event::SequenceStart(..) => self.stack.push(Frame::Seq(pos, Vec::new())),
-            Event::MappingStart(..) => self.stack.push(Frame::Map(pos, Vec::new(), None)),
+            Event::MappingStart(..) => self.stack.push(Frame::Map(pos, Vec::new(), None, HashSet::new())),
             Event::SequenceEnd | Event::MappingEnd => {
                 let node = match self.stack.pop() {
                     Some(Frame::Seq(pos, items)) => Node { value: Value::Seq(items), pos },
                     // A block mapping's start mark is at its first `:`; its first key is where it begins.
-                    Some(Frame::Map(pos, entries, _)) => {
+                    Some(Frame::Map(pos, entries, _, _)) => {
                         let pos = entries.first().map_or(pos, |(_, key_pos, _)| *key_pos);
                         Node { value: Value::Map(entries), pos }
                     }

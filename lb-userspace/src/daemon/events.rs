@@ -193,6 +193,9 @@ impl Daemon {
 
     /// A round of next-hop resolution came back: apply what changed.
     pub(super) fn on_resolved(&mut self, round: super::Resolved) {
+        if let Some(routes) = round.resolver.last_routes() {
+            self.observed.routes = Some(routes);
+        }
         self.neighbours = Some(round.resolver);
         if self.use_resolution(round.result) {
             self.apply_logged("a next-hop change");
@@ -205,6 +208,9 @@ impl Daemon {
         let addrs = desired::addresses_to_resolve(&self.config);
         if let Some(resolver) = self.neighbours.as_mut() {
             let result = resolver.resolve(&addrs).await;
+            if let Some(routes) = resolver.last_routes() {
+                self.observed.routes = Some(routes);
+            }
             self.use_resolution(result);
         }
     }
@@ -226,8 +232,14 @@ impl Daemon {
         let mut changed = false;
         for (addr, r) in resolved.iter().filter(|(a, _)| addrs.contains(a)) {
             let before = self.observed.next_hop_mac.get(addr).copied();
-            if let Resolution::Resolved { ifindex, .. } = r {
+            if let Resolution::Resolved { ifindex, next_hop, .. } = r {
                 self.observed.next_hop_ifindex.insert(*addr, *ifindex);
+                let was = self.observed.next_hop.insert(*addr, *next_hop);
+                if was != Some(*next_hop) {
+                    // DSR cannot use it from now on (or can again): the specs change.
+                    changed = true;
+                    self.warn_if_routed_dsr(*addr, *next_hop);
+                }
             }
             // Kept through a few failed rounds (a solicitation, a flapping entry).
             let now = self.misses.mac_to_use(*addr, before, r);
@@ -247,8 +259,36 @@ impl Daemon {
             }
         }
         self.observed.next_hop_mac.retain(|a, _| addrs.contains(a));
+        self.observed.next_hop.retain(|a, _| addrs.contains(a));
         self.resolution = resolved;
         changed
+    }
+
+    /// A backend of a DSR VIP whose route now goes through a gateway (the
+    /// start and reloads refuse such a file; a route can change later): it
+    /// gets no DSR traffic until the route is direct again.
+    fn warn_if_routed_dsr(&self, addr: IpAddr, next_hop: IpAddr) {
+        if next_hop == addr {
+            return;
+        }
+        let gateway = |a: IpAddr| (a == addr).then_some(next_hop);
+        for line in desired::routed_dsr_backends(&self.config, gateway, &self.link.name) {
+            warn!("backend not used: {line}");
+        }
+    }
+
+    /// DSR backends of `config` behind a gateway, by the routing table of the
+    /// last resolution round (at most a tick old): a reload must not wait for
+    /// netlink on the event loop, and one table answers for new backends too.
+    /// Nothing is said while no table has been read yet.
+    fn routed_dsr(&self, config: &Config) -> Vec<String> {
+        match &self.observed.routes {
+            Some(routes) => desired::routed_dsr_backends(config, |a| routes.gateway(a), &self.link.name),
+            None => {
+                warn!("the routing table has not been read yet: DSR backends behind a gateway are not checked");
+                Vec::new()
+            }
+        }
     }
 
     /// A reload as systemd sees it: RELOADING=1, then READY=1 once the file
@@ -314,6 +354,13 @@ impl Daemon {
         let conflicts = desired::own_address_conflicts(&parsed, &crate::addr::local_addresses());
         if !conflicts.is_empty() {
             let errors: Vec<String> = conflicts.iter().map(|c| format!("{path}: {c}")).collect();
+            error!("reload ({why}) rejected: {}; still running generation {generation}", errors.join("; "));
+            self.reject(errors);
+            return;
+        }
+        let routed = self.routed_dsr(&desired::expand_names(&parsed, &self.names.states));
+        if !routed.is_empty() {
+            let errors: Vec<String> = routed.iter().map(|c| format!("{path}: {c}")).collect();
             error!("reload ({why}) rejected: {}; still running generation {generation}", errors.join("; "));
             self.reject(errors);
             return;
@@ -533,6 +580,7 @@ mod tests {
                 .map(|a| BackendSpec { addr: a.parse().unwrap(), port: 0, weight: 1, mac: [2; 6], healthy: true })
                 .collect(),
             pass_when_empty: false,
+            icmp_echo: true,
         }
     }
 

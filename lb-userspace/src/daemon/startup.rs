@@ -23,7 +23,7 @@ use crate::{
     desired::{self, Observed, Overrides},
     dns,
     health::{self, Checker},
-    neighbours::{Misses, Neighbours},
+    neighbours::{Misses, Neighbours, Routes},
     notify,
     reconcile::{AdoptedBackend, Reconciler},
     runtime,
@@ -76,6 +76,16 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         Some(b) if *b != iface => Some(self::link(b).with_context(|| format!("backend_interface {b}"))?),
         _ => None,
     };
+    let mut ifaces = vec![(link.index, iface.clone())];
+    if let Some(b) = &backend_link {
+        ifaces.push((b.index, b.name.clone()));
+    }
+    let mut neighbours = Neighbours::new(ifaces)?;
+    let Some(routes) = signals.unless_stopped(refuse_routed_dsr(&mut neighbours, &config, &opts.config, &iface)).await
+    else {
+        return Ok(None);
+    };
+    let routes = routes?;
     let mode = opts.xdp_mode.unwrap_or(config.xdp_mode);
     // What `xdplb doctor` would say about this host, before anything is attached.
     let doctor = crate::doctor::warn_at_start(&config, &opts.config, &iface, mode, &opts.pin_root, opts.ephemeral);
@@ -85,11 +95,6 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     let (dp, reconciler, adopted) = open_dataplane(&config, &pin_dir, adopting, &link, backend_link.as_ref())?;
 
     let (tx, transitions) = mpsc::unbounded_channel();
-    let mut ifaces = vec![(link.index, iface.clone())];
-    if let Some(b) = &backend_link {
-        ifaces.push((b.index, b.name.clone()));
-    }
-    let neighbours = Neighbours::new(ifaces)?;
     let (walker, walked) = Walker::new(dp.walk_maps()?);
     let (resolved_tx, resolved) = mpsc::unbounded_channel();
     let interfaces = Some((link.index, backend_link.as_ref().map_or(link.index, |b| b.index)));
@@ -107,7 +112,7 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         resolved_tx,
         resolved,
         misses: Misses::default(),
-        observed: Observed { interfaces, ..Observed::default() },
+        observed: Observed { interfaces, routes, ..Observed::default() },
         backend_link,
         nat_evicted: (0, 0),
         resolution: HashMap::new(),
@@ -155,6 +160,30 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     d.ha_attached();
     d.announce(mode_text, metrics);
     Ok(Some(Started { d, transitions, requests, api }))
+}
+
+/// Refuses a file with a DSR backend behind a gateway (see
+/// `desired::routed_dsr_backends`), before anything is loaded; the routing
+/// table it read, or None when it could not be read (then the resolution
+/// rounds keep such backends out, and reloads check once a table is read).
+async fn refuse_routed_dsr(
+    neighbours: &mut Neighbours,
+    config: &Config,
+    path: &Path,
+    iface: &str,
+) -> Result<Option<Arc<Routes>>> {
+    let routes = match neighbours.read_routes().await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot read the routing table ({e:#}): DSR backends behind a gateway are not checked at start");
+            return Ok(None);
+        }
+    };
+    let routed = desired::routed_dsr_backends(config, |a| routes.gateway(a), iface);
+    if !routed.is_empty() {
+        bail!("{}: {}; nothing was started", path.display(), routed.join("; "));
+    }
+    Ok(Some(routes))
 }
 
 /// Binds the status page's address, if one is configured. A busy address

@@ -340,8 +340,9 @@ fn ipip_mtu(f: &LbFacts, link: &Link) -> Option<Finding> {
                 if worst == 6 { "IPv6 in IPv6: +40" } else { "IPv4 in IPv4: +20" }
             ),
             format!(
-                "the balancer drops packets that do not fit after encapsulation (counted as drop_too_big) and sends \
-                 no ICMP: connections open, but full-size segments never arrive{counted}"
+                "the balancer drops packets that do not fit after encapsulation (counted as drop_too_big) and answers \
+                 with ICMP \"fragmentation needed\" / \"packet too big\" (at most 100 a second per CPU): every full-size \
+                 segment costs the client a round trip and a resend, and clients behind an ICMP filter hang{counted}"
             ),
         )
         .fix(format!(

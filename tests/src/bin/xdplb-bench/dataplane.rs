@@ -20,7 +20,7 @@ use lb_common::{
 use lb_userspace::{addr, dataplane::MapSizes, reconcile::Forwarding};
 use tests::{
     harness::{Engine, XDP_PASS, XDP_TX, vip},
-    packets::{L4, frame},
+    packets::{self, L4, frame},
     topology::{Netns, unique_tag},
 };
 
@@ -195,12 +195,14 @@ fn nat(report: &mut Report, e: &mut Engine, calls: usize, floor_call: f64) {
     e.apply(&[s.clone()]);
     e.set_nat(true);
     let vip_addr: IpAddr = "198.18.0.100".parse().unwrap();
+    // Only a SYN opens a NAT connection; the segments after it are the established case.
+    let syn = packets::syn(source(3, false), 40_000, vip_addr, 8000);
     let pkt = frame(L4::Tcp, source(3, false), 40_000, vip_addr, 8000);
     let out = {
         let p = e.dp.program(programs::BALANCER).unwrap();
-        let mut out = vec![0u8; pkt.len() + 64];
-        p.test_run(TestRunOptions { data_in: Some(&pkt), data_out: Some(&mut out), ..Default::default() }).unwrap();
-        out.truncate(pkt.len());
+        let mut out = vec![0u8; syn.len() + 64];
+        p.test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut out), ..Default::default() }).unwrap();
+        out.truncate(syn.len());
         out
     };
     let backend: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]));
@@ -214,7 +216,7 @@ fn nat(report: &mut Report, e: &mut Engine, calls: usize, floor_call: f64) {
     report.add("dataplane", "tcp4 nat reply per-call", "xdplb", "ratio_to_floor", ns / floor_call, "x");
     // New connections (the NAT table is 65,536 entries: stay below).
     let fresh: Vec<Vec<u8>> = (0..(calls * ROUNDS).min(60_000) as u32)
-        .map(|i| frame(L4::Tcp, source(2000 + i / 30_000, false), 1024 + (i % 30_000) as u16, vip_addr, 8000))
+        .map(|i| packets::syn(source(2000 + i / 30_000, false), 1024 + (i % 30_000) as u16, vip_addr, 8000))
         .collect();
     let ns = per_call(e, programs::BALANCER, &fresh, calls.min(fresh.len() / ROUNDS), XDP_TX);
     report.add("dataplane", "tcp4 nat new flow per-call", "xdplb", "ns_per_packet", ns, "ns");
