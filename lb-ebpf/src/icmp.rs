@@ -72,6 +72,13 @@ pub fn classify(ctx: &XdpContext, icmp: &Icmp, obs: &mut impl Observe) -> Verdic
     let Some(hdr) = ptr_at::<IcmpHdr>(ctx, icmp.l4_off) else {
         return Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4);
     };
+    // The IP packet must be whole, its ICMP header inside it: an answer or a
+    // forwarded error carries the packet's own length, which must be true.
+    let in_frame = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN);
+    let header_end = icmp.l4_off - ETH_LEN + core::mem::size_of::<IcmpHdr>();
+    if icmp.l3_len as usize > in_frame || (icmp.l3_len as usize) < header_end {
+        return Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4);
+    }
     // SAFETY: ptr_at checked that the 8-byte ICMP header lies within the frame.
     let (kind, code) = unsafe { ((*hdr).kind, (*hdr).code) };
     let v4 = icmp.dst.family == FAMILY_V4;

@@ -460,8 +460,9 @@ impl Reconciler {
         if !maglev::is_prime(spec.table_size) {
             bail!("VIP {}: Maglev table size {} is not prime", spec.name, spec.table_size);
         }
-        for (i, b) in spec.backends.iter().enumerate() {
-            if spec.backends[..i].iter().any(|o| o.addr == b.addr && o.port == b.port) {
+        let mut seen = std::collections::HashSet::new();
+        for b in &spec.backends {
+            if !seen.insert((b.addr, b.port)) {
                 bail!("VIP {}: backend {}:{} is listed twice", spec.name, b.addr, b.port);
             }
             if addr::family(b.addr) != key.family {

@@ -570,8 +570,9 @@ fn hostile(big: bool) -> Vec<(String, String)> {
         "one VIP with many backends",
         format!(
             "vips:\n  - name: v\n    address: 198.18.0.1\n    port: 80\n    backends:\n{}",
-            (0..2_000 * scale)
-                .map(|i| format!("      - address: 198.19.{}.{}\n", i / 250, i % 250 + 1))
+            // Enough that a pairwise duplicate check (quadratic) would hang.
+            (0..60_000 * scale)
+                .map(|i| format!("      - address: 198.19.{}.{}\n", i / 250 % 256, i % 250 + 1))
                 .collect::<String>()
         ),
     );
@@ -579,7 +580,7 @@ fn hostile(big: bool) -> Vec<(String, String)> {
         "one VIP with many named backends",
         format!(
             "vips:\n  - name: v\n    address: 198.18.0.1\n    port: 80\n    backends:\n{}",
-            (0..2_000 * scale).map(|i| format!("      - address: b{i}.example.\n")).collect::<String>()
+            (0..60_000 * scale).map(|i| format!("      - address: b{i}.example.\n")).collect::<String>()
         ),
     );
     add("three documents", "vips: []\n---\nvips: []\n---\nvips: []\n".into());

@@ -1240,6 +1240,32 @@ fn echo_requests_to_a_vip_address_are_answered() {
     }
 }
 
+/// An echo request whose IP length is not a whole packet in the frame (cut
+/// short, or a length that leaves the ICMP header outside) gets no answer:
+/// the answer would carry the false length. Found by the frame fuzzer.
+#[test]
+fn echo_requests_that_are_not_whole_packets_are_dropped_unanswered() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = spec(v6, L4::Tcp, Forwarding::Dsr);
+        e.apply(std::slice::from_ref(&s));
+        let whole = echo(client(v6, 5), s.addr, if v6 { 128 } else { 8 }, 57);
+        let cut = whole[..whole.len() - 4].to_vec();
+        let mut short = whole.clone();
+        // The IP length says the packet ends inside the ICMP header.
+        if v6 {
+            short[18..20].copy_from_slice(&4u16.to_be_bytes());
+        } else {
+            short[16..18].copy_from_slice(&24u16.to_be_bytes());
+        }
+        for (what, input) in [("cut short", &cut), ("ICMP header outside the IP length", &short)] {
+            assert_eq!(e.run(input).action, XDP_DROP, "v6={v6}: {what}");
+        }
+        let r = e.reasons();
+        assert_eq!((r[reasons::TX as usize], r[reasons::DROP_MALFORMED_L4 as usize]), (0, 2), "v6={v6}");
+    }
+}
+
 /// `icmp_echo: false` on every VIP of an address: echo passes to the host;
 /// one VIP that allows it is enough; the setting follows reloads.
 #[test]

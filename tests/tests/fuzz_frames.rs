@@ -39,7 +39,7 @@ const XDP_ABORTED: u32 = 0;
 const XDP_REDIRECT: u32 = 4;
 /// The seed of the bounded pass; any other replays with XDPLB_FUZZ_SEED.
 const BOUNDED_SEED: u64 = 0x5eed_f00d;
-const BOUNDED_CASES: usize = 3000;
+const BOUNDED_CASES: usize = 10_000;
 /// Cases per engine: a long run starts a fresh one (empty tables) this often.
 const BATCH: usize = 2000;
 /// BPF_PROG_TEST_RUN takes an XDP frame of at most a page less the headroom

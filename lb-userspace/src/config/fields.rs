@@ -408,6 +408,8 @@ impl<'f> Fields<'f> {
 
         let mut backends = Vec::new();
         let mut named_backends: Vec<NamedBackend> = Vec::new();
+        // Sets, not pairwise comparisons: a file may list a great many backends.
+        let mut names_seen: std::collections::HashSet<(String, Option<u16>)> = std::collections::HashSet::new();
         match self.list(&m, "backends") {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
@@ -415,7 +417,7 @@ impl<'f> Fields<'f> {
                     match self.backend(item, &bpath, forwarding) {
                         Some(Backend::Address(b)) => backends.push(b),
                         Some(Backend::Name(b)) => {
-                            if named_backends.iter().any(|o| o.name == b.name && o.port == b.port) {
+                            if !names_seen.insert((b.name.clone(), b.port)) {
                                 self.error(b.pos, &format!("{bpath}.address"), format!("{} is listed twice", b.name));
                             }
                             named_backends.push(b);
@@ -428,6 +430,7 @@ impl<'f> Fields<'f> {
             None => {}
         }
         if let Some(address) = address {
+            let mut seen = std::collections::HashSet::new();
             for (i, b) in backends.iter().enumerate() {
                 if b.address.is_ipv4() != address.is_ipv4() {
                     self.error(
@@ -436,7 +439,7 @@ impl<'f> Fields<'f> {
                         format!("{} is not of the VIP's address family ({address})", b.address),
                     );
                 }
-                if backends[..i].iter().any(|o| o.address == b.address && o.port == b.port) {
+                if !seen.insert((b.address, b.port)) {
                     self.error(
                         b.pos,
                         &format!("{path}.backends[{i}].address"),
