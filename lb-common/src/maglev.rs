@@ -77,20 +77,27 @@ pub const fn is_prime(n: u32) -> bool {
 /// Fills `table` (whose length, a prime, is the table size) with positions
 /// into `backends`, or [`EMPTY`] everywhere when no backend has a weight.
 ///
-/// `next` and `credit` are scratch space of `backends.len()` entries each
-/// (no allocation, so this also builds in `no_std`). The result depends on
-/// the order of `backends`; sort them by key for an order-free table.
-pub fn populate(backends: &[MaglevBackend], table: &mut [u32], next: &mut [u32], credit: &mut [u64]) {
+/// `walk` and `credit` are scratch space of `backends.len()` entries each
+/// (no allocation, so this also builds in `no_std`): each backend's next
+/// slot and skip, and its credit. The result depends on the order of
+/// `backends`; sort them by key for an order-free table.
+pub fn populate(backends: &[MaglevBackend], table: &mut [u32], walk: &mut [(u32, u32)], credit: &mut [u64]) {
     let size = table.len() as u32;
     table.fill(EMPTY);
     let max_weight = backends.iter().map(|b| b.weight).max().unwrap_or(0);
     if max_weight == 0 || size < 2 {
         return;
     }
+    // The permutation is computed once per backend, not per claimed slot.
     for (i, b) in backends.iter().enumerate() {
-        next[i] = permutation(b.key, size).0;
+        walk[i] = permutation(b.key, size);
         credit[i] = 0;
     }
+    // slot + skip < 2 × size: one subtraction instead of a division per step.
+    let advance = |slot: u32, skip: u32| -> u32 {
+        let n = slot as u64 + skip as u64;
+        (if n >= size as u64 { n - size as u64 } else { n }) as u32
+    };
     let mut filled = 0u32;
     loop {
         for (i, b) in backends.iter().enumerate() {
@@ -105,13 +112,12 @@ pub fn populate(backends: &[MaglevBackend], table: &mut [u32], next: &mut [u32],
             // Walk this backend's permutation to its next free slot. The
             // permutation visits every slot (size is prime, skip in 1..size),
             // and a free slot exists, so this ends.
-            let skip = permutation(b.key, size).1;
-            let mut slot = next[i];
+            let (mut slot, skip) = walk[i];
             while table[slot as usize] != EMPTY {
-                slot = ((slot as u64 + skip as u64) % size as u64) as u32;
+                slot = advance(slot, skip);
             }
             table[slot as usize] = i as u32;
-            next[i] = ((slot as u64 + skip as u64) % size as u64) as u32;
+            walk[i].0 = advance(slot, skip);
             filled += 1;
             if filled == size {
                 return;
@@ -132,9 +138,9 @@ pub fn build(backends: &[MaglevBackend], size: u32) -> alloc::vec::Vec<u32> {
     order.sort_by_key(|&i| backends[i].key);
     let sorted: alloc::vec::Vec<MaglevBackend> = order.iter().map(|&i| backends[i]).collect();
     let mut table = vec![EMPTY; size as usize];
-    let mut next = vec![0u32; sorted.len()];
+    let mut walk = vec![(0u32, 0u32); sorted.len()];
     let mut credit = vec![0u64; sorted.len()];
-    populate(&sorted, &mut table, &mut next, &mut credit);
+    populate(&sorted, &mut table, &mut walk, &mut credit);
     for slot in table.iter_mut() {
         if *slot != EMPTY {
             *slot = order[*slot as usize] as u32;

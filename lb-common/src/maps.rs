@@ -65,6 +65,9 @@ pub mod programs {
     pub const PASS: &str = "xdplb_pass";
     /// Parse + MAC swap + XDP_TX: the benchmarks' floor, never attached.
     pub const BENCH_FLOOR: &str = "xdplb_bench_floor";
+    /// Restores the frame the benchmark saved, then tail-calls the program
+    /// measured: `repeat` and live-frames runs stay on one path. Never attached.
+    pub const BENCH_RESTORE: &str = "xdplb_bench_restore";
 }
 
 /// A VIP: address, port and protocol. Key of `VIPS`.
@@ -221,26 +224,39 @@ pub struct LbConfig {
 /// `NatFlow::state` / `NatReply::state`: how far a connection is.
 ///
 /// ```text
-///   SYN (TCP) / any packet (UDP) ──> EMBRYONIC ──backend's first reply──> OPEN
+///   TCP: SYN ──> EMBRYONIC ──backend's SYN-ACK──> ANSWERED ──client's ACK of it──> OPEN
+///   UDP: datagram ──> EMBRYONIC ──backend's reply──> ANSWERED ──client's next datagram──> OPEN
 ///   OPEN ──FIN──> CLOSING ──RST──> CLOSED      (RST from OPEN: CLOSED)
 ///   CLOSING / CLOSED ──SYN (the client reuses its port)──> EMBRYONIC
 /// ```
 ///
 /// Only a TCP SYN (without ACK) creates TCP state: any other segment of an
-/// untracked 5-tuple is dropped. The controller forgets an EMBRYONIC
-/// connection after `nat.embryonic_timeout`, and reclaims EMBRYONIC ones
-/// first when the table nears full.
+/// untracked 5-tuple is dropped. EMBRYONIC and ANSWERED are *unconfirmed*:
+/// the client has not shown it receives the backend's packets (a backend
+/// answers a spoofed SYN with a SYN-ACK too). The TCP ACK that opens must
+/// acknowledge the backend's SYN-ACK (`ack == NatFlow::backend_isn + 1`).
+/// No packet refreshes an unconfirmed connection's `last_seen_ns`, so the
+/// controller forgets it `nat.embryonic_timeout` after it was created, and
+/// reclaims unconfirmed ones first when the table nears full.
 pub const NAT_OPEN: u8 = 0;
 /// A FIN was seen: expires after the closed timeout without packets.
 pub const NAT_CLOSING: u8 = 1;
 /// A RST was seen.
 pub const NAT_CLOSED: u8 = 2;
 /// The client's SYN (or first UDP datagram) went to the backend, nothing
-/// came back yet. What the client sends does not change it; the backend's
-/// first reply makes both entries OPEN. Added without a layout change: an
-/// older controller reads it as "not open" and forgets it after its closed
-/// timeout.
+/// came back yet. Added without a layout change: an older controller reads
+/// it as "not open" and forgets it after its closed timeout.
 pub const NAT_EMBRYONIC: u8 = 3;
+/// The backend answered (its SYN-ACK, or a UDP reply), the client has not
+/// confirmed (the ACK of that SYN-ACK, or another datagram). Unconfirmed,
+/// like EMBRYONIC. An older controller would hold it as OPEN: the
+/// dataplane and the controller are upgraded together.
+pub const NAT_ANSWERED: u8 = 4;
+
+/// Whether a connection in `state` is unconfirmed (EMBRYONIC or ANSWERED).
+pub const fn nat_unconfirmed(state: u8) -> bool {
+    state == NAT_EMBRYONIC || state == NAT_ANSWERED
+}
 
 /// Value of `NAT_FLOWS`, keyed by the client-side `FlowKey`.
 #[repr(C)]
@@ -248,10 +264,15 @@ pub const NAT_EMBRYONIC: u8 = 3;
 pub struct NatFlow {
     pub backend_id: u32,
     pub generation: u32,
-    /// bpf_ktime_get_ns() of the last packet from the client.
+    /// bpf_ktime_get_ns() of the last packet from the client; of the
+    /// connection's creation while it is unconfirmed.
     pub last_seen_ns: u64,
     pub state: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The backend's initial sequence number (host order), from its SYN-ACK:
+    /// the client's ACK must acknowledge it to open the connection. Was
+    /// padding (`_pad: [u8; 7]`): the layout is byte-identical.
+    pub backend_isn: u32,
 }
 
 /// Value of `NAT_REVERSE`, keyed by the reply's `FlowKey` (source: the
@@ -310,6 +331,8 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 16);
         assert_eq!(size_of::<LbConfig>(), 56);
         assert_eq!(size_of::<NatFlow>(), 24);
+        // `backend_isn` took the last 4 of the 7 padding bytes after `state`.
+        assert_eq!((core::mem::offset_of!(NatFlow, state), core::mem::offset_of!(NatFlow, backend_isn)), (16, 20));
         assert_eq!(size_of::<NatReply>(), 40);
         assert_eq!(size_of::<Counter>(), 16);
     }

@@ -10,14 +10,19 @@ pub const PASS_MALFORMED_L3: u32 = 1;
 /// Addressed to a VIP address, but not TCP/UDP (ICMP, ...): XDP_PASS to the host.
 pub const PASS_VIP_OTHER_PROTO: u32 = 2;
 /// Addressed to a VIP address, but the TCP/UDP header (or the IPv6 extension
-/// header chain) is truncated or too long to walk: XDP_DROP.
+/// header chain) is truncated or too long to walk; an ICMP message whose
+/// header or quoted header is truncated or invalid; an IP length longer than
+/// the frame (IP-in-IP VIPs); an echo request from a non-unicast sender; a
+/// TCP segment other than a SYN of an untracked NAT connection: XDP_DROP.
 pub const DROP_MALFORMED_L4: u32 = 3;
 /// An IP fragment addressed to a VIP address: XDP_DROP (no ports in
 /// non-first fragments, so no consistent backend choice; as Katran).
 pub const DROP_FRAGMENT: u32 = 4;
 /// The VIP has no usable backend (empty table, or the slot's backend is gone): XDP_DROP.
 pub const DROP_NO_BACKEND: u32 = 5;
-/// The encapsulated packet would exceed the interface MTU: XDP_DROP.
+/// The encapsulated packet would exceed the interface MTU: dropped, and the
+/// client answered with ICMP "fragmentation needed" / "packet too big"
+/// (XDP_TX) within the rate limit, else XDP_DROP.
 pub const DROP_TOO_BIG: u32 = 6;
 /// bpf_xdp_adjust_head failed (no headroom): XDP_DROP.
 pub const DROP_ENCAP_FAILED: u32 = 7;

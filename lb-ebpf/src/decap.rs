@@ -6,11 +6,20 @@
 //! `DECAP_FILTER` (set by `xdplb decap` at load time) may restrict which
 //! outer sources are decapsulated (the balancers' `ipip_source_v4/v6`) and
 //! which inner destinations (the VIPs): without it, anyone who can reach the
-//! backend could have a packet delivered as if it came from any client. A
-//! packet the filter refuses passes untouched (the stack, without an ipip
-//! device, drops it) and counts as "passed untouched".
+//! backend could have a packet delivered as if it came from any client.
+//!
+//! An IP-in-IP packet that is not decapsulated here (the filter refuses it,
+//! or its inner header is cut) is dropped and counted "refused": passed,
+//! a kernel `ipip` / `ip6tnl` device on the backend (tunl0 up, the usual
+//! LVS-TUN setup) would decapsulate it anyway, past the filter. Everything
+//! that is not IP-in-IP passes untouched and is not counted (it is the
+//! backend's own traffic; the interface counters have it).
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_xdp_adjust_head,
+    programs::XdpContext,
+};
 use lb_common::decap::{DECAP_F_SOURCES, DECAP_F_VIPS, DECAP_MAX_SOURCES, DECAP_MAX_VIPS, DecapFilter};
 
 use crate::{
@@ -18,8 +27,10 @@ use crate::{
     parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, Ipv4Hdr, Ipv6Hdr, ptr_at},
 };
 
+/// `DECAP_STATS` slots. The map keeps its two slots (a running program's
+/// layout); the second, once "passed untouched", counts refused IP-in-IP.
 const DECAPSULATED: u32 = 0;
-const PASSED: u32 = 1;
+const REFUSED: u32 = 1;
 
 /// What to decapsulate. Read-only data, written by `xdplb decap` before the
 /// program is loaded (all zeros: everything, as before the filter existed).
@@ -54,12 +65,16 @@ struct Outer {
 
 #[inline(always)]
 pub fn decap(ctx: &XdpContext) -> u32 {
-    let done = match outer_header(ctx) {
-        Some(outer) => allowed(ctx, &outer) == Some(true) && strip_outer(ctx, &outer).is_some(),
-        None => false,
+    let Some(outer) = outer_header(ctx) else {
+        return XDP_PASS;
     };
-    count(if done { DECAPSULATED } else { PASSED });
-    XDP_PASS
+    if allowed(ctx, &outer) == Some(true) && strip_outer(ctx, &outer).is_some() {
+        count(DECAPSULATED);
+        XDP_PASS
+    } else {
+        count(REFUSED);
+        XDP_DROP
+    }
 }
 
 /// For an IP-in-IP packet, its outer header.

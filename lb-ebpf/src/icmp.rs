@@ -4,11 +4,11 @@
 //! big for the interface is answered with "fragmentation needed" / "packet
 //! too big", as Katran does.
 
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{
-        bpf_csum_diff, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-    },
+    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{
@@ -87,10 +87,15 @@ pub fn classify(ctx: &XdpContext, icmp: &Icmp, obs: &mut impl Observe) -> Verdic
         if on_addr & VIP_ADDR_F_ICMP_ECHO == 0 {
             return Verdict::Done(XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
         }
+        // RFC 1122 3.2.1.3, RFC 4443 2.2: never answer a group or broadcast.
+        if !answerable(ctx, &icmp.src, v4) {
+            return Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4);
+        }
         let done = if v4 { echo_reply4(ctx, icmp) } else { echo_reply6(ctx, icmp) };
         return match done {
-            Some(()) => Verdict::Done(XDP_TX, reasons::TX),
-            None => Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4),
+            Echo::Answered => Verdict::Done(XDP_TX, reasons::TX),
+            Echo::NotPlain => Verdict::Done(XDP_PASS, reasons::PASS_VIP_OTHER_PROTO),
+            Echo::Malformed => Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
     }
     let error = if v4 {
@@ -209,6 +214,28 @@ fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
+/// Whether a packet's sender may get an answer: its source MAC and its
+/// source address are unicast. A multicast or broadcast source (or the
+/// unspecified or loopback address, which no packet on a wire may carry)
+/// is never answered: the answer would go to a group, or to nobody.
+#[inline(always)]
+fn answerable(ctx: &XdpContext, src: &[u32; 4], v4: bool) -> bool {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return false };
+    // SAFETY: ptr_at checked that a whole Ethernet header lies within the frame.
+    if unsafe { (*eth).src[0] } & 1 != 0 {
+        return false;
+    }
+    let first = src[0].to_ne_bytes()[0];
+    if v4 {
+        // 0/8 "this network", 127/8 loopback, 224/4 multicast, 240/4
+        // reserved with 255.255.255.255 (broadcast).
+        !(first == 0 || first == 127 || first >= 224)
+    } else {
+        // ff00::/8 multicast, :: unspecified, ::1 loopback.
+        !(first == 0xff || *src == [0; 4] || *src == [0, 0, 0, 1u32.to_be()])
+    }
+}
+
 #[inline(always)]
 fn swap_macs(ctx: &XdpContext) -> Option<()> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
@@ -220,16 +247,32 @@ fn swap_macs(ctx: &XdpContext) -> Option<()> {
 /// The reply's TTL / hop limit, as Linux's default.
 const REPLY_TTL: u8 = 64;
 
+enum Echo {
+    Answered,
+    /// IPv4 options or IPv6 extension headers: the reply would have to
+    /// handle them (reverse a source route, ...); the host's stack does.
+    NotPlain,
+    Malformed,
+}
+
 /// Echo reply: the request with its addresses and MACs swapped, type 0, a
 /// fresh TTL. Swapping addresses leaves every checksum as it was; the TTL
 /// (IPv4 header) and the type (ICMP) change one word each.
+///
+/// Whether the header is plain is read from it here, not from `l4_off`:
+/// knowing `l4_off` exactly lets LLVM drop the IP header's bounds check
+/// below as implied by the ICMP header's, which the verifier then refuses.
 #[inline(always)]
-fn echo_reply4(ctx: &XdpContext, icmp: &Icmp) -> Option<()> {
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
-    let hdr = ptr_at::<IcmpHdr>(ctx, icmp.l4_off)?;
+fn echo_reply4(ctx: &XdpContext, icmp: &Icmp) -> Echo {
+    let (Some(ip), Some(hdr)) = (ptr_at::<Ipv4Hdr>(ctx, ETH_LEN), ptr_at::<IcmpHdr>(ctx, icmp.l4_off)) else {
+        return Echo::Malformed;
+    };
     // SAFETY: ptr_at checked both headers; nothing else holds a reference to them.
     unsafe {
         let (ip, hdr) = (&mut *ip, &mut *hdr);
+        if ip.ver_ihl != 0x45 {
+            return Echo::NotPlain;
+        }
         core::mem::swap(&mut ip.src, &mut ip.dst);
         let old = u16::from_ne_bytes([ip.ttl, ip.protocol]);
         ip.ttl = REPLY_TTL;
@@ -238,55 +281,89 @@ fn echo_reply4(ctx: &XdpContext, icmp: &Icmp) -> Option<()> {
         hdr.kind = ICMP_ECHO_REPLY;
         hdr.check = csum_replace(hdr.check, old, u16::from_ne_bytes([hdr.kind, hdr.code]));
     }
-    swap_macs(ctx)
+    match swap_macs(ctx) {
+        Some(()) => Echo::Answered,
+        None => Echo::Malformed,
+    }
 }
 
 /// As `echo_reply4`; the ICMPv6 checksum also covers the addresses (its
 /// pseudo-header), whose swap does not change the sum; the hop limit is not covered.
 #[inline(always)]
-fn echo_reply6(ctx: &XdpContext, icmp: &Icmp) -> Option<()> {
-    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
-    let hdr = ptr_at::<IcmpHdr>(ctx, icmp.l4_off)?;
+fn echo_reply6(ctx: &XdpContext, icmp: &Icmp) -> Echo {
+    let (Some(ip), Some(hdr)) = (ptr_at::<Ipv6Hdr>(ctx, ETH_LEN), ptr_at::<IcmpHdr>(ctx, icmp.l4_off)) else {
+        return Echo::Malformed;
+    };
     // SAFETY: ptr_at checked both headers; nothing else holds a reference to them.
     unsafe {
         let (ip, hdr) = (&mut *ip, &mut *hdr);
+        if ip.next_hdr != IPPROTO_ICMPV6 {
+            return Echo::NotPlain;
+        }
         core::mem::swap(&mut ip.src, &mut ip.dst);
         ip.hop_limit = REPLY_TTL;
         let old = u16::from_ne_bytes([hdr.kind, hdr.code]);
         hdr.kind = ICMPV6_ECHO_REPLY;
         hdr.check = csum_replace(hdr.check, old, u16::from_ne_bytes([hdr.kind, hdr.code]));
     }
-    swap_macs(ctx)
+    match swap_macs(ctx) {
+        Some(()) => Echo::Answered,
+        None => Echo::Malformed,
+    }
 }
 
-/// "Fragmentation needed" / "packet too big" per second each CPU sends at
-/// most (Linux's default is 1000 per second for the whole host).
-pub const TOO_BIG_PER_CPU_PER_SEC: u64 = 100;
-/// CPUs with a slot of their own; more share slots (and may then send a
-/// little more than the limit: the slots are not locked).
-const RATE_SLOTS: usize = 256;
+/// "Fragmentation needed" / "packet too big" answers the whole balancer
+/// sends at most in a second, over all CPUs (one victim of spoofed
+/// sources gets no more than this; Linux's own default is 1000 ICMP
+/// messages a second for the whole host).
+pub const TOO_BIG_PER_SEC: u64 = 100;
 
-/// Per CPU: [start of the current second (ns), messages sent in it]. A
-/// global variable (the object's .bss, which aya loads as a map of its own,
-/// never pinned: a restart forgets it), not a new pinned map: a running
-/// dataplane's pinned maps stay as they are. Each CPU writes only its slot,
-/// and an XDP program runs to its end on one CPU.
-static mut TOO_BIG_SENT: [[u64; 2]; RATE_SLOTS] = [[0; 2]; RATE_SLOTS];
+/// The answers sent in the current second: the second's number (the
+/// monotonic coarse clock in whole seconds, 32 bits) in the high half, the
+/// count in the low half, in one word so that one store moves both. Shared
+/// by all CPUs. A global variable (the object's .bss, which aya loads as a
+/// map of its own, never pinned: a restart forgets it), not a new pinned
+/// map: a running dataplane's pinned maps stay as they are.
+static mut TOO_BIG_SENT: u64 = 0;
 
+/// Whether one more answer fits this second's budget.
+///
+/// This build targets BPF v1 (bpf-linker's `--cpu generic`), where LLVM
+/// has an atomic add but neither a fetching add nor a compare-and-swap
+/// (those are v3; `core::sync::atomic` offers none on this target). So:
+/// an atomic add, then a read. Within a second that is exact: the k-th
+/// add reads a count of k or more, so only the first `TOO_BIG_PER_SEC`
+/// adds can pass. A new second is opened by a plain store of (second, 1)
+/// by the CPU that first sees it; CPUs that see the old second at the very
+/// same moment each store it, and each such store can let up to the limit
+/// through again: at most the limit times the CPUs racing at the turn,
+/// never more. Over the limit the word is only read, so a flood does not
+/// make every CPU write one cache line.
 #[inline(always)]
 fn too_big_allowed() -> bool {
-    // SAFETY: helpers without arguments.
-    let (cpu, now) = unsafe { (bpf_get_smp_processor_id() as usize, bpf_ktime_get_coarse_ns()) };
-    // SAFETY: the index is masked into the array; this CPU's slot, see TOO_BIG_SENT.
-    let slot = unsafe { &mut (*core::ptr::addr_of_mut!(TOO_BIG_SENT))[cpu & (RATE_SLOTS - 1)] };
-    if now.wrapping_sub(slot[0]) >= 1_000_000_000 {
-        slot[0] = now;
-        slot[1] = 0;
+    // SAFETY: a helper without arguments.
+    let second = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) & 0xffff_ffff;
+    let word = core::ptr::addr_of_mut!(TOO_BIG_SENT);
+    // SAFETY: an aligned u64 of this object's .bss; BPF's 64-bit loads and
+    // stores are single instructions, never torn.
+    let seen = unsafe { core::ptr::read_volatile(word) };
+    if seen >> 32 == second {
+        if seen & 0xffff_ffff >= TOO_BIG_PER_SEC {
+            return false;
+        }
+        // SAFETY: as above; the add is one atomic instruction (BPF_ATOMIC | BPF_ADD).
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(word, 1) };
+        // SAFETY: as above.
+        let now = unsafe { core::ptr::read_volatile(word) };
+        return now >> 32 == second && now & 0xffff_ffff <= TOO_BIG_PER_SEC;
     }
-    if slot[1] >= TOO_BIG_PER_CPU_PER_SEC {
+    // Only forward: a CPU whose clock read lags must not take the word
+    // back a second (and so open that second again).
+    if second < seen >> 32 {
         return false;
     }
-    slot[1] += 1;
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(word, (second << 32) | 1) };
     true
 }
 
@@ -295,14 +372,21 @@ fn too_big_allowed() -> bool {
 /// the IPv6 minimum MTU, 1280).
 const QUOTE4: usize = 576 - 20 - 8;
 const QUOTE6: usize = 1280 - 40 - 8;
+/// RFC 8200 5: every IPv6 link carries 1280 bytes; a smaller "packet too
+/// big" MTU is ignored by the hosts that get it.
+const IPV6_MIN_MTU: u32 = 1280;
 
 /// Answers an IP-in-IP packet that the outer header would take beyond the
 /// interface MTU: the client is told the MTU that fits (interface MTU minus
 /// the outer header) in an ICMP message from the VIP address, sent back
 /// with XDP_TX. The original is dropped, so the reason is `drop_too_big`
 /// either way. An IPv4 packet without DF is answered too: XDP cannot
-/// fragment it (as Katran). Not answered (dropped): over the rate limit, or
-/// shorter than the quote (an interface MTU below 576 / 1280).
+/// fragment it (as Katran). Not answered (dropped): over the rate limit;
+/// shorter than the quote (an interface MTU below 576 / 1280); from a
+/// multicast or broadcast source (`answerable`); IPv6 when the MTU that
+/// fits is below 1280, which hosts ignore (RFC 8201 4) — telling them 1280
+/// would be a lie, so nothing is said (the doctor's `ipip-mtu` reports it).
+/// The caller has checked that the packet's IP length is the frame's.
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig) -> (u32, u32) {
     let sent = if pkt.flow.family == FAMILY_V4 { too_big4(ctx, pkt, cfg) } else { too_big6(ctx, pkt, cfg) };
@@ -340,7 +424,11 @@ fn csum_add<const N: usize>(ctx: &XdpContext, off: usize, seed: u32) -> Option<u
 #[inline(always)]
 fn too_big4(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig) -> Option<()> {
     const HDRS: usize = 20 + 8;
-    if (pkt.l3_len as usize) < QUOTE4 || ctx.data() + ETH_LEN + QUOTE4 > ctx.data_end() || !too_big_allowed() {
+    if (pkt.l3_len as usize) < QUOTE4
+        || ctx.data() + ETH_LEN + QUOTE4 > ctx.data_end()
+        || !answerable(ctx, &pkt.flow.src, true)
+        || !too_big_allowed()
+    {
         return None;
     }
     let client_mac = {
@@ -386,7 +474,12 @@ fn too_big4(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig) -> Option<()> {
 #[inline(always)]
 fn too_big6(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig) -> Option<()> {
     const HDRS: usize = 40 + 8;
-    if (pkt.l3_len as usize) < QUOTE6 || ctx.data() + ETH_LEN + QUOTE6 > ctx.data_end() || !too_big_allowed() {
+    if (pkt.l3_len as usize) < QUOTE6
+        || cfg.mtu < IPV6_MIN_MTU + 40
+        || ctx.data() + ETH_LEN + QUOTE6 > ctx.data_end()
+        || !answerable(ctx, &pkt.flow.src, false)
+        || !too_big_allowed()
+    {
         return None;
     }
     let client_mac = {

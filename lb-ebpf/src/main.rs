@@ -1,4 +1,4 @@
-//! The xdplb dataplane: one eBPF object with five XDP programs.
+//! The xdplb dataplane: one eBPF object with six XDP programs.
 //!
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
 //!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
@@ -11,9 +11,15 @@
 //! - `xdplb_pass`: XDP_PASS, for the peer of a veth we transmit on (a veth
 //!   drops XDP_TX frames unless its peer has an XDP program).
 //! - `xdplb_bench_floor`: the benchmarks' reference, never attached.
+//! - `xdplb_bench_restore`: the benchmarks' wrapper that restores a
+//!   rewritten frame before tail-calling the program measured, never attached.
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on a global (`icmp`'s rate limit): see there.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod bench_restore;
 mod decap;
 mod encap;
 mod floor;
@@ -80,6 +86,13 @@ pub fn xdplb_bench_floor(ctx: XdpContext) -> u32 {
     floor::floor(&ctx)
 }
 
+/// The benchmarks' wrapper: restores the frame, then tail-calls the program
+/// measured (see `bench_restore`). Not used for traffic.
+#[xdp]
+pub fn xdplb_bench_restore(ctx: XdpContext) -> u32 {
+    bench_restore::restore(&ctx)
+}
+
 /// Returns the action and the one reason counted for it; tells `obs` how
 /// it got there.
 #[inline(always)]
@@ -140,12 +153,19 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         }
     };
     // Before the flow is tracked: a packet that cannot be sent opens no flow.
-    if vip.forwarding == FWD_IPIP
-        && let Some(cfg) = CONFIG.get(0)
-        && exceeds_mtu(&pkt, cfg)
-    {
-        // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
-        return if track { icmp::too_big(ctx, &pkt, cfg) } else { (XDP_DROP, reasons::DROP_TOO_BIG) };
+    if vip.forwarding == FWD_IPIP {
+        // The outer header carries the inner length, and a "too big" answer
+        // quotes it: a length beyond the frame is a lie, dropped before the
+        // MTU is judged by it (never answered: no reply to a malformed packet).
+        if pkt.l3_len as u64 > frame_len.saturating_sub(parse::ETH_LEN as u64) {
+            return (XDP_DROP, reasons::DROP_MALFORMED_L4);
+        }
+        if let Some(cfg) = CONFIG.get(0)
+            && exceeds_mtu(&pkt, cfg)
+        {
+            // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
+            return if track { icmp::too_big(ctx, &pkt, cfg) } else { (XDP_DROP, reasons::DROP_TOO_BIG) };
+        }
     }
     let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     let chosen = if vip.forwarding == FWD_NAT {
@@ -156,7 +176,7 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
             Some(eth) => unsafe { (*eth).src },
             None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
-        nat::choose_backend(&pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
+        nat::choose_backend(ctx, &pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
     } else {
         choose_backend(&pkt.flow, &vip, hash, new_connection, track, obs)
     };
@@ -293,11 +313,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, has
         return nat::forward(ctx, pkt, backend, cfg);
     }
     let result = if vip.forwarding == FWD_IPIP {
-        // The MTU was checked before the flow was tracked (`exceeds_mtu`).
-        // The outer header carries the inner length: it must be the frame's.
-        if pkt.l3_len as usize > ctx.data_end() - ctx.data() - parse::ETH_LEN {
-            return (XDP_DROP, reasons::DROP_MALFORMED_L4);
-        }
+        // The length (against the frame) and the MTU were checked before
+        // the flow was tracked, in `balance`.
         if pkt.flow.family == FAMILY_V4 {
             encap::ipip4(ctx, backend, cfg, pkt.l3_len, pkt.tos, hash)
         } else {

@@ -68,7 +68,7 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(D
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);
 
-/// Decapsulation program counters: [decapsulated, passed untouched]. Written here.
+/// Decapsulation program counters: [decapsulated, refused IP-in-IP (dropped)]. Written here.
 #[map]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 

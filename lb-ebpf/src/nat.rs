@@ -9,15 +9,16 @@
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_TX},
     },
     helpers::bpf_ktime_get_ns,
     programs::XdpContext,
 };
 use lb_common::{
     maps::{
-        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_CLOSED, NAT_CLOSING,
+        BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FAMILY_V4, FlowKey, LbConfig, NAT_ANSWERED, NAT_CLOSED, NAT_CLOSING,
         NAT_EMBRYONIC, NAT_OPEN, NatFlow, NatReply, PROTO_TCP, PROTO_UDP, TX_PORT_BACKEND, TX_PORT_CLIENT, VipMeta,
+        nat_unconfirmed,
     },
     reasons,
 };
@@ -25,18 +26,12 @@ use lb_common::{
 use crate::{
     count_conntrack, maglev_pick,
     maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS},
-    parse::{ETH_LEN, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, TCP_FIN, TCP_RST, ptr_at},
+    parse::{ETH_LEN, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     trace::Observe,
 };
 
 /// bpf_map_update_elem's answer when BPF_NOEXIST finds the key taken.
 const EEXIST: i32 = 17;
-
-/// The client's MAC is copied into the reply entry when a client packet is
-/// the first of its connection in a new 2^30 ns (about 1 s) slice: a router
-/// that changed MAC is followed within a second, at one extra lookup per
-/// connection and second, not per packet.
-const MAC_REFRESH_SHIFT: u32 = 30;
 
 #[inline(always)]
 fn fold(mut s: u32) -> u16 {
@@ -58,21 +53,31 @@ fn diff(sum: u32, old: &[u32; 4], new: &[u32; 4], words: usize) -> u32 {
     s
 }
 
-/// The new state after a client or backend packet with these flags. An
-/// embryonic connection stays so whatever the client sends (a spoofer's RST
-/// or FIN must not buy it the longer closed timeout): only the backend's
-/// reply opens it (`reply`).
+/// The new state of an open (or closing) connection after a client or
+/// backend packet with these flags. Unconfirmed connections do not come
+/// here: a spoofer's RST or FIN must not buy one the longer closed timeout.
 #[inline(always)]
 fn next_state(state: u8, flags: u8) -> u8 {
-    if state == NAT_EMBRYONIC {
-        state
-    } else if flags & TCP_RST != 0 {
+    if flags & TCP_RST != 0 {
         NAT_CLOSED
     } else if flags & TCP_FIN != 0 && state < NAT_CLOSING {
         NAT_CLOSING
     } else {
         state
     }
+}
+
+/// A 32-bit word of the TCP header (host order): 4 the sequence number,
+/// 8 the acknowledgment number.
+#[inline(always)]
+fn tcp_word(ctx: &XdpContext, pkt: &Packet, at: usize) -> Option<u32> {
+    // Bounded for the verifier, as in `rewrite`.
+    if pkt.l4_off > 600 {
+        return None;
+    }
+    let p = ptr_at::<u32>(ctx, pkt.l4_off + at)?;
+    // SAFETY: ptr_at checked that the 4 bytes lie within the frame.
+    Some(u32::from_be(unsafe { p.read_unaligned() }))
 }
 
 /// The IPv4 TTL or IPv6 hop limit.
@@ -89,16 +94,17 @@ fn hop_limit(ctx: &XdpContext, pkt: &Packet) -> Option<u8> {
     }
 }
 
-/// A packet NAT would forward but whose TTL / hop limit is 1 or less: it
-/// goes to the kernel untouched, which answers "time exceeded" as a router
-/// must (RFC 1812 5.3.1), counted as `pass_malformed_l3` (its IP header says
-/// it can go no further). None if it may be forwarded. Checked before any
-/// state is created or refreshed.
+/// A packet NAT would forward but whose TTL / hop limit is 1 or less: it is
+/// dropped, counted as `drop_malformed_l4`. Never passed: the balancer's own
+/// stack may hold the VIP (keepalived, lo) and would deliver it to a local
+/// service on the VIP's port. No "time exceeded" is sent (a router's duty,
+/// RFC 1812 5.3.1; traceroute stops one hop early). None if it may be
+/// forwarded. Checked before any state is created or refreshed.
 #[inline(always)]
 pub fn last_hop(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
     match hop_limit(ctx, pkt) {
         Some(hops) if hops > 1 => None,
-        _ => Some((XDP_PASS, reasons::PASS_MALFORMED_L3)),
+        _ => Some((XDP_DROP, reasons::DROP_MALFORMED_L4)),
     }
 }
 
@@ -192,9 +198,13 @@ fn send(ctx: &XdpContext, slot: u32, ifindex: u32) -> Result<u32, u32> {
 /// Only a SYN starts a TCP connection: another segment of an untracked
 /// 5-tuple (a spoofed ACK, or a connection the table forgot) is refused,
 /// counted as `drop_malformed_l4`, and creates nothing. A UDP datagram starts
-/// a flow, embryonic until the backend answers.
+/// a flow. A frame from a group (multicast/broadcast) source MAC is refused
+/// the same way: replies would flood. The client's MAC is taken from the
+/// packet that creates (or, on a reused port, restarts) the connection and
+/// from the ACK that opens it, from no other.
 #[inline(always)]
 pub fn choose_backend(
+    ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
     hash: impl Fn() -> u32,
@@ -202,6 +212,9 @@ pub fn choose_backend(
     client_mac: [u8; 6],
     obs: &mut impl Observe,
 ) -> Result<(u32, Backend), u32> {
+    if client_mac[0] & 1 != 0 {
+        return Err(reasons::DROP_MALFORMED_L4);
+    }
     // SAFETY: a helper without arguments or side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let tracked = NAT_FLOWS.get_ptr_mut(&pkt.flow);
@@ -211,34 +224,15 @@ pub fn choose_backend(
         let backend = BACKENDS.get(e.backend_id).filter(|b| b.generation == e.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
-                // A SYN on a connection that closed is a new one reusing the
-                // client's port: embryonic again, in both directions. A SYN on
-                // an open one (a retransmission, or a spoofer's) changes nothing.
-                let reused = new_connection && (e.state == NAT_CLOSING || e.state == NAT_CLOSED);
-                let state = if reused { NAT_EMBRYONIC } else { next_state(e.state, pkt.tcp_flags) };
-                // SAFETY: as above; concurrent writers store whole fields of a live entry.
-                unsafe {
-                    (*entry).last_seen_ns = now;
-                    (*entry).state = state;
-                }
-                if (reused || now >> MAC_REFRESH_SHIFT != e.last_seen_ns >> MAC_REFRESH_SHIFT)
-                    && let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b))
-                {
-                    // SAFETY: a value pointer from a map lookup, valid for this program run.
-                    unsafe {
-                        (*r).client_mac = client_mac;
-                        if reused {
-                            (*r).state = NAT_EMBRYONIC;
-                            (*r).last_seen_ns = now;
-                        }
-                    }
-                }
+                client_side(ctx, pkt, entry, &e, b, now, client_mac);
                 count_conntrack(reasons::CONNTRACK_HIT, obs);
                 return Ok((e.backend_id, *b));
             }
             Some(b) if b.state == BACKEND_DRAINING => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
             // A tracked connection whose backend went: chosen again (even
-            // mid-stream, so the new backend can reset it), embryonic.
+            // mid-stream, so the new backend can reset it), embryonic. The
+            // one case where a segment other than a SYN writes state: it
+            // replaces an entry a connection already had.
             _ => count_conntrack(reasons::CONNTRACK_STALE, obs),
         }
     } else {
@@ -248,8 +242,14 @@ pub fn choose_backend(
         }
     }
     let (id, b) = maglev_pick(vip, hash(), obs)?;
-    let flow =
-        NatFlow { backend_id: id, generation: b.generation, last_seen_ns: now, state: NAT_EMBRYONIC, _pad: [0; 7] };
+    let flow = NatFlow {
+        backend_id: id,
+        generation: b.generation,
+        last_seen_ns: now,
+        state: NAT_EMBRYONIC,
+        _pad: [0; 3],
+        backend_isn: 0,
+    };
     // A stale entry is replaced; a missing one is created only if no other
     // CPU created it meanwhile.
     let flags = (if tracked.is_some() { BPF_ANY } else { BPF_NOEXIST }) as u64;
@@ -300,6 +300,65 @@ pub fn choose_backend(
     Err(reasons::DROP_NAT_TABLE_FULL)
 }
 
+/// A client packet of a tracked connection whose backend is live: moves
+/// its state. An unconfirmed connection (embryonic, answered) keeps its
+/// creation time as `last_seen_ns` whatever the client sends, so a spoofer
+/// repeating its SYN cannot keep it; it opens only on the client's ACK of
+/// the backend's SYN-ACK (UDP: a datagram after the backend's reply). A SYN
+/// on a closed connection is a new one reusing the client's port: embryonic
+/// again, in both directions. A SYN on an open one (a retransmission, or a
+/// spoofer's) changes nothing but `last_seen_ns`.
+#[inline(always)]
+fn client_side(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    entry: *mut NatFlow,
+    e: &NatFlow,
+    b: &Backend,
+    now: u64,
+    client_mac: [u8; 6],
+) {
+    let tcp = pkt.flow.protocol == PROTO_TCP;
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let (state, mac) = if tcp && syn && (e.state == NAT_CLOSING || e.state == NAT_CLOSED) {
+        (NAT_EMBRYONIC, true)
+    } else if e.state == NAT_ANSWERED {
+        if !tcp {
+            (NAT_OPEN, false)
+        } else if pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
+            && tcp_word(ctx, pkt, 8) == Some(e.backend_isn.wrapping_add(1))
+        {
+            (next_state(NAT_OPEN, pkt.tcp_flags), true)
+        } else {
+            return;
+        }
+    } else if nat_unconfirmed(e.state) {
+        return;
+    } else {
+        // SAFETY: a value pointer from a map lookup; concurrent writers store whole fields of a live entry.
+        unsafe {
+            (*entry).last_seen_ns = now;
+            (*entry).state = next_state(e.state, pkt.tcp_flags);
+        }
+        return;
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        (*entry).state = state;
+    }
+    if let Some(r) = NAT_REVERSE.get_ptr_mut(&reply_key(pkt, b)) {
+        // SAFETY: a value pointer from a map lookup, valid for this program run.
+        unsafe {
+            if mac {
+                (*r).client_mac = client_mac;
+            }
+            (*r).state = if state == NAT_EMBRYONIC { NAT_EMBRYONIC } else { NAT_OPEN };
+            (*r).last_seen_ns = now;
+        }
+    }
+}
+
 /// The connection another CPU created for this 5-tuple while we chose, if
 /// its backend is still the one it chose; it also wrote the reply entry.
 #[inline(always)]
@@ -348,43 +407,62 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cfg: &LbConfig
 }
 
 /// The way out: a reply of a tracked connection goes back from the VIP to
-/// the client. The first reply opens an embryonic connection, both
-/// directions. None if the packet is not such a reply.
+/// the client. None if the packet is not such a reply, or did not come from
+/// the backend side: in on the backend-facing interface (two-armed), from
+/// the connection's backend's MAC (one-armed, where clients share the
+/// interface). A client-side host cannot forge one to open a connection.
+///
+/// An unconfirmed connection's entries keep their creation time: the
+/// backend's SYN-ACK (its retransmissions too) moves them to ANSWERED and
+/// leaves its sequence number for the client's ACK to acknowledge; for UDP
+/// any reply does.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Observe) -> Option<(u32, u32)> {
     let entry = NAT_REVERSE.get_ptr_mut(&pkt.flow)?;
     // SAFETY: a value pointer from a map lookup, valid for this program run.
     let r = unsafe { *entry };
+    let one_armed = cfg.backend_ifindex == cfg.client_ifindex;
+    if !one_armed && ctx.ingress_ifindex() != cfg.backend_ifindex as usize {
+        return None;
+    }
+    let client_side = FlowKey {
+        src: pkt.flow.dst,
+        dst: r.vip_addr,
+        sport: pkt.flow.dport,
+        dport: r.vip_port,
+        protocol: pkt.flow.protocol,
+        family: pkt.flow.family,
+        _pad: [0; 2],
+    };
+    let unconfirmed = nat_unconfirmed(r.state);
+    let flow = if one_armed || unconfirmed { NAT_FLOWS.get_ptr_mut(&client_side) } else { None };
+    if one_armed && !from_backend(ctx, flow) {
+        return None;
+    }
     obs.nat_reply(&r);
     if let Some(done) = last_hop(ctx, pkt) {
         return Some(done);
     }
-    let state = if r.state == NAT_EMBRYONIC {
-        let client_side = FlowKey {
-            src: pkt.flow.dst,
-            dst: r.vip_addr,
-            sport: pkt.flow.dport,
-            dport: r.vip_port,
-            protocol: pkt.flow.protocol,
-            family: pkt.flow.family,
-            _pad: [0; 2],
-        };
-        if let Some(f) = NAT_FLOWS.get_ptr_mut(&client_side) {
-            // SAFETY: a value pointer from a map lookup, valid for this program run.
+    if unconfirmed {
+        let answer =
+            pkt.flow.protocol != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
+        if answer && let Some(f) = flow {
+            let isn = if pkt.flow.protocol == PROTO_TCP { tcp_word(ctx, pkt, 4).unwrap_or(0) } else { 0 };
+            // SAFETY: value pointers from map lookups, valid for this program run.
             unsafe {
-                if (*f).state == NAT_EMBRYONIC {
-                    (*f).state = NAT_OPEN;
+                if nat_unconfirmed((*f).state) {
+                    (*f).backend_isn = isn;
+                    (*f).state = NAT_ANSWERED;
+                    (*entry).state = NAT_ANSWERED;
                 }
             }
         }
-        NAT_OPEN
     } else {
-        r.state
-    };
-    // SAFETY: as above.
-    unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
-        (*entry).state = next_state(state, pkt.tcp_flags);
+        // SAFETY: as above; concurrent writers store whole fields of a live entry.
+        unsafe {
+            (*entry).last_seen_ns = bpf_ktime_get_ns();
+            (*entry).state = next_state(r.state, pkt.tcp_flags);
+        }
     }
     if rewrite(ctx, pkt, true, &r.vip_addr, r.vip_port).is_none() {
         return Some((XDP_DROP, reasons::DROP_MALFORMED_L4));
@@ -399,4 +477,19 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Obse
         Ok(action) => (action, reasons::NAT_REPLY),
         Err(reason) => (XDP_DROP, reason),
     })
+}
+
+/// One-armed: whether the frame's source MAC is that of the connection's
+/// backend (or its next hop), as BACKENDS has it now. A reply entry whose
+/// client-side entry is gone, or whose backend slot went to another
+/// server, has no backend to come from.
+#[inline(always)]
+fn from_backend(ctx: &XdpContext, flow: Option<*mut NatFlow>) -> bool {
+    let Some(f) = flow else { return false };
+    // SAFETY: a value pointer from a map lookup, valid for this program run.
+    let (id, generation) = unsafe { ((*f).backend_id, (*f).generation) };
+    let (Some(b), Some(eth)) = (BACKENDS.get(id), ptr_at::<EthHdr>(ctx, 0)) else { return false };
+    // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
+    let src = unsafe { (*eth).src };
+    b.generation == generation && src == b.mac
 }

@@ -125,6 +125,8 @@ pub struct Packet {
 
 /// An ICMP or ICMPv6 message (not a fragment).
 pub struct Icmp {
+    /// The sender's address (the family is `dst`'s), as in `FlowKey`.
+    pub src: [u32; 4],
     pub dst: AddrKey,
     /// Length of the IP packet from its own header.
     pub l3_len: u32,
@@ -180,7 +182,8 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     let (sport, dport, tcp_flags) = match ports(ctx, ip.protocol, ETH_LEN + ihl) {
         Ports::Found(s, d, f) => (s, d, f),
         Ports::NotTcpUdp if ip.protocol == IPPROTO_ICMP => {
-            return Parsed::Icmp(Icmp { dst, l3_len: tot_len as u32, tos: ip.tos, l4_off: ETH_LEN + ihl });
+            let src = v4_words(&ip.src);
+            return Parsed::Icmp(Icmp { src, dst, l3_len: tot_len as u32, tos: ip.tos, l4_off: ETH_LEN + ihl });
         }
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),
@@ -247,7 +250,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         Ports::NotTcpUdp if next == IPPROTO_ICMPV6 => {
             let l3_len = u16::from_be(ip.payload_len) as u32 + core::mem::size_of::<Ipv6Hdr>() as u32;
             let tos = (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4);
-            return Parsed::Icmp(Icmp { dst, l3_len, tos, l4_off: off });
+            return Parsed::Icmp(Icmp { src: v6_words(&ip.src), dst, l3_len, tos, l4_off: off });
         }
         Ports::NotTcpUdp => return Parsed::OtherProto(dst),
         Ports::Truncated => return Parsed::MalformedL4(dst),

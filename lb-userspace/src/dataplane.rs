@@ -499,7 +499,8 @@ impl Dataplane {
         Ok(self.trace_lost.get(&0, 0).context("reading the TRACE_LOST map failed")?.iter().sum())
     }
 
-    /// Decapsulation program counters: (decapsulated, passed untouched).
+    /// Decapsulation program counters: (decapsulated, refused): refused is
+    /// IP-in-IP the program dropped (filter, or inner header cut).
     pub fn decap_counters(&self) -> Result<(u64, u64)> {
         let get = |i: u32| -> Result<u64> { Ok(self.decap_stats.get(&i, 0)?.iter().sum()) };
         Ok((get(0)?, get(1)?))

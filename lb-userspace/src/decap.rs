@@ -6,7 +6,8 @@
 //! loaded (`lb_common::decap`), not into a map: the program is this
 //! command's own, nothing of it is shared with a running balancer, and a
 //! new filter is a new program swapped into the pinned link (run the
-//! command again).
+//! command again). IP-in-IP the filter refuses is dropped, not passed: a
+//! kernel ipip device on the backend would decapsulate it past the filter.
 
 use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 
@@ -168,7 +169,7 @@ pub fn attach(pin_root: &Path, opts: &Options) -> Result<attach::Attached> {
     let how = attach::attach(&mut dp, programs::DECAP, &opts.iface, opts.mode, &dir.join("decap_link"))?;
     info!(
         interface = opts.iface,
-        "decapsulating IP-in-IP from outer sources {} to inner destinations {}",
+        "decapsulating IP-in-IP from outer sources {} to inner destinations {}; other IP-in-IP is dropped",
         list(&opts.allow_sources),
         list(&opts.vips)
     );

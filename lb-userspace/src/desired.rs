@@ -3,7 +3,7 @@
 //! after every change and hands the result to the reconciler.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -15,6 +15,7 @@ use crate::{
     dataplane::MapSizes,
     dns::NameState,
     health,
+    neighbours::Via,
     reconcile::{BackendSpec, Forwarding, VipSpec},
 };
 
@@ -356,28 +357,63 @@ pub fn own_address_conflicts(config: &Config, own: &[crate::addr::LocalAddr]) ->
 }
 
 /// DSR backends (and sorry servers) reached through a gateway: one message
-/// each, naming the VIP, the backend, the gateway and the fix. DSR changes
-/// only the MAC and keeps the VIP as the IP destination, so a router that
-/// received the frame would route it by the VIP: back to this balancer, or
-/// nowhere. IP-in-IP and NAT rewrite the destination and may be routed.
-/// `gateway` answers from the routing table; `iface` is the balanced interface.
-pub fn routed_dsr_backends(config: &Config, gateway: impl Fn(IpAddr) -> Option<IpAddr>, iface: &str) -> Vec<String> {
+/// each, naming the VIP, the backend as configured (its name too, for one
+/// that DNS resolved), how it is reached and the fix. DSR changes only the
+/// MAC and keeps the VIP as the IP destination, so a router that received
+/// the frame would route it by the VIP: back to this balancer, or nowhere.
+/// IP-in-IP and NAT rewrite the destination and may be routed.
+///
+/// `config` is the file; a backend name counts at the addresses `names`
+/// holds for it now (one not resolved yet is checked by the resolution
+/// rounds when it is: left out, warned). With `running` (a reload: the
+/// configuration in force, names expanded), only backends the reload brings
+/// to DSR count: ones their VIP did not have, or had with other forwarding.
+/// A backend already serving whose route moved behind a gateway is left out
+/// at run time (see `Observed::mac_for`), and must not hold back every
+/// later reload. `gateway` answers from the routing table; `iface` is the
+/// balanced interface.
+pub fn routed_dsr_backends(
+    config: &Config,
+    names: &BTreeMap<String, NameState>,
+    running: Option<&Config>,
+    gateway: impl Fn(IpAddr) -> Option<Via>,
+    iface: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
     for v in config.vips.iter().filter(|v| v.forwarding == Forwarding::Dsr) {
-        let sorry = match v.on_all_down {
-            OnAllDown::SorryServer { address, .. } => Some(address),
-            _ => None,
-        };
-        let mut addrs: Vec<IpAddr> = v.backends.iter().map(|b| b.address).chain(sorry).collect();
-        addrs.sort();
-        addrs.dedup();
-        for a in addrs {
-            if let Some(gw) = gateway(a) {
+        let mut members: Vec<(IpAddr, String)> =
+            v.backends.iter().map(|b| (b.address, format!("backend {}", b.address))).collect();
+        for nb in &v.named_backends {
+            let Some(state) = names.get(&nb.name) else { continue };
+            let addrs =
+                state.current.iter().chain(state.obsolete.keys()).filter(|a| a.is_ipv4() == v.address.is_ipv4());
+            members.extend(addrs.map(|a| (*a, format!("backend {} ({a})", nb.name))));
+        }
+        if let OnAllDown::SorryServer { address, .. } = v.on_all_down {
+            members.push((address, format!("sorry server {address}")));
+        }
+        // What the running configuration already sends this VIP's DSR traffic to.
+        let serving: HashSet<IpAddr> = running
+            .and_then(|r| r.vips.iter().find(|o| o.name == v.name && o.forwarding == Forwarding::Dsr))
+            .map(|o| {
+                let sorry = match o.on_all_down {
+                    OnAllDown::SorryServer { address, .. } => Some(address),
+                    _ => None,
+                };
+                o.backends.iter().map(|b| b.address).chain(sorry).collect()
+            })
+            .unwrap_or_default();
+        let mut seen = HashSet::new();
+        for (a, label) in members {
+            if serving.contains(&a) || !seen.insert(a) {
+                continue;
+            }
+            if let Some(via) = gateway(a) {
                 out.push(format!(
-                    "vips `{}`: backend {a} of DSR VIP {} is reached through gateway {gw}, not on a network of \
-                     {iface}: DSR changes only the MAC and keeps the VIP as the IP destination, so the gateway \
-                     would route the packet by the VIP (back to this balancer, or nowhere); use forwarding: ipip, \
-                     or put the backend on a network of {iface}",
+                    "vips `{}`: {label} of DSR VIP {} is reached through {via}, not on a network of {iface}: DSR \
+                     changes only the MAC and keeps the VIP as the IP destination, so the gateway would route the \
+                     packet by the VIP (back to this balancer, or nowhere); use forwarding: ipip, or put the backend \
+                     on a network of {iface}",
                     v.name,
                     fmt_backend(v.address, v.port),
                 ));
@@ -426,10 +462,11 @@ fn vip_spec(v: &VipConfig, overrides: &Overrides, observed: &Observed) -> VipSpe
         .backends
         .iter()
         .map(|b| {
-            let bref = BackendRef::of(v, b.address, b.port);
             let mac = observed.mac_for(&b.address, v.forwarding);
             let healthy = observed.healthy.get(&health_key(v, b.address, b.port)).copied().unwrap_or(false);
-            let set = overrides.get(&bref).copied();
+            // Usually none: no key (a copy of the VIP's name) built per backend then.
+            let set =
+                if overrides.is_empty() { None } else { overrides.get(&BackendRef::of(v, b.address, b.port)).copied() };
             BackendSpec {
                 addr: b.address,
                 port: b.port.unwrap_or(0),
@@ -614,7 +651,7 @@ mod tests {
         ]);
         let text = "vips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    backends:\n      - address: 198.18.0.11\n      - address: 198.19.5.5\n  - name: tunnel\n    address: 198.18.100.2\n    port: 80\n    forwarding: ipip\n    backends:\n      - address: 198.19.5.6\n";
         let c = config::parse("c.yaml", text).unwrap();
-        let found = routed_dsr_backends(&c, |x| routes.gateway(x), "lb0");
+        let found = routed_dsr_backends(&c, &BTreeMap::new(), None, |x| routes.gateway(x), "lb0");
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].starts_with(
@@ -636,6 +673,78 @@ mod tests {
         let up: Vec<bool> = specs[0].backends.iter().map(|b| b.healthy).collect();
         assert_eq!(up, [true, false], "DSR: the routed backend is out");
         assert!(specs[1].backends[0].healthy, "IP-in-IP may be routed");
+    }
+
+    /// The file's DSR backends and sorry server, a name's addresses (named as
+    /// configured), a multipath route; `routes` routes 198.19.5.0/24 via
+    /// 198.18.0.254 and 198.19.7.0/24 over two gateways.
+    fn routed(text: &str, names: &[(&str, &[&str])], running: Option<&Config>) -> Vec<String> {
+        let a = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut routes = crate::neighbours::Routes::from_routes(&[
+            (a("198.18.0.0"), 24, None, 2),
+            (a("198.19.5.0"), 24, Some(a("198.18.0.254")), 2),
+        ]);
+        routes.add_multipath(a("198.19.7.0"), 24, &[(a("198.18.0.253"), 2), (a("198.18.0.254"), 2)]);
+        let c = config::parse("c.yaml", text).unwrap();
+        let mut states = BTreeMap::new();
+        for (name, addrs) in names {
+            let mut state = NameState::default();
+            state.current.extend(addrs.iter().map(|s| a(s)));
+            states.insert(name.to_string(), state);
+        }
+        routed_dsr_backends(&c, &states, running, |x| routes.gateway(x), "lb0")
+    }
+
+    const DSR_VIP: &str = "vips:\n  - name: web\n    address: 198.18.100.1\n    port: 80\n    on_all_down: sorry_server\n    sorry_server: {address: 198.19.5.99}\n    backends:\n      - address: 198.18.0.11\n      - address: web.pool.test\n      - address: 198.19.7.7\n";
+
+    #[test]
+    fn named_backends_sorry_servers_and_multipath_routes_are_checked_too() {
+        let found = routed(DSR_VIP, &[("web.pool.test", &["198.18.0.12", "198.19.5.5", "2001:db8::5"])], None);
+        let starts: Vec<&str> = found.iter().map(|l| l.split(", not on a network").next().unwrap()).collect();
+        assert_eq!(
+            starts,
+            [
+                "vips `web`: backend 198.19.7.7 of DSR VIP 198.18.100.1:80 is reached through a multipath route via \
+                 gateways 198.18.0.253, 198.18.0.254",
+                "vips `web`: backend web.pool.test (198.19.5.5) of DSR VIP 198.18.100.1:80 is reached through gateway \
+                 198.18.0.254",
+                "vips `web`: sorry server 198.19.5.99 of DSR VIP 198.18.100.1:80 is reached through gateway \
+                 198.18.0.254",
+            ]
+        );
+        // A name not resolved yet has no address to check.
+        assert_eq!(routed(DSR_VIP, &[], None).len(), 2);
+    }
+
+    /// A reload is refused only for what it brings to DSR: a backend that
+    /// already serves and whose route changed at run time is left out by
+    /// the resolution rounds, and must not block unrelated edits.
+    #[test]
+    fn a_reload_is_checked_only_for_backends_it_brings_to_dsr() {
+        let names: &[(&str, &[&str])] = &[("web.pool.test", &["198.19.5.5"])];
+        let running = config::parse("c.yaml", DSR_VIP).unwrap();
+        let mut states = BTreeMap::new();
+        let mut state = NameState::default();
+        state.current.insert("198.19.5.5".parse().unwrap());
+        states.insert("web.pool.test".to_string(), state);
+        let running = expand_names(&running, &states);
+        // The same file, or an unrelated edit: nothing new to refuse.
+        assert_eq!(routed(DSR_VIP, names, Some(&running)), Vec::<String>::new());
+        let edited =
+            DSR_VIP.replace("      - address: 198.18.0.11\n", "      - address: 198.18.0.11\n        weight: 3\n");
+        assert_eq!(routed(&edited, names, Some(&running)), Vec::<String>::new());
+        // A routed backend the reload adds is refused.
+        let added = format!("{DSR_VIP}      - address: 198.19.5.6\n");
+        let found = routed(&added, names, Some(&running));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("vips `web`: backend 198.19.5.6 of DSR VIP"), "{}", found[0]);
+        // A VIP switched to DSR from IP-in-IP: all its routed backends are new to DSR.
+        let ipip = DSR_VIP.replace("    port: 80\n", "    port: 80\n    forwarding: ipip\n");
+        let running_ipip = expand_names(&config::parse("c.yaml", &ipip).unwrap(), &states);
+        assert_eq!(routed(DSR_VIP, names, Some(&running_ipip)).len(), 3);
+        // A VIP of another name is another VIP.
+        let renamed = DSR_VIP.replace("name: web\n", "name: www\n");
+        assert_eq!(routed(&renamed, names, Some(&running)).len(), 3);
     }
 
     #[test]

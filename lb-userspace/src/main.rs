@@ -197,7 +197,9 @@ enum Cmd {
         /// Decapsulate only packets whose outer source is in PREFIX (ADDRESS/LEN
         /// or ADDRESS; repeatable): the balancers' ipip_source_v4 and
         /// ipip_source_v6. Default: any source (a warning says so). Other
-        /// IP-in-IP packets pass to the stack untouched.
+        /// IP-in-IP packets are dropped (counted refused), so that a kernel
+        /// ipip device (tunl0) cannot decapsulate them; traffic that is not
+        /// IP-in-IP passes untouched.
         #[arg(long = "allow-source", value_name = "PREFIX")]
         allow_source: Vec<lb_userspace::decap::SourcePrefix>,
         /// Decapsulate only packets whose inner destination is ADDRESS

@@ -20,7 +20,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     sync::Arc,
     time::Duration,
 };
@@ -28,17 +28,97 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
+    AddressFamily,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Route {
     dst: Option<IpAddr>,
     len: u8,
+    /// RTA_PRIORITY: of routes with the same prefix the kernel uses the lowest.
+    metric: u32,
     gateway: Option<IpAddr>,
     oif: Option<u32>,
+    /// A multipath route's next hops (RTA_MULTIPATH): gateway, interface.
+    nexthops: Vec<(Option<IpAddr>, u32)>,
+    /// The nexthop object the route uses (RTA_NH_ID); with
+    /// `nexthop_compat_mode` off the dump says nothing more.
+    nh_id: Option<u32>,
+}
+
+impl Route {
+    /// The main table's unicast route `r` says, if it is one.
+    fn from_message(r: &RouteMessage) -> Option<Self> {
+        if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
+            return None;
+        }
+        let mut route = Route { len: r.header.destination_prefix_length, ..Route::default() };
+        for attr in &r.attributes {
+            match attr {
+                RouteAttribute::Destination(d) => route.dst = route_addr(d),
+                RouteAttribute::Gateway(g) => route.gateway = route_addr(g),
+                RouteAttribute::Oif(i) => route.oif = Some(*i),
+                RouteAttribute::Priority(p) => route.metric = *p,
+                RouteAttribute::NhId(id) => route.nh_id = Some(*id),
+                RouteAttribute::MultiPath(hops) => {
+                    route.nexthops = hops
+                        .iter()
+                        .map(|h| {
+                            let gateway = h.attributes.iter().find_map(|a| match a {
+                                RouteAttribute::Gateway(g) => route_addr(g),
+                                _ => None,
+                            });
+                            (gateway, h.interface_index)
+                        })
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        if route.dst.is_none() {
+            // The default route.
+            route.dst = Some(match r.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            });
+        }
+        Some(route)
+    }
+
+    /// Its next hops: (gateway, interface), one unless multipath.
+    fn hops(&self) -> Vec<(Option<IpAddr>, Option<u32>)> {
+        if self.nexthops.is_empty() {
+            vec![(self.gateway, self.oif)]
+        } else {
+            self.nexthops.iter().map(|&(g, i)| (g, Some(i))).collect()
+        }
+    }
+}
+
+/// How an address that is not on a connected network is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    Gateway(IpAddr),
+    /// A multipath route: the kernel spreads flows over these gateways.
+    Multipath(Vec<IpAddr>),
+    /// A nexthop object the routing table dump does not spell out.
+    NexthopObject(u32),
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Gateway(g) => write!(f, "gateway {g}"),
+            Via::Multipath(gs) => {
+                let gs: Vec<String> = gs.iter().map(ToString::to_string).collect();
+                write!(f, "a multipath route via gateways {}", gs.join(", "))
+            }
+            Via::NexthopObject(id) => write!(f, "nexthop object {id}"),
+        }
+    }
 }
 
 /// The main routing table (unicast routes, both families), as one dump read it.
@@ -46,27 +126,57 @@ struct Route {
 pub struct Routes(Vec<Route>);
 
 impl Routes {
-    /// The route toward `dst`: the longest matching prefix (policy routing
+    /// The route toward `dst`, as the kernel picks it from the main table:
+    /// the longest matching prefix, then the lowest metric (policy routing
     /// is not consulted).
     fn lookup(&self, dst: IpAddr) -> Option<&Route> {
-        self.0.iter().filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst))).max_by_key(|r| r.len)
+        self.0
+            .iter()
+            .filter(|r| r.dst.is_some_and(|d| contains(d, r.len, dst)))
+            .max_by_key(|r| (r.len, std::cmp::Reverse(r.metric)))
     }
 
-    /// The gateway `dst` is reached through, if its route has one (None: on
-    /// a directly connected network, or no route at all).
-    pub fn gateway(&self, dst: IpAddr) -> Option<IpAddr> {
-        self.lookup(dst)?.gateway.filter(|g| *g != dst)
+    /// How `dst` is reached if not directly: the gateway of its route, the
+    /// gateways of a multipath route (a gateway among them makes it routed),
+    /// or a nexthop object the dump did not spell out. None: on a directly
+    /// connected network, or no route at all.
+    pub fn gateway(&self, dst: IpAddr) -> Option<Via> {
+        let route = self.lookup(dst)?;
+        if route.nexthops.is_empty() && route.gateway.is_none() && route.oif.is_none() {
+            return route.nh_id.map(Via::NexthopObject);
+        }
+        let mut gateways: Vec<IpAddr> = route.hops().into_iter().filter_map(|(g, _)| g).filter(|g| *g != dst).collect();
+        gateways.sort();
+        gateways.dedup();
+        match (route.nexthops.is_empty(), gateways.len()) {
+            (_, 0) => None,
+            (true, _) => Some(Via::Gateway(gateways[0])),
+            (false, _) => Some(Via::Multipath(gateways)),
+        }
     }
 
-    /// A table of `(prefix, length, gateway, interface index)` routes.
+    /// A table of `(prefix, length, gateway, interface index)` routes, metric 0.
     #[cfg(test)]
     pub(crate) fn from_routes(routes: &[(IpAddr, u8, Option<IpAddr>, u32)]) -> Self {
         Self(
             routes
                 .iter()
-                .map(|&(dst, len, gateway, oif)| Route { dst: Some(dst), len, gateway, oif: Some(oif) })
+                .map(|&(dst, len, gateway, oif)| Route {
+                    dst: Some(dst),
+                    len,
+                    gateway,
+                    oif: Some(oif),
+                    ..Route::default()
+                })
                 .collect(),
         )
+    }
+
+    /// Adds a multipath route over `(gateway, interface index)` next hops.
+    #[cfg(test)]
+    pub(crate) fn add_multipath(&mut self, dst: IpAddr, len: u8, hops: &[(IpAddr, u32)]) {
+        let nexthops = hops.iter().map(|&(g, i)| (Some(g), i)).collect();
+        self.0.push(Route { dst: Some(dst), len, nexthops, ..Route::default() });
     }
 }
 
@@ -194,32 +304,10 @@ impl Neighbours {
     /// The main routing table, both families: one dump, however many backends.
     async fn dump_routes(&self) -> Result<Routes> {
         let mut out = Vec::new();
-        for msg in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
+        for msg in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
             let mut dump = self.handle.route().get(msg).execute();
             while let Some(r) = dump.try_next().await.context("dumping the routing table failed")? {
-                if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
-                    continue;
-                }
-                let mut route = Route { dst: None, len: r.header.destination_prefix_length, gateway: None, oif: None };
-                for attr in &r.attributes {
-                    match attr {
-                        RouteAttribute::Destination(d) => route.dst = route_addr(d),
-                        RouteAttribute::Gateway(g) => route.gateway = route_addr(g),
-                        RouteAttribute::Oif(i) => route.oif = Some(*i),
-                        _ => {}
-                    }
-                }
-                if route.dst.is_none() {
-                    // The default route.
-                    route.dst = Some(match r.header.address_family {
-                        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                        _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                    });
-                }
-                out.push(route);
+                out.extend(Route::from_message(&r));
             }
         }
         Ok(Routes(out))
@@ -246,21 +334,6 @@ impl Neighbours {
                 Err(e)
             }
         }
-    }
-
-    /// The next hop toward `dst`: longest-prefix match over the main table
-    /// (policy routing is not consulted).
-    fn next_hop(&self, routes: &Routes, dst: IpAddr) -> Result<(IpAddr, u32)> {
-        let route = routes.lookup(dst).ok_or_else(|| anyhow!("no route to {dst}"))?;
-        let Some(oif) = route.oif.filter(|o| self.ifaces.iter().any(|(i, _)| i == o)) else {
-            let other = route.oif.map_or("no interface".to_string(), |i| format!("interface index {i}"));
-            let names: Vec<&str> = self.ifaces.iter().map(|(_, n)| n.as_str()).collect();
-            bail!(
-                "the route to {dst} leaves through {other}, not {}: xdplb can only send to backends reachable through the interfaces it is attached to",
-                names.join(" or ")
-            );
-        };
-        Ok((route.gateway.unwrap_or(dst), oif))
     }
 
     /// The interface's neighbour table: address → MAC, for usable entries.
@@ -319,7 +392,7 @@ impl Neighbours {
         self.routes = Some(routes.clone());
         let mut out = HashMap::new();
         for &addr in addrs {
-            let r = match self.next_hop(&routes, addr) {
+            let r = match next_hop(&self.ifaces, &routes, addr) {
                 Err(e) => Resolution::Unresolved(format!("{e:#}")),
                 Ok((nh, oif)) => match table.get(&(oif, nh)) {
                     Some(mac) => Resolution::Resolved { next_hop: nh, mac: *mac, ifindex: oif },
@@ -334,6 +407,34 @@ impl Neighbours {
         }
         Ok(out)
     }
+}
+
+/// The next hop toward `dst` by the main table (policy routing is not
+/// consulted); of a multipath route, the first next hop through one of
+/// our interfaces (XDP sends every flow the same way).
+fn next_hop(ifaces: &[(u32, String)], routes: &Routes, dst: IpAddr) -> Result<(IpAddr, u32)> {
+    let route = routes.lookup(dst).ok_or_else(|| anyhow!("no route to {dst}"))?;
+    let hops = route.hops();
+    if let Some((gateway, oif)) =
+        hops.iter().find_map(|&(g, o)| o.filter(|o| ifaces.iter().any(|(i, _)| i == o)).map(|o| (g, o)))
+    {
+        return Ok((gateway.unwrap_or(dst), oif));
+    }
+    if let (Some(id), [(None, None)]) = (route.nh_id, &hops[..]) {
+        bail!(
+            "the route to {dst} uses nexthop object {id}, which the routing table dump does not spell out \
+             (sysctl net.ipv4.nexthop_compat_mode is 0): xdplb cannot tell its interface"
+        );
+    }
+    let mut others: Vec<String> =
+        hops.iter().map(|(_, o)| o.map_or("no interface".to_string(), |i| format!("interface index {i}"))).collect();
+    others.dedup();
+    let names: Vec<&str> = ifaces.iter().map(|(_, n)| n.as_str()).collect();
+    bail!(
+        "the route to {dst} leaves through {}, not {}: xdplb can only send to backends reachable through the interfaces it is attached to",
+        others.join(" or "),
+        names.join(" or ")
+    );
 }
 
 fn connect() -> Result<(Handle, tokio::task::JoinHandle<()>)> {
@@ -354,7 +455,14 @@ fn solicit(addr: IpAddr) {
 mod tests {
     use std::time::Duration;
 
-    use super::{Misses, Neighbours, Resolution, Routes, WITHDRAW_AFTER, contains};
+    use std::net::IpAddr;
+
+    use netlink_packet_route::{
+        AddressFamily,
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteType},
+    };
+
+    use super::{Misses, Neighbours, Resolution, Route, Routes, Via, WITHDRAW_AFTER, contains, next_hop};
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
@@ -409,7 +517,6 @@ mod tests {
 
     #[test]
     fn prefixes_contain_addresses() {
-        let a = |s: &str| s.parse().unwrap();
         assert!(contains(a("198.18.0.0"), 24, a("198.18.0.77")));
         assert!(!contains(a("198.18.0.0"), 24, a("198.18.1.1")));
         assert!(contains(a("0.0.0.0"), 0, a("198.18.1.1")));
@@ -419,7 +526,6 @@ mod tests {
 
     #[test]
     fn a_gateway_is_named_only_for_a_routed_address() {
-        let a = |s: &str| s.parse().unwrap();
         let routes = Routes::from_routes(&[
             (a("198.18.0.0"), 24, None, 2),
             (a("198.19.5.0"), 24, Some(a("198.18.0.254")), 2),
@@ -429,10 +535,135 @@ mod tests {
             (a("198.19.6.6"), 32, Some(a("198.19.6.6")), 2),
         ]);
         assert_eq!(routes.gateway(a("198.18.0.11")), None, "connected");
-        assert_eq!(routes.gateway(a("198.19.5.5")), Some(a("198.18.0.254")));
-        assert_eq!(routes.gateway(a("203.0.113.9")), Some(a("198.18.0.1")), "the default route");
+        assert_eq!(routes.gateway(a("198.19.5.5")), Some(Via::Gateway(a("198.18.0.254"))));
+        assert_eq!(routes.gateway(a("203.0.113.9")), Some(Via::Gateway(a("198.18.0.1"))), "the default route");
         assert_eq!(routes.gateway(a("2001:db8::11")), None);
         assert_eq!(routes.gateway(a("2001:db8:9::1")), None, "no route: nothing to say");
         assert_eq!(routes.gateway(a("198.19.6.6")), None);
+    }
+
+    fn a(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn rta_addr(a: IpAddr) -> RouteAddress {
+        match a {
+            IpAddr::V4(v4) => RouteAddress::Inet(v4),
+            IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+        }
+    }
+
+    /// A main-table unicast route as the kernel dumps it (`ip route add
+    /// DST/LEN [via GW] [dev IF] [metric M]`, or with `nexthop` clauses).
+    fn message(dst: &str, len: u8, metric: Option<u32>, mut attrs: Vec<RouteAttribute>) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = if a(dst).is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        m.header.destination_prefix_length = len;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.kind = RouteType::Unicast;
+        if len > 0 {
+            attrs.push(RouteAttribute::Destination(rta_addr(a(dst))));
+        }
+        attrs.extend(metric.map(RouteAttribute::Priority));
+        m.attributes = attrs;
+        m
+    }
+
+    fn via(gw: &str, oif: u32) -> Vec<RouteAttribute> {
+        vec![RouteAttribute::Gateway(rta_addr(a(gw))), RouteAttribute::Oif(oif)]
+    }
+
+    fn dev(oif: u32) -> Vec<RouteAttribute> {
+        vec![RouteAttribute::Oif(oif)]
+    }
+
+    fn multipath(hops: &[(&str, u32)]) -> Vec<RouteAttribute> {
+        let hops = hops
+            .iter()
+            .map(|&(gw, oif)| {
+                let mut h = RouteNextHop::default();
+                h.interface_index = oif;
+                h.attributes = vec![RouteAttribute::Gateway(rta_addr(a(gw)))];
+                h
+            })
+            .collect();
+        vec![RouteAttribute::MultiPath(hops)]
+    }
+
+    fn table(msgs: &[RouteMessage]) -> Routes {
+        Routes(msgs.iter().filter_map(Route::from_message).collect())
+    }
+
+    /// `ip route add 198.19.5.0/24 dev lb0` and a backup `via 198.18.0.254
+    /// metric 200`: the kernel uses the connected one, whichever is listed first.
+    #[test]
+    fn of_equal_prefixes_the_lowest_metric_wins() {
+        let connected = message("198.19.5.0", 24, Some(100), dev(2));
+        let backup = message("198.19.5.0", 24, Some(200), via("198.18.0.254", 2));
+        for msgs in [[connected.clone(), backup.clone()], [backup.clone(), connected.clone()]] {
+            assert_eq!(table(&msgs).gateway(a("198.19.5.5")), None, "{msgs:?}");
+        }
+        // No metric attribute is metric 0 (IPv4's default): it beats any other.
+        let plain = message("198.19.5.0", 24, None, via("198.18.0.253", 2));
+        let routes = table(&[connected.clone(), plain]);
+        assert_eq!(routes.gateway(a("198.19.5.5")), Some(Via::Gateway(a("198.18.0.253"))));
+        // A longer prefix still wins over a lower metric.
+        let host = message("198.19.5.5", 32, Some(1000), via("198.18.0.252", 2));
+        assert_eq!(table(&[connected, backup, host]).gateway(a("198.19.5.5")), Some(Via::Gateway(a("198.18.0.252"))));
+        // IPv6: `metric 1024` is the kernel's default.
+        let v6 = [
+            message("2001:db8:5::", 64, Some(1024), via("2001:db8::fe", 2)),
+            message("2001:db8:5::", 64, Some(256), dev(2)),
+        ];
+        assert_eq!(table(&v6).gateway(a("2001:db8:5::5")), None);
+    }
+
+    /// `ip route add 198.19.5.0/24 nexthop via 198.18.0.253 nexthop via
+    /// 198.18.0.254`: no single gateway, but routed all the same.
+    #[test]
+    fn a_multipath_route_is_routed_and_names_its_gateways() {
+        let routes = table(&[
+            message("198.18.0.0", 24, None, dev(2)),
+            message("198.19.5.0", 24, None, multipath(&[("198.18.0.254", 2), ("198.18.0.253", 2)])),
+            message("0.0.0.0", 0, None, via("198.18.0.1", 2)),
+        ]);
+        let want = Via::Multipath(vec![a("198.18.0.253"), a("198.18.0.254")]);
+        assert_eq!(routes.gateway(a("198.19.5.5")), Some(want.clone()));
+        assert_eq!(want.to_string(), "a multipath route via gateways 198.18.0.253, 198.18.0.254");
+        assert_eq!(routes.gateway(a("198.18.0.11")), None);
+        // Resolution sends through the first next hop on our interface.
+        let lb0 = [(2, "lb0".to_string())];
+        assert_eq!(next_hop(&lb0, &routes, a("198.19.5.5")).unwrap(), (a("198.18.0.254"), 2));
+        let elsewhere = table(&[message("198.19.5.0", 24, None, multipath(&[("10.0.0.1", 7), ("10.0.0.2", 8)]))]);
+        let err = next_hop(&lb0, &elsewhere, a("198.19.5.5")).unwrap_err().to_string();
+        assert!(err.contains("leaves through interface index 7 or interface index 8, not lb0"), "{err}");
+    }
+
+    /// With `nexthop_compat_mode` off, a route through a nexthop object
+    /// carries only its id: nothing says the backend is connected.
+    #[test]
+    fn a_route_through_an_unspelled_nexthop_object_is_not_taken_as_connected() {
+        let routes = table(&[
+            message("198.18.0.0", 24, None, dev(2)),
+            message("198.19.5.0", 24, None, vec![RouteAttribute::NhId(7)]),
+            // With compat mode on, the dump spells out the object's gateway too.
+            message("198.19.6.0", 24, None, [vec![RouteAttribute::NhId(8)], via("198.18.0.254", 2)].concat()),
+        ]);
+        assert_eq!(routes.gateway(a("198.19.5.5")), Some(Via::NexthopObject(7)));
+        assert_eq!(routes.gateway(a("198.19.6.6")), Some(Via::Gateway(a("198.18.0.254"))));
+        let lb0 = [(2, "lb0".to_string())];
+        let err = next_hop(&lb0, &routes, a("198.19.5.5")).unwrap_err().to_string();
+        assert!(err.contains("uses nexthop object 7"), "{err}");
+    }
+
+    #[test]
+    fn other_tables_and_kinds_are_not_routes_to_backends() {
+        let mut local = message("198.19.5.0", 24, None, dev(2));
+        local.header.table = 255;
+        let mut blackhole = message("198.19.5.0", 24, None, vec![]);
+        blackhole.header.kind = RouteType::BlackHole;
+        assert_eq!(table(&[local, blackhole]), Routes::default());
+        let default = Route::from_message(&message("::", 0, None, via("fe80::1", 2))).unwrap();
+        assert_eq!((default.dst, default.len), (Some(a("::")), 0));
     }
 }

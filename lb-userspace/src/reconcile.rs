@@ -116,6 +116,11 @@ struct AppliedVip {
     backends: BTreeMap<BackendIdentity, AppliedBackend>,
     /// (id, maglev key, weight) of the backends in the table, sorted by id.
     table_members: Vec<(u32, u64, u32)>,
+    /// The spec last applied in full: an equal one changes nothing, and is
+    /// skipped without a look at its backends (a reload that edits one VIP
+    /// of thousands costs that VIP). None after a failed or partial apply,
+    /// and for an adopted VIP, so that the next apply looks at everything.
+    spec: Option<VipSpec>,
 }
 
 /// Free-list allocator of Maglev pool regions, first fit, coalescing.
@@ -265,7 +270,10 @@ impl Reconciler {
             vip_ids.push(meta.vip_id);
             by_id.insert(meta.vip_id, key);
             let addr = addr::from_words(&key.addr, key.family);
-            r.vips.insert(key, AppliedVip { meta, addr, backends: BTreeMap::new(), table_members: Vec::new() });
+            r.vips.insert(
+                key,
+                AppliedVip { meta, addr, backends: BTreeMap::new(), table_members: Vec::new(), spec: None },
+            );
         }
         r.next_vip_id = vip_ids.iter().max().map_or(0, |m| m + 1);
         r.free_vip_ids = (0..r.next_vip_id).filter(|i| !vip_ids.contains(i)).collect();
@@ -363,6 +371,9 @@ impl Reconciler {
         // applied (or removed) on its own, and the errors come back together.
         let mut failed = Vec::new();
         for (key, spec) in &wanted {
+            if self.vips.get(key).is_some_and(|v| v.spec.as_ref() == Some(*spec)) {
+                continue;
+            }
             if let Err(e) = self.apply_vip(dp, key, spec, &mut report) {
                 failed.push(format!("{e:#}"));
             }
@@ -431,6 +442,9 @@ impl Reconciler {
     /// next apply starts clean.
     fn apply_vip(&mut self, dp: &mut Dataplane, key: &VipKey, spec: &VipSpec, report: &mut ApplyReport) -> Result<()> {
         let is_new = !self.vips.contains_key(key);
+        if let Some(applied) = self.vips.get_mut(key) {
+            applied.spec = None;
+        }
         let mut taken = Taken::default();
         let result = self.apply_vip_inner(dp, key, spec, report, &mut taken);
         if result.is_err() {
@@ -476,14 +490,15 @@ impl Reconciler {
             let meta = VipMeta { vip_id, ..Default::default() };
             self.vips.insert(
                 *key,
-                AppliedVip { meta, addr: spec.addr, backends: BTreeMap::new(), table_members: Vec::new() },
+                AppliedVip { meta, addr: spec.addr, backends: BTreeMap::new(), table_members: Vec::new(), spec: None },
             );
             report.vips_added += 1;
         }
         let vip_id = self.vips[key].meta.vip_id;
 
-        // Backend ids and values, as they should be.
+        // Backend ids and values, as they should be (and the weights, in the same order).
         let mut desired: BTreeMap<BackendIdentity, AppliedBackend> = BTreeMap::new();
+        let mut weights: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
         for b in &spec.backends {
             let ident = (b.addr, b.port);
             let existing = self.vips[key].backends.get(&ident).map(|a| (a.id, a.value.generation));
@@ -513,6 +528,7 @@ impl Reconciler {
                 vip_id,
             };
             desired.insert(ident, AppliedBackend { id, value });
+            weights.insert(ident, b.weight);
         }
 
         // 1. Backends entering (or staying in) the table, before the table.
@@ -534,10 +550,9 @@ impl Reconciler {
         // 2. The table, if its members changed: new region, then publish.
         let members: Vec<(u32, u64, u32)> = desired
             .iter()
-            .filter(|(_, b)| b.value.state == BACKEND_ACTIVE)
-            .map(|((addr, port), b)| {
-                (b.id, maglev::backend_key(&addr::words(*addr), *port), spec.backends_weight(*addr, *port))
-            })
+            .zip(weights.values())
+            .filter(|((_, b), _)| b.value.state == BACKEND_ACTIVE)
+            .map(|(((addr, port), b), &weight)| (b.id, maglev::backend_key(&addr::words(*addr), *port), weight))
             .collect();
         let mut flags = if spec.hash == HashMode::SourceIp { VIP_F_HASH_SOURCE_IP } else { 0 };
         if spec.pass_when_empty {
@@ -620,6 +635,7 @@ impl Reconciler {
         applied.meta = meta;
         applied.backends = desired;
         applied.table_members = members;
+        applied.spec = Some(spec.clone());
         Ok(())
     }
 
@@ -702,12 +718,6 @@ impl Reconciler {
     }
 }
 
-impl VipSpec {
-    fn backends_weight(&self, addr: IpAddr, port: u16) -> u32 {
-        self.backends.iter().find(|b| b.addr == addr && b.port == port).map_or(0, |b| b.weight)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,8 +753,13 @@ mod tests {
             family: addr::family(vip),
         };
         assert!(!r.serving(&key(80)), "not applied: its apply failed, or it was never wanted");
-        let applied =
-            AppliedVip { meta: VipMeta::default(), addr: vip, backends: BTreeMap::new(), table_members: vec![] };
+        let applied = AppliedVip {
+            meta: VipMeta::default(),
+            addr: vip,
+            backends: BTreeMap::new(),
+            table_members: vec![],
+            spec: None,
+        };
         r.vips.insert(key(80), applied);
         assert!(!r.serving(&key(80)), "applied, but every backend is down or drained");
         r.vips.get_mut(&key(80)).unwrap().table_members.push((0, 1, 1));

@@ -260,7 +260,13 @@ pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
     crate::runtime::check_state_dir(state_dir)?;
     let dest = path(state_dir, &status.interface);
     let tmp = state_dir.join(format!(".{}.json.{}.tmp", status.interface, std::process::id()));
-    replace_file(&dest, &tmp, &serde_json::to_vec_pretty(status)?)
+    // Streamed to the file: with 100,000 backends the text is tens of MiB,
+    // never held in memory at once.
+    replace_file_with(&dest, &tmp, |f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        serde_json::to_writer_pretty(&mut w, status)?;
+        std::io::Write::flush(&mut w)
+    })
 }
 
 /// Replaces `dest` with `bytes`: written into `tmp`, a new file of its own
@@ -269,10 +275,16 @@ pub fn write(state_dir: &Path, status: &Status) -> Result<()> {
 /// 0644 whatever the umask: other users' programs read these files (`xdplb
 /// status`, BIRD, keepalived).
 pub(crate) fn replace_file(dest: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
-    use std::{
-        io::Write as _,
-        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    };
+    replace_file_with(dest, tmp, |f| std::io::Write::write_all(f, bytes))
+}
+
+/// `replace_file`, with what `write` writes to the new file.
+fn replace_file_with(
+    dest: &Path,
+    tmp: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     std::fs::remove_file(tmp).ok();
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -282,7 +294,7 @@ pub(crate) fn replace_file(dest: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> 
         .open(tmp)
         .and_then(|mut f| {
             f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-            f.write_all(bytes)
+            write(&mut f)
         })
         .and_then(|()| std::fs::rename(tmp, dest));
     if let Err(e) = written {

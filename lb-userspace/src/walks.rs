@@ -24,7 +24,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapType},
 };
 use lb_common::maps::{
-    Backend, FlowKey, FlowValue, NAT_CLOSED, NAT_CLOSING, NAT_EMBRYONIC, NatFlow, NatReply, PROTO_TCP,
+    Backend, FlowKey, FlowValue, NAT_CLOSED, NAT_CLOSING, NatFlow, NatReply, PROTO_TCP, nat_unconfirmed,
 };
 use tokio::sync::mpsc;
 
@@ -193,9 +193,10 @@ pub struct NatSweep {
     pub connections: u64,
     pub evicted_idle: u64,
     pub evicted_closed: u64,
-    /// Embryonic connections (no reply from the backend) past `embryonic_timeout`.
+    /// Unconfirmed connections (embryonic or answered: the client never
+    /// acknowledged the backend) past `embryonic_timeout` since their creation.
     pub evicted_embryonic: u64,
-    /// Embryonic connections reclaimed, oldest first, because the table was
+    /// Unconfirmed connections reclaimed, oldest first, because the table was
     /// above its high-water mark.
     pub reclaimed: u64,
     /// Entries in the fuller of the two maps, as read and as left.
@@ -298,11 +299,20 @@ fn reply_of(
     }
 }
 
-/// Whether the backend never answered: both entries still embryonic (the
-/// dataplane opens both on the first reply; one open is enough to count as
-/// answered, should a race leave them apart).
+/// Whether the connection was never confirmed: both entries embryonic or
+/// answered (the dataplane opens both on the client's confirmation; one
+/// open is enough to count as confirmed, should a race leave them apart).
+/// The dataplane does not refresh an unconfirmed entry's `last_seen_ns`:
+/// it is the connection's creation time.
 fn embryonic(flow: &NatFlow, reply: Option<&NatReply>) -> bool {
-    flow.state == NAT_EMBRYONIC && reply.is_none_or(|r| r.state == NAT_EMBRYONIC)
+    nat_unconfirmed(flow.state) && reply.is_none_or(|r| nat_unconfirmed(r.state))
+}
+
+/// Whether the connection read as `seen` is still there, unconfirmed and not
+/// restarted since (a restart writes a new `last_seen_ns`): one lookup just
+/// before it is removed, as the dataplane may have confirmed it meanwhile.
+fn still_unconfirmed(now: Option<NatFlow>, seen: &NatFlow) -> bool {
+    now.is_some_and(|f| nat_unconfirmed(f.state) && f.last_seen_ns == seen.last_seen_ns)
 }
 
 fn closed_state(state: u8) -> bool {
@@ -328,12 +338,26 @@ fn verdict(now: u64, protocol: u8, flow: &NatFlow, reply: Option<&NatReply>, nat
     if now.saturating_sub(last) <= timeout.as_nanos() as u64 { Verdict::Keep } else { evict }
 }
 
-/// Forgets NAT connections that closed (FIN/RST), went idle, or never got
-/// an answer from their backend (embryonic), both directions' entries; also
-/// reply entries left behind by a re-steered flow. Above the high-water mark
-/// (`NAT_HIGH_WATER`) it then reclaims embryonic connections, oldest first,
-/// until the fuller map is down to the low-water mark or none is left.
+/// Forgets NAT connections that closed (FIN/RST), went idle, or were never
+/// confirmed by their client (embryonic or answered), both directions'
+/// entries; also reply entries left behind by a re-steered flow. Above the
+/// high-water mark (`NAT_HIGH_WATER`) it then reclaims unconfirmed
+/// connections, oldest first, until the fuller map is down to the low-water
+/// mark or none is left. An unconfirmed connection is read again just before
+/// it goes, and stays if the dataplane confirmed or restarted it meanwhile.
 pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Result<NatSweep> {
+    sweep_nat_with(maps, nat, budget, || {})
+}
+
+/// `sweep_nat`, calling `after_read` between reading the tables and acting
+/// on what it read: the tests' way into that window, where the dataplane
+/// keeps running.
+pub fn sweep_nat_with(
+    maps: &mut NatMaps,
+    nat: &NatSettings,
+    budget: Duration,
+    after_read: impl FnOnce(),
+) -> Result<NatSweep> {
     let started = Instant::now();
     let deadline = started + budget;
     let now = monotonic_ns();
@@ -349,6 +373,7 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
         flows.push((*k, *f));
         true
     })?;
+    after_read();
     // Entries left in each map: what the reads found, less what is removed.
     let (mut flows_left, mut replies_left) = (flows.len() as u64, replies.len() as u64);
     let occupancy_before = flows_left.max(replies_left);
@@ -361,7 +386,7 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
         ..NatSweep::default()
     };
     let mut live_replies = HashSet::new();
-    // Embryonic connections kept: (last packet, key, reply key), reclaimable under pressure.
+    // Unconfirmed connections kept: (creation, key, entry as read, reply key), reclaimable under pressure.
     let mut unanswered = Vec::new();
     let mut backends: HashMap<u32, Option<Backend>> = HashMap::new();
     for (key, flow) in flows {
@@ -391,8 +416,14 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
             live_replies.insert(reply_key);
             if pressure && embryonic(&flow, reply.as_ref()) {
                 let last = flow.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
-                unanswered.push((last, key, reply_key));
+                unanswered.push((last, key, flow, reply_key));
             }
+            continue;
+        }
+        if verdict == Verdict::EvictEmbryonic && !still_unconfirmed(maps.nat_flows.get(&key, 0).ok(), &flow) {
+            // Confirmed or restarted since the read: it stays.
+            sweep.connections += 1;
+            live_replies.insert(reply_key);
             continue;
         }
         if maps.nat_flows.remove(&key).is_ok() {
@@ -424,12 +455,12 @@ pub fn sweep_nat(maps: &mut NatMaps, nat: &NatSettings, budget: Duration) -> Res
     if pressure {
         let target = capacity * NAT_LOW_WATER / 10;
         unanswered.sort_unstable_by_key(|(last, ..)| *last);
-        for (_, key, reply_key) in unanswered {
+        for (_, key, flow, reply_key) in unanswered {
             if flows_left.max(replies_left) <= target {
                 break;
             }
-            // Answered since the read: it stays.
-            if maps.nat_flows.get(&key, 0).map_or(true, |f| f.state != NAT_EMBRYONIC) {
+            // Confirmed or restarted since the read: it stays.
+            if !still_unconfirmed(maps.nat_flows.get(&key, 0).ok(), &flow) {
                 continue;
             }
             if maps.nat_flows.remove(&key).is_ok() {
@@ -538,7 +569,7 @@ impl Walker {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::maps::{NAT_OPEN, PROTO_UDP};
+    use lb_common::maps::{NAT_ANSWERED, NAT_EMBRYONIC, NAT_OPEN, PROTO_UDP};
 
     use super::*;
 
@@ -626,9 +657,26 @@ mod tests {
         assert_eq!(verdict(now, PROTO_UDP, &open, Some(&answered), &nat), Verdict::Keep);
         // One direction open is an answer, should a race leave them apart.
         assert_eq!(verdict(now, PROTO_TCP, &flow, Some(&answered), &nat), Verdict::Keep);
+        // The backend answered, the client never confirmed: as embryonic.
+        let syn_recv = NatFlow { state: NAT_ANSWERED, ..flow };
+        let syn_ack = NatReply { state: NAT_ANSWERED, ..reply };
+        for protocol in [PROTO_TCP, PROTO_UDP] {
+            assert_eq!(verdict(now, protocol, &syn_recv, Some(&syn_ack), &nat), Verdict::EvictEmbryonic);
+            assert_eq!(verdict(now, protocol, &flow, Some(&syn_ack), &nat), Verdict::EvictEmbryonic);
+        }
         // A backend that answered with RST: closed, not embryonic.
         let reset = NatReply { state: NAT_CLOSED, last_seen_ns: now - 11 * SECOND, ..reply };
         let old = NatFlow { last_seen_ns: now - 11 * SECOND, ..open };
         assert_eq!(verdict(now, PROTO_TCP, &old, Some(&reset), &nat), Verdict::EvictClosed);
+    }
+
+    #[test]
+    fn an_unconfirmed_connection_is_removed_only_as_it_was_read() {
+        let seen = NatFlow { last_seen_ns: 5, state: NAT_EMBRYONIC, ..NatFlow::default() };
+        assert!(still_unconfirmed(Some(seen), &seen));
+        assert!(still_unconfirmed(Some(NatFlow { state: NAT_ANSWERED, ..seen }), &seen));
+        assert!(!still_unconfirmed(Some(NatFlow { state: NAT_OPEN, ..seen }), &seen), "confirmed since");
+        assert!(!still_unconfirmed(Some(NatFlow { last_seen_ns: 9, ..seen }), &seen), "restarted since");
+        assert!(!still_unconfirmed(None, &seen), "gone already");
     }
 }

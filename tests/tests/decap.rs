@@ -1,8 +1,10 @@
 //! The decapsulation program (`xdplb decap`) and its filter, packet by
 //! packet: the real eBPF object loaded with the filter `xdplb decap` would
 //! give it, driven with BPF_PROG_TEST_RUN; every output frame is compared
-//! byte for byte. Allowed IP-in-IP comes out as the inner frame; anything
-//! the filter refuses comes out exactly as it went in, counted as passed.
+//! byte for byte. Allowed IP-in-IP comes out as the inner frame; IP-in-IP
+//! the filter refuses is dropped and counted refused (passed, a kernel
+//! `ipip` device such as tunl0 would decapsulate it anyway); anything that
+//! is not IP-in-IP passes exactly as it came, uncounted.
 
 use std::net::IpAddr;
 
@@ -13,7 +15,7 @@ use lb_userspace::{
     decap::{self, SourcePrefix},
 };
 use tests::{
-    harness::XDP_PASS,
+    harness::{XDP_DROP, XDP_PASS},
     packets::{self, L4, LB_MAC, frame},
 };
 
@@ -101,14 +103,21 @@ fn assert_decapsulated(dp: &mut Dataplane, outer: &[u8], inner: &[u8], what: &st
     assert_eq!(out, decapsulated(inner), "{what}: the inner frame, byte for byte");
 }
 
-fn assert_untouched(dp: &mut Dataplane, outer: &[u8], what: &str) {
-    let (action, out) = run(dp, outer);
+fn assert_untouched(dp: &mut Dataplane, frame: &[u8], what: &str) {
+    let (action, out) = run(dp, frame);
     assert_eq!(action, XDP_PASS, "{what}");
-    assert_eq!(out, outer, "{what}: passed exactly as it came");
+    assert_eq!(out, frame, "{what}: passed exactly as it came");
+}
+
+/// Refused IP-in-IP never reaches the stack: a kernel ipip device there
+/// (tunl0 up, as LVS-TUN backends have) would decapsulate it, filter or not.
+fn assert_refused(dp: &mut Dataplane, outer: &[u8], what: &str) {
+    let (action, _) = run(dp, outer);
+    assert_eq!(action, XDP_DROP, "{what}: dropped, not passed to the stack");
 }
 
 #[test]
-fn decap_an_allowed_source_is_decapsulated_and_another_passes_untouched() {
+fn decap_an_allowed_source_is_decapsulated_and_another_is_dropped() {
     let mut dp = program(&LB_SOURCES, &[]);
     let (v4, v6) = (inner(VIP4), inner(VIP6));
     assert_decapsulated(&mut dp, &ipip("198.18.255.7", BACKEND4, &v4), &v4, "IPv4 from a balancer's source");
@@ -116,25 +125,26 @@ fn decap_an_allowed_source_is_decapsulated_and_another_passes_untouched() {
     // An outer header with options: the inner header sits further on.
     let with_options = packets::with_ipv4_options(&ipip("198.18.255.8", BACKEND4, &v4), &[1, 1, 1, 1]);
     assert_decapsulated(&mut dp, &with_options, &v4, "IPv4 with outer options from a balancer's source");
-    assert_untouched(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), "IPv4 from another host");
-    assert_untouched(&mut dp, &ipip("198.18.254.7", BACKEND4, &v4), "IPv4 from just outside the prefix");
-    assert_untouched(&mut dp, &ipip("2001:db8::66", BACKEND6, &v6), "IPv6 from another host");
-    assert_untouched(&mut dp, &ipip("2001:db8:fffe::7", BACKEND6, &v6), "IPv6 from just outside the prefix");
-    // Whatever is not IP-in-IP passes as before.
+    assert_refused(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), "IPv4 from another host");
+    assert_refused(&mut dp, &ipip("198.18.254.7", BACKEND4, &v4), "IPv4 from just outside the prefix");
+    assert_refused(&mut dp, &ipip("2001:db8::66", BACKEND6, &v6), "IPv6 from another host");
+    assert_refused(&mut dp, &ipip("2001:db8:fffe::7", BACKEND6, &v6), "IPv6 from just outside the prefix");
+    // Whatever is not IP-in-IP passes as before, uncounted.
     assert_untouched(&mut dp, &v4, "a plain packet");
-    assert_eq!(dp.decap_counters().unwrap(), (3, 5), "(decapsulated, passed untouched)");
+    assert_untouched(&mut dp, &v6, "a plain IPv6 packet");
+    assert_eq!(dp.decap_counters().unwrap(), (3, 4), "(decapsulated, refused)");
 }
 
 #[test]
 fn decap_a_list_of_one_family_refuses_the_other() {
     let mut dp = program(&LB_SOURCES[..1], &[]);
     let v6 = inner(VIP6);
-    assert_untouched(&mut dp, &ipip("2001:db8:ffff::7", BACKEND6, &v6), "IPv6 when only IPv4 sources are allowed");
+    assert_refused(&mut dp, &ipip("2001:db8:ffff::7", BACKEND6, &v6), "IPv6 when only IPv4 sources are allowed");
     assert_eq!(dp.decap_counters().unwrap(), (0, 1));
 }
 
 #[test]
-fn decap_an_inner_destination_not_listed_passes_untouched() {
+fn decap_an_inner_destination_not_listed_is_dropped() {
     let mut dp = program(&[], &[VIP4, VIP6]);
     let (v4, v6) = (inner(VIP4), inner(VIP6));
     assert_decapsulated(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), &v4, "to a listed IPv4 VIP, any source");
@@ -142,10 +152,10 @@ fn decap_an_inner_destination_not_listed_passes_untouched() {
     // IPv6 inside IPv4: the inner header's family decides which list applies.
     assert_decapsulated(&mut dp, &ipip("198.18.0.66", BACKEND4, &v6), &v6, "IPv6-in-IPv4 to a listed VIP");
     let (other4, other6) = (inner("198.18.100.2"), inner("2001:db8:100::2"));
-    assert_untouched(&mut dp, &ipip("198.18.255.7", BACKEND4, &other4), "to an IPv4 address not listed");
-    assert_untouched(&mut dp, &ipip("2001:db8:ffff::7", BACKEND6, &other6), "to an IPv6 address not listed");
+    assert_refused(&mut dp, &ipip("198.18.255.7", BACKEND4, &other4), "to an IPv4 address not listed");
+    assert_refused(&mut dp, &ipip("2001:db8:ffff::7", BACKEND6, &other6), "to an IPv6 address not listed");
     let with_options = packets::with_ipv4_options(&ipip("198.18.255.7", BACKEND4, &other4), &[1, 1, 1, 1]);
-    assert_untouched(&mut dp, &with_options, "to an address not listed, outer options");
+    assert_refused(&mut dp, &with_options, "to an address not listed, outer options");
     assert_eq!(dp.decap_counters().unwrap(), (3, 3));
 }
 
@@ -155,8 +165,8 @@ fn decap_both_lists_must_agree() {
     let v4 = inner(VIP4);
     let other = inner("198.18.100.2");
     assert_decapsulated(&mut dp, &ipip("198.18.255.7", BACKEND4, &v4), &v4, "allowed source, listed VIP");
-    assert_untouched(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), "another source, listed VIP");
-    assert_untouched(&mut dp, &ipip("198.18.255.7", BACKEND4, &other), "allowed source, VIP not listed");
+    assert_refused(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), "another source, listed VIP");
+    assert_refused(&mut dp, &ipip("198.18.255.7", BACKEND4, &other), "allowed source, VIP not listed");
     assert_eq!(dp.decap_counters().unwrap(), (1, 2));
 }
 
@@ -167,4 +177,21 @@ fn decap_without_a_filter_accepts_any_source_as_before() {
     assert_decapsulated(&mut dp, &ipip("198.18.0.66", BACKEND4, &v4), &v4, "IPv4 from anyone");
     assert_decapsulated(&mut dp, &ipip("2001:db8::66", BACKEND6, &v6), &v6, "IPv6 from anyone");
     assert_eq!(dp.decap_counters().unwrap(), (2, 0));
+}
+
+/// IP-in-IP whose inner header is cut cannot be decapsulated: dropped and
+/// counted refused, with or without a filter (passed, the kernel's ipip
+/// device would be the one to judge it).
+#[test]
+fn decap_a_cut_inner_header_is_dropped() {
+    for (sources, vips) in [(&[][..], &[][..]), (&LB_SOURCES[..], &[VIP4][..])] {
+        let mut dp = program(sources, vips);
+        let v4 = inner(VIP4);
+        let whole = ipip("198.18.255.7", BACKEND4, &v4);
+        let mut cut = whole[..14 + 20 + 12].to_vec();
+        cut[16..18].copy_from_slice(&32u16.to_be_bytes());
+        packets::fix_checksums(&mut cut);
+        assert_refused(&mut dp, &cut, "inner header cut");
+        assert_eq!(dp.decap_counters().unwrap(), (0, 1), "{sources:?} {vips:?}");
+    }
 }

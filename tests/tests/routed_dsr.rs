@@ -3,6 +3,9 @@
 //! between would route the packet by the VIP. `xdplb run` refuses such a
 //! file, a reload that brings one is rejected and the running
 //! configuration keeps serving; IP-in-IP behind a router stays allowed.
+//! A backend already serving whose route moves behind a gateway is left
+//! out (and named in a warning) until the route is direct again, and does
+//! not block later reloads.
 
 use std::{
     process::{Command, Output, Stdio},
@@ -105,4 +108,47 @@ fn a_dsr_backend_behind_a_router_is_refused_at_start_and_at_reload() {
     let s = c.wait_status(WAIT, "the IP-in-IP reload", |s| s["reloads_ok"] == 1);
     assert_eq!(s["config_generation"], 2, "{}", s["last_reload_errors"]);
     assert_eq!(backend_states(&s, "web"), ["active", "active"]);
+}
+
+#[test]
+fn a_serving_backend_whose_route_moves_behind_a_gateway_is_left_out_and_reloads_go_on() {
+    let c =
+        Cluster::new(ClusterSpec { backends: 2, servers: Servers::Builtin, bin_dir: topology::bin_dir(), nat: None });
+    for i in 0..2 {
+        c.start_server(i, 80);
+    }
+    let (b1, b2) = (topology::backend4(0), topology::backend4(1));
+    let direct: Vec<String> = [b1, b2].iter().map(ToString::to_string).collect();
+    let path = c.write_config("xdplb.yaml", &config(&[vip("web", VIP4, "dsr", &direct)]));
+    c.start_xdplb("xdplb", &path, &[]);
+    c.wait_backend_states("web", &["active", "active"], WAIT);
+
+    // Backend 2 routes for backend 1 now: the health checks still reach it
+    // (backend 2 forwards them), DSR would not.
+    c.backends[1].sysctl("net.ipv4.ip_forward", "1");
+    c.lb.ip(&format!("route add {b1}/32 via {b2} dev lb0"));
+    let s = c.wait_backend_states("web", &["down", "active"], WAIT);
+    let health: Vec<&str> =
+        s["vips"][0]["backends"].as_array().unwrap().iter().map(|b| b["health"].as_str().unwrap()).collect();
+    assert_eq!(health, ["up", "up"], "left out by its route, not its health");
+    let warning = format!(
+        "backend not used: vips `web`: backend {b1} of DSR VIP {VIP4}:80 is reached through gateway {b2}, not on a \
+         network of lb0"
+    );
+    assert!(c.log("xdplb").contains(&warning), "{}", c.log("xdplb"));
+    let names = c.requests(topology::target(VIP4, 80), 20);
+    assert!(names.iter().all(|n| n.contains("b2")), "{names:?}");
+
+    // An unrelated edit is applied; backend 1 stays out while its route is routed.
+    let tunnel = vip("tunnel", VIP4_2, "ipip", &[b2.to_string()]);
+    c.write_config("xdplb.yaml", &config(&[vip("web", VIP4, "dsr", &direct), tunnel]));
+    let s = c.wait_status(WAIT, "the unrelated reload", |s| s["reloads_ok"] == 1 || s["reloads_failed"] == 1);
+    assert_eq!(s["reloads_failed"], 0, "{}", s["last_reload_errors"]);
+    assert_eq!(s["config_generation"], 2);
+    c.wait_backend_states("tunnel", &["active"], WAIT);
+    assert_eq!(backend_states(&c.status().unwrap(), "web"), ["down", "active"]);
+
+    // The route is direct again: backend 1 is back.
+    c.lb.ip(&format!("route del {b1}/32 via {b2} dev lb0"));
+    c.wait_backend_states("web", &["active", "active"], WAIT);
 }

@@ -2,7 +2,11 @@
 //! one-second tick (file watch, next hops, retries, drift checks, status),
 //! reloads, and the stop. Each ends in the one apply path.
 
-use std::{collections::HashMap, net::IpAddr, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result};
 use tokio::sync::mpsc;
@@ -14,7 +18,7 @@ use crate::{
     attach,
     config::{self, CheckKind, Config, InitialState},
     desired, dns, health,
-    neighbours::Resolution,
+    neighbours::{Resolution, Via},
     notify,
     reconcile::{Forwarding, VipSpec},
     status,
@@ -227,10 +231,16 @@ impl Daemon {
                 return false;
             }
         };
+        // Sorted: a lookup is a binary search (100,000 backends make a linear one quadratic).
         let addrs = desired::addresses_to_resolve(&self.config);
+        let wanted = |a: &IpAddr| addrs.binary_search(a).is_ok();
         self.misses.retain(&addrs);
         let mut changed = false;
-        for (addr, r) in resolved.iter().filter(|(a, _)| addrs.contains(a)) {
+        // Next hops found, logged once each (a gateway may stand for thousands of backends).
+        let mut found: BTreeMap<(IpAddr, [u8; 6]), (IpAddr, usize)> = BTreeMap::new();
+        // Next hops that changed: DSR backends now behind a gateway are named once, below.
+        let mut moved = HashMap::new();
+        for (addr, r) in resolved.iter().filter(|(a, _)| wanted(a)) {
             let before = self.observed.next_hop_mac.get(addr).copied();
             if let Resolution::Resolved { ifindex, next_hop, .. } = r {
                 self.observed.next_hop_ifindex.insert(*addr, *ifindex);
@@ -238,7 +248,7 @@ impl Daemon {
                 if was != Some(*next_hop) {
                     // DSR cannot use it from now on (or can again): the specs change.
                     changed = true;
-                    self.warn_if_routed_dsr(*addr, *next_hop);
+                    moved.insert(*addr, *next_hop);
                 }
             }
             // Kept through a few failed rounds (a solicitation, a flapping entry).
@@ -247,7 +257,7 @@ impl Daemon {
                 changed = true;
                 match (before, now, r) {
                     (_, Some(mac), Resolution::Resolved { next_hop, .. }) => {
-                        info!(backend = %addr, "next hop {next_hop} is at {}", fmt_mac(&mac))
+                        found.entry((*next_hop, mac)).or_insert((*addr, 0)).1 += 1;
                     }
                     (Some(_), None, Resolution::Unresolved(why)) => warn!(backend = %addr, "backend not used: {why}"),
                     _ => {}
@@ -258,32 +268,55 @@ impl Daemon {
                 };
             }
         }
-        self.observed.next_hop_mac.retain(|a, _| addrs.contains(a));
-        self.observed.next_hop.retain(|a, _| addrs.contains(a));
+        self.warn_routed_dsr(&moved);
+        for ((next_hop, mac), (addr, n)) in found {
+            match n {
+                1 => info!(backend = %addr, "next hop {next_hop} is at {}", fmt_mac(&mac)),
+                n => info!(backend = %addr, "next hop {next_hop} is at {} (for {n} backends)", fmt_mac(&mac)),
+            }
+        }
+        self.observed.next_hop_mac.retain(|a, _| wanted(a));
+        self.observed.next_hop.retain(|a, _| wanted(a));
+        self.observed.next_hop_ifindex.retain(|a, _| wanted(a));
         self.resolution = resolved;
         changed
     }
 
-    /// A backend of a DSR VIP whose route now goes through a gateway (the
-    /// start and reloads refuse such a file; a route can change later): it
-    /// gets no DSR traffic until the route is direct again.
-    fn warn_if_routed_dsr(&self, addr: IpAddr, next_hop: IpAddr) {
-        if next_hop == addr {
+    /// Backends of DSR VIPs whose route now goes through a gateway
+    /// (`moved`: address → new next hop; the start and reloads refuse ones
+    /// new to DSR, a route can change later): they get no DSR traffic until
+    /// the route is direct again. Named as the file names them (a DNS name
+    /// with its address); one pass over the file however many moved.
+    fn warn_routed_dsr(&self, moved: &HashMap<IpAddr, IpAddr>) {
+        if moved.iter().all(|(a, nh)| a == nh) {
             return;
         }
-        let gateway = |a: IpAddr| (a == addr).then_some(next_hop);
-        for line in desired::routed_dsr_backends(&self.config, gateway, &self.link.name) {
+        // The round's own table (see `on_resolved`) tells a multipath route apart.
+        let gateway = |a: IpAddr| {
+            let nh = moved.get(&a).filter(|nh| **nh != a)?;
+            Some(self.observed.routes.as_ref().and_then(|r| r.gateway(a)).unwrap_or(Via::Gateway(*nh)))
+        };
+        for line in desired::routed_dsr_backends(&self.file_config, &self.names.states, None, gateway, &self.link.name)
+        {
             warn!("backend not used: {line}");
         }
     }
 
-    /// DSR backends of `config` behind a gateway, by the routing table of the
-    /// last resolution round (at most a tick old): a reload must not wait for
-    /// netlink on the event loop, and one table answers for new backends too.
-    /// Nothing is said while no table has been read yet.
-    fn routed_dsr(&self, config: &Config) -> Vec<String> {
+    /// DSR backends that the reload of `parsed` brings behind a gateway,
+    /// by the routing table of the last resolution round (at most a tick
+    /// old): a reload must not wait for netlink on the event loop, and one
+    /// table answers for new backends too. Backends already serving are
+    /// left to the resolution rounds. Nothing is said while no table has
+    /// been read yet.
+    fn routed_dsr(&self, parsed: &Config) -> Vec<String> {
         match &self.observed.routes {
-            Some(routes) => desired::routed_dsr_backends(config, |a| routes.gateway(a), &self.link.name),
+            Some(routes) => desired::routed_dsr_backends(
+                parsed,
+                &self.names.states,
+                Some(&self.config),
+                |a| routes.gateway(a),
+                &self.link.name,
+            ),
             None => {
                 warn!("the routing table has not been read yet: DSR backends behind a gateway are not checked");
                 Vec::new()
@@ -358,7 +391,7 @@ impl Daemon {
             self.reject(errors);
             return;
         }
-        let routed = self.routed_dsr(&desired::expand_names(&parsed, &self.names.states));
+        let routed = self.routed_dsr(&parsed);
         if !routed.is_empty() {
             let errors: Vec<String> = routed.iter().map(|c| format!("{path}: {c}")).collect();
             error!("reload ({why}) rejected: {}; still running generation {generation}", errors.join("; "));
@@ -380,7 +413,6 @@ impl Daemon {
         let new = desired::expand_names(&parsed, &self.names.states);
         // The health of every backend now, to restore if the new file cannot be applied.
         let health_before = health_view(&self.checker);
-        let before = desired::vip_specs(&self.config, &self.overrides, &self.observed);
         let old = std::mem::replace(&mut self.config, new);
         self.checker.sync(desired::health_targets(&self.config), |t| {
             t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
@@ -388,7 +420,12 @@ impl Daemon {
         self.sync_health();
         let after = desired::vip_specs(&self.config, &self.overrides, &self.observed);
         let (vips, config_map) = self.write_desired(&after);
-        let blamed = vips.as_ref().err().and_then(|e| reload_blamed(e, self.unapplied.as_deref(), &before, &after));
+        // The specs before the reload are needed only to judge a failure.
+        let blamed = vips.as_ref().err().and_then(|e| {
+            let observed = desired::Observed { healthy: health_before.clone(), ..self.observed.clone() };
+            let before = desired::vip_specs(&old, &self.overrides, &observed);
+            reload_blamed(e, self.unapplied.as_deref(), &before, &after)
+        });
         if let Some(e) = blamed {
             self.status.lock().unwrap().apply_failures += 1;
             error!("reload ({why}) could not be applied: {e:#}; going back to generation {generation}");

@@ -81,8 +81,8 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         ifaces.push((b.index, b.name.clone()));
     }
     let mut neighbours = Neighbours::new(ifaces)?;
-    let Some(routes) = signals.unless_stopped(refuse_routed_dsr(&mut neighbours, &config, &opts.config, &iface)).await
-    else {
+    let check = refuse_routed_dsr(&mut neighbours, &loaded, &opts.config, &iface);
+    let Some(routes) = signals.unless_stopped(check).await else {
         return Ok(None);
     };
     let routes = routes?;
@@ -163,12 +163,15 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
 }
 
 /// Refuses a file with a DSR backend behind a gateway (see
-/// `desired::routed_dsr_backends`), before anything is loaded; the routing
-/// table it read, or None when it could not be read (then the resolution
-/// rounds keep such backends out, and reloads check once a table is read).
+/// `desired::routed_dsr_backends`), before anything is loaded: the file's
+/// addresses, and those its backend names resolved to (`load_config`
+/// resolves them first; a name that did not answer in time is checked by
+/// the resolution rounds when it does). The routing table it read, or None
+/// when it could not be read (then the resolution rounds keep such
+/// backends out, and reloads check once a table is read).
 async fn refuse_routed_dsr(
     neighbours: &mut Neighbours,
-    config: &Config,
+    loaded: &Loaded,
     path: &Path,
     iface: &str,
 ) -> Result<Option<Arc<Routes>>> {
@@ -179,7 +182,8 @@ async fn refuse_routed_dsr(
             return Ok(None);
         }
     };
-    let routed = desired::routed_dsr_backends(config, |a| routes.gateway(a), iface);
+    let routed =
+        desired::routed_dsr_backends(&loaded.file_config, &loaded.names.states, None, |a| routes.gateway(a), iface);
     if !routed.is_empty() {
         bail!("{}: {}; nothing was started", path.display(), routed.join("; "));
     }

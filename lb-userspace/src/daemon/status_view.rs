@@ -122,8 +122,17 @@ impl Daemon {
         let reason_counts = self.dp.reasons().unwrap_or([0; reasons::COUNT as usize]);
         let nat_connections =
             if self.config.vips.iter().any(|v| v.forwarding == Forwarding::Nat) { self.nat_connections } else { 0 };
-        let snapshot = {
-            let mut s = self.status.lock().unwrap();
+        // The new status is assembled and written outside the lock, then
+        // replaces the old one: no copy of 100,000 backends' status is made,
+        // and the status page never waits for the file.
+        let mut s = {
+            let mut published = self.status.lock().unwrap();
+            let old_vips = std::mem::take(&mut published.vips);
+            let fields = published.clone();
+            published.vips = old_vips;
+            fields
+        };
+        {
             s.updated_unix_ms = unix_ms();
             s.vips = vips;
             s.flows_tracked = self.flows_tracked;
@@ -149,11 +158,11 @@ impl Daemon {
                     failures: n.failures,
                 })
                 .collect();
-            s.clone()
-        };
-        if let Err(e) = status::write(&self.opts.state_dir, &snapshot) {
+        }
+        if let Err(e) = status::write(&self.opts.state_dir, &s) {
             warn!("cannot write the status file: {e:#}");
         }
+        *self.status.lock().unwrap() = s;
     }
 }
 

@@ -329,6 +329,18 @@ fn ipip_mtu(f: &LbFacts, link: &Link) -> Option<Finding> {
         Some(n) if n > 0 => format!("; the running dataplane has dropped {n} such packets"),
         _ => String::new(),
     };
+    // Below 1320 the MTU an IPv6 client would be told is below 1280, which
+    // hosts ignore (RFC 8201 4): the dataplane sends nothing at all.
+    let silent_v6 = if failing.contains(&6) && link.mtu < 1320 {
+        format!(
+            ". For the IPv6 VIPs it is worse: below MTU 1320 the MTU that fits is under 1280, which IPv6 hosts \
+             ignore, so no \"packet too big\" is sent and full-size IPv6 packets vanish; an IPv6 VIP with ipip \
+             needs an interface MTU of at least 1320 (and {} needs {needed})",
+            link.name
+        )
+    } else {
+        String::new()
+    };
     Some(
         Finding::error(
             "ipip-mtu",
@@ -341,8 +353,9 @@ fn ipip_mtu(f: &LbFacts, link: &Link) -> Option<Finding> {
             ),
             format!(
                 "the balancer drops packets that do not fit after encapsulation (counted as drop_too_big) and answers \
-                 with ICMP \"fragmentation needed\" / \"packet too big\" (at most 100 a second per CPU): every full-size \
-                 segment costs the client a round trip and a resend, and clients behind an ICMP filter hang{counted}"
+                 with ICMP \"fragmentation needed\" / \"packet too big\" (at most 100 a second for the whole balancer): \
+                 every full-size segment costs the client a round trip and a resend, and clients behind an ICMP filter \
+                 hang{counted}{silent_v6}"
             ),
         )
         .fix(format!(
@@ -570,6 +583,24 @@ mod tests {
         assert_eq!(checks(&f), vec!["ipip-mtu"]);
         f.ipip_families.clear();
         assert_eq!(decide(&f), vec![], "DSR adds nothing");
+    }
+
+    #[test]
+    fn ipip6_below_mtu_1320_gets_no_packet_too_big() {
+        let mut f = healthy();
+        f.ipip_families = vec![4, 6];
+        f.links[0].mtu = 1319;
+        let found = decide(&f);
+        assert_eq!(checks(&f), vec!["ipip-mtu"]);
+        assert!(found[0].why.contains("needs an interface MTU of at least 1320"), "{}", found[0].why);
+        assert!(found[0].why.contains("no \"packet too big\" is sent"), "{}", found[0].why);
+        // From 1320 on the answer is sent: the ordinary finding.
+        f.links[0].mtu = 1320;
+        assert!(!decide(&f)[0].why.contains("at least 1320"));
+        // IPv4 only: its answers are sent at any MTU.
+        f.ipip_families = vec![4];
+        f.links[0].mtu = 1300;
+        assert!(!decide(&f)[0].why.contains("1320"));
     }
 
     #[test]

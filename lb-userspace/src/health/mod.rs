@@ -167,7 +167,8 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
 
 /// Runs one checker per target; `sync` starts, keeps or stops them.
 pub struct Checker {
-    tasks: HashMap<Key, (Target, JoinHandle<()>)>,
+    /// Each target's checker task (none for `type: none`: nothing to run).
+    tasks: HashMap<Key, (Target, Option<JoinHandle<()>>)>,
     events: mpsc::UnboundedSender<Transition>,
     permits: Arc<Semaphore>,
     pub table: HealthTable,
@@ -195,7 +196,7 @@ impl Checker {
         let wanted: HashMap<Key, Target> = targets.into_iter().map(|t| (t.key, t)).collect();
         self.tasks.retain(|key, (target, handle)| {
             let keep = wanted.get(key) == Some(target);
-            if !keep {
+            if !keep && let Some(handle) = handle {
                 handle.abort();
             }
             keep
@@ -223,12 +224,10 @@ impl Checker {
                     decided: none,
                 },
             );
-            let handle = if none {
-                tokio::spawn(async {})
-            } else {
+            let handle = (!none).then(|| {
                 let task = run(target.clone(), up, self.events.clone(), self.table.clone(), self.permits.clone());
                 tokio::spawn(task)
-            };
+            });
             self.tasks.insert(key, (target, handle));
         }
     }
@@ -246,7 +245,9 @@ impl Checker {
 impl Drop for Checker {
     fn drop(&mut self) {
         for (_, handle) in self.tasks.values() {
-            handle.abort();
+            if let Some(handle) = handle {
+                handle.abort();
+            }
         }
     }
 }
