@@ -282,13 +282,16 @@ pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         by_addr.chain(v.named_backends.iter().map(|b| (format!("{}{}", b.name, port(b.port)), b.weight))).collect()
     }
     let mut out = Vec::new();
-    let key = |v: &VipConfig| v.name.clone();
+    // By name, looked up: thousands of VIPs are not compared pairwise.
+    let old_by_name: HashMap<&str, &VipConfig> = old.vips.iter().map(|o| (o.name.as_str(), o)).collect();
+    let new_names: HashSet<&str> = new.vips.iter().map(|v| v.name.as_str()).collect();
     for v in &new.vips {
-        let Some(o) = old.vips.iter().find(|o| key(o) == key(v)) else {
+        let Some(o) = old_by_name.get(v.name.as_str()) else {
             out.push(format!("VIP {} added ({}:{}, {} backends)", v.name, v.address, v.port, members(v).len()));
             continue;
         };
-        let (before, after) = (members(o), members(v));
+        let same_backends = o.backends == v.backends && o.named_backends == v.named_backends;
+        let (before, after) = if same_backends { Default::default() } else { (members(o), members(v)) };
         for (b, w) in &after {
             match before.get(b) {
                 None => out.push(format!("VIP {}: backend {b} added (weight {w})", v.name)),
@@ -314,7 +317,7 @@ pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             out.push(format!("VIP {}: icmp_echo changed", v.name));
         }
     }
-    for o in old.vips.iter().filter(|o| !new.vips.iter().any(|v| key(v) == key(o))) {
+    for o in old.vips.iter().filter(|o| !new_names.contains(o.name.as_str())) {
         out.push(format!("VIP {} removed", o.name));
     }
     if old.resolvers != new.resolvers {
@@ -583,6 +586,19 @@ pub fn health_targets(config: &Config) -> Vec<health::Target> {
         .collect()
 }
 
+/// Whether `a` and `b` give the same `health_targets`, in the same order
+/// (then syncing the checker to `b` changes nothing), compared without
+/// building them.
+pub fn same_health_targets(a: &Config, b: &Config) -> bool {
+    a.vips.len() == b.vips.len()
+        && a.vips.iter().zip(&b.vips).all(|(x, y)| {
+            (x.address, x.port, x.protocol) == (y.address, y.port, y.protocol)
+                && x.health_check == y.health_check
+                && x.backends.len() == y.backends.len()
+                && x.backends.iter().zip(&y.backends).all(|(p, q)| (p.address, p.port) == (q.address, q.port))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,6 +622,21 @@ mod tests {
             o.next_hop_mac.insert(a.parse().unwrap(), [2, 0, 0, 0, 0, 1]);
         }
         o
+    }
+
+    /// A reload that changes only weights keeps every checker; one that
+    /// changes what is checked, or how, does not.
+    #[test]
+    fn same_health_targets_is_health_targets_equality() {
+        let c = config::parse("c.yaml", CONFIG).unwrap();
+        let edit = |from: &str, to: &str| config::parse("c.yaml", &CONFIG.replace(from, to)).unwrap();
+        let weight = edit("      - address: 198.18.0.12\n        weight: 0\n", "      - address: 198.18.0.12\n");
+        let moved = edit("198.18.0.12", "198.18.0.13");
+        let checked = edit("    on_all_down:", "    health_check: {type: none}\n    on_all_down:");
+        for (other, same) in [(&c, true), (&weight, true), (&moved, false), (&checked, false)] {
+            assert_eq!(same_health_targets(&c, other), same);
+            assert_eq!(health_targets(&c) == health_targets(other), same);
+        }
     }
 
     #[test]

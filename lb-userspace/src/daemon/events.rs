@@ -414,9 +414,12 @@ impl Daemon {
         // The health of every backend now, to restore if the new file cannot be applied.
         let health_before = health_view(&self.checker);
         let old = std::mem::replace(&mut self.config, new);
-        self.checker.sync(desired::health_targets(&self.config), |t| {
-            t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
-        });
+        // Most reloads check the same backends the same way: nothing to sync then.
+        if !desired::same_health_targets(&old, &self.config) {
+            self.checker.sync(desired::health_targets(&self.config), |t| {
+                t.check.initial_state == InitialState::Up || t.check.kind == CheckKind::None
+            });
+        }
         self.sync_health();
         let after = desired::vip_specs(&self.config, &self.overrides, &self.observed);
         let (vips, config_map) = self.write_desired(&after);

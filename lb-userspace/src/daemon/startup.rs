@@ -379,8 +379,13 @@ impl Daemon {
                  attaching with {up} up"
             );
         }
-        // The next hops the first round solicited have answered meanwhile.
-        self.first_resolution().await;
+        // The next hops the first round solicited have answered meanwhile
+        // (none was, when every backend has a MAC: no second round then).
+        let unresolved =
+            desired::addresses_to_resolve(&self.config).iter().any(|a| !self.observed.next_hop_mac.contains_key(a));
+        if unresolved {
+            self.first_resolution().await;
+        }
         self.apply_logged("the first health checks");
     }
 

@@ -78,10 +78,11 @@ fn scale(report: &mut Report) {
         Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.join("bpffs")).status().is_ok_and(|s| s.success());
     assert!(mounted, "mounting a BPF filesystem failed");
     // 10007 slots per table: a prime over 100 × 100, so 100 backends stay within 1% (4099 would not).
+    // IP-in-IP: the backends are behind a gateway, which DSR refuses.
     let mut y = String::from("interface: s0\nxdp_mode: skb\nvips:\n");
     for v in 0..VIPS {
         y += &format!(
-            "  - name: v{v}\n    address: 2001:db8:100::{:x}\n    port: 80\n    table_size: 10007\n    health_check: {{type: none}}\n    backends:\n",
+            "  - name: v{v}\n    address: 2001:db8:100::{:x}\n    port: 80\n    forwarding: ipip\n    table_size: 10007\n    health_check: {{type: none}}\n    backends:\n",
             v + 1
         );
         for b in 0..PER_VIP {
