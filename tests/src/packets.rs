@@ -296,6 +296,18 @@ pub fn icmp(src: IpAddr, dst: IpAddr, kind: u8, code: u8, rest: [u8; 4], body: &
     out
 }
 
+/// `frame` (a TCP segment without IP options or extension headers) with
+/// these flags, sequence and acknowledgment numbers, checksums valid.
+pub fn tcp_segment(frame: &[u8], flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = if f[12..14] == [0x86, 0xdd] { 54 } else { 34 };
+    f[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    f[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    f[l4 + 13] = flags;
+    fix_checksums(&mut f);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

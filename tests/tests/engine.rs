@@ -593,17 +593,7 @@ fn answer(forwarded: &[u8]) -> Vec<u8> {
 /// The backend's initial sequence number in the tests' SYN-ACKs.
 const ISN: u32 = 0x8000_0000;
 
-/// `frame` (a TCP segment) with these flags, sequence and acknowledgment
-/// numbers, checksums valid.
-fn tcp_segment(frame: &[u8], flags: u8, seq: u32, ack: u32) -> Vec<u8> {
-    let mut f = frame.to_vec();
-    let l4 = if f[12..14] == [0x86, 0xdd] { 54 } else { 34 };
-    f[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
-    f[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
-    f[l4 + 13] = flags;
-    packets::fix_checksums(&mut f);
-    f
-}
+use packets::tcp_segment;
 
 /// The backend's SYN-ACK to a SYN NAT forwarded to it, with sequence number `isn`.
 fn syn_ack(forwarded: &[u8], isn: u32) -> Vec<u8> {
