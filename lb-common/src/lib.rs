@@ -14,4 +14,6 @@ pub mod flow_hash;
 pub mod maglev;
 pub mod maps;
 pub mod reasons;
+#[cfg(any(test, feature = "user"))]
+pub mod seeded;
 pub mod trace;

@@ -84,34 +84,7 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz")
 }
 
-struct Rng(Cell<u64>);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(Cell::new(seed))
-    }
-    /// SplitMix64: the same sequence for a seed everywhere, so a printed
-    /// seed replays a failure.
-    fn next(&self) -> u64 {
-        self.0.set(self.0.get().wrapping_add(0x9e37_79b9_7f4a_7c15));
-        let mut z = self.0.get();
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn range(&self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a>(&self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
+type Rng = lb_common::seeded::SeededRng;
 
 // ---------------------------------------------------------------- the check
 

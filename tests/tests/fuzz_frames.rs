@@ -20,7 +20,6 @@
 //! tests/fuzz/found/.
 
 use std::{
-    cell::Cell,
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -52,37 +51,7 @@ fn corpus_dir() -> PathBuf {
 
 // ---------------------------------------------------------------- randomness
 
-/// SplitMix64: small, fast and, above all, the same sequence for a seed on
-/// every machine, so a printed seed replays a failure.
-struct Rng(Cell<u64>);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(Cell::new(seed))
-    }
-    fn next(&self) -> u64 {
-        self.0.set(self.0.get().wrapping_add(0x9e37_79b9_7f4a_7c15));
-        let mut z = self.0.get();
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn range(&self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-    fn bytes(&self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+type Rng = lb_common::seeded::SeededRng;
 
 // ---------------------------------------------------------------- the world
 
