@@ -89,11 +89,23 @@ pub struct Decision {
 /// does not counts as having no healthy backend. The node's state comes
 /// first: stopping, then drained, then warming up.
 pub fn decide(specs: &[VipSpec], node: NodeState, served: impl Fn(&VipSpec) -> bool) -> BTreeMap<IpAddr, Decision> {
+    decide_for(&serving(specs, served), node)
+}
+
+/// Each VIP address, and whether some VIP on it serves: one the dataplane
+/// holds (`served`) with a healthy backend of weight > 0. Changes only with
+/// an apply; `decide_for` turns it into decisions for the node's state.
+pub fn serving(specs: &[VipSpec], served: impl Fn(&VipSpec) -> bool) -> BTreeMap<IpAddr, bool> {
     let mut serving: BTreeMap<IpAddr, bool> = BTreeMap::new();
     for v in specs {
         let entry = serving.entry(v.addr).or_default();
         *entry = *entry || (v.backends.iter().any(|b| b.healthy && b.weight > 0) && served(v));
     }
+    serving
+}
+
+/// The decision for each address of `serving` (see `serving`) in `node`'s state.
+pub fn decide_for(serving: &BTreeMap<IpAddr, bool>, node: NodeState) -> BTreeMap<IpAddr, Decision> {
     let decision = |serves: bool| match (node, serves) {
         (NodeState { stopping: true, .. }, _) => Decision { announce: false, why: WHY_STOPPING },
         (NodeState { drained: true, .. }, _) => Decision { announce: false, why: WHY_DRAINED },
@@ -101,7 +113,7 @@ pub fn decide(specs: &[VipSpec], node: NodeState, served: impl Fn(&VipSpec) -> b
         (_, true) => Decision { announce: true, why: WHY_HEALTHY },
         (_, false) => Decision { announce: false, why: WHY_NO_BACKEND },
     };
-    serving.into_iter().map(|(addr, serves)| (addr, decision(serves))).collect()
+    serving.iter().map(|(addr, serves)| (*addr, decision(*serves))).collect()
 }
 
 /// What keepalived's track file says: the node can serve unless it is

@@ -65,6 +65,11 @@ pub(super) struct Ha {
     /// The view the sync channel judges deviation by, as last sent to it.
     view: Option<SyncView>,
     sync_status: Arc<Mutex<SyncStatus>>,
+    /// Each VIP address, and whether the dataplane serves it (a VIP it holds,
+    /// with a healthy backend), as the last apply left it (see `after_apply`,
+    /// which every apply ends in): node-state changes decide from it without
+    /// computing the specs again.
+    serving: BTreeMap<IpAddr, bool>,
     /// What was decided last, to tell changes and warm-up's end.
     decided: BTreeMap<IpAddr, Decision>,
     /// keepalived's track file.
@@ -160,8 +165,7 @@ impl Daemon {
         }
         self.ha.attached_at = Some(Instant::now());
         self.ha_follow_config();
-        let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-        self.announce_vips(&specs);
+        self.announce_now();
     }
 
     /// Starts, restarts or stops BGP announcement and flow sync as the
@@ -188,8 +192,7 @@ impl Daemon {
             if let (Some((have, _)), Some(want)) = (&mut self.ha.bgp, want) {
                 *have = want;
             }
-            let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-            self.announce_vips(&specs);
+            self.announce_now();
             return;
         }
         if let Some(((socket, old_file), (_, a))) = had.zip(self.ha.bgp.take()) {
@@ -204,8 +207,7 @@ impl Daemon {
         }
         let (Some(s), Some((_, file))) = (want, wanted) else { return };
         info!("bgp: announcing VIP addresses through BIRD ({}), routes in {}", s.bird_socket.display(), file.display());
-        let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-        let first = self.decisions(&specs);
+        let first = self.decisions();
         let a = match self.ha.retiring.clone() {
             Some(previous) => Announcer::start_after(previous, &s, file, first.clone()),
             None => Announcer::start(&s, file, first.clone()),
@@ -259,7 +261,8 @@ impl Daemon {
     /// After every apply: announcements follow the dataplane, and a changed
     /// table makes the sync channel look for flows that now deviate.
     pub(super) fn after_apply(&mut self, specs: &[VipSpec], report: Option<&ApplyReport>) {
-        self.announce_vips(specs);
+        self.ha.serving = announce::serving(specs, |v| self.reconciler.serving(&v.key()));
+        self.announce_now();
         let changed = report.is_none_or(|r| r.tables_swapped + r.vips_added + r.vips_removed + r.backends_written > 0);
         if changed && let Some((_, sync)) = &self.ha.sync {
             let view = self.reconciler.sync_view(&self.dp, self.ha.view.as_ref());
@@ -268,21 +271,19 @@ impl Daemon {
         }
     }
 
-    /// What to announce, from `specs` as far as the dataplane serves them
-    /// (`Reconciler::serving`): a VIP it does not hold, its apply having
-    /// failed, counts as having no healthy backend.
-    fn decisions(&self, specs: &[VipSpec]) -> BTreeMap<IpAddr, Decision> {
-        let node = self.ha.node_state(self.warmup());
-        announce::decide(specs, node, |v| self.reconciler.serving(&v.key()))
+    /// What to announce: the addresses the last apply left serving, in the
+    /// node's state now.
+    fn decisions(&self) -> BTreeMap<IpAddr, Decision> {
+        announce::decide_for(&self.ha.serving, self.ha.node_state(self.warmup()))
     }
 
     /// Decides what this node announces, tells BIRD (through the announcer)
     /// and keepalived (the track file).
-    fn announce_vips(&mut self, specs: &[VipSpec]) {
+    fn announce_now(&mut self) {
         if self.ha.attached_at.is_none() {
             return;
         }
-        let decisions = self.decisions(specs);
+        let decisions = self.decisions();
         if decisions != self.ha.decided {
             if let Some((_, a)) = &self.ha.bgp {
                 a.want(decisions.clone());
@@ -307,8 +308,7 @@ impl Daemon {
         let warming = self.ha.decided.values().any(|d| d.why == announce::WHY_WARMING);
         if warming && !self.ha.node_state(self.warmup()).warming {
             info!("warm-up over: announcing");
-            let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-            self.announce_vips(&specs);
+            self.announce_now();
         } else {
             self.follow_track();
         }
@@ -329,8 +329,7 @@ impl Daemon {
         }
         let announced = self.ha.decided.values().filter(|d| d.announce).count();
         let was = std::mem::replace(&mut self.ha.drained, drained);
-        let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-        self.announce_vips(&specs);
+        self.announce_now();
         vec![drain_line(was, drained, self.ha.bgp.is_some(), announced)]
     }
 
@@ -349,8 +348,7 @@ impl Daemon {
         let announced = self.ha.decided.values().any(|d| d.announce);
         let track_said_serve = self.ha.track.said() == Some(true);
         self.ha.stopping = true;
-        let specs = crate::desired::vip_specs(&self.config, &self.overrides, &self.observed);
-        self.announce_vips(&specs);
+        self.announce_now();
         self.ha.sync = None;
         self.ha.sync_retry = Retry::default();
         match (&self.ha.bgp, self.ha.retiring.take()) {
