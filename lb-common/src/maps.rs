@@ -25,10 +25,20 @@ pub const DEFAULT_MAGLEV_POOL: u32 = 32 * 65_537;
 /// not one syscall per slot.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// `BPF_F_NO_PREALLOC`: hash map elements are allocated on update and freed
+/// after an RCU grace period (see `VIPS`).
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// The layout version of the pinned maps: bump it on any change to a
 /// `#[repr(C)]` type stored in a map, or to a map's meaning. `xdplb run`
 /// refuses to adopt maps pinned with another version (`xdplb detach` first).
-pub const MAPS_ABI: u32 = 1;
+///
+/// Version 2 (from version 1): `LbConfig` grew the hash seed, the UDP idle
+/// time and the flood limit; `BACKENDS` holds a [`BackendSlot`] (two copies
+/// and the live one's index) instead of a `Backend`; `VIPS` is
+/// `BPF_F_NO_PREALLOC`. `xdplb run` migrates a version-1 dataplane in place
+/// (see lb-userspace `migrate`).
+pub const MAPS_ABI: u32 = 2;
 
 /// Sentinel in a Maglev slot: the VIP has no backend.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -45,6 +55,7 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const FLOWS_NEW: &str = "FLOWS_NEW";
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub const TX_PORTS: &str = "TX_PORTS";
@@ -150,7 +161,8 @@ pub const BACKEND_DRAINING: u8 = 2;
 /// Failed its health check: established flows are chosen again.
 pub const BACKEND_DOWN: u8 = 3;
 
-/// Value of `BACKENDS` (an array indexed by backend id). One entry per
+/// A backend as the dataplane reads it: one of the two copies in a
+/// [`BackendSlot`] (`BACKENDS` is an array indexed by backend id). One per
 /// (VIP, real server) pair, so counters are per VIP and backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -168,6 +180,31 @@ pub struct Backend {
     pub _pad: u16,
     /// The VIP this backend serves (lets a restarted controller adopt the maps).
     pub vip_id: u32,
+}
+
+/// Value of `BACKENDS`: a backend, published without a torn read.
+///
+/// An array element is written in place, byte by byte as far as a reader on
+/// another CPU can tell: a packet copying a `Backend` while the controller
+/// rewrites it could take half of the old MAC and half of the new one. So the
+/// controller never rewrites the copy packets read: it writes the other copy
+/// (`copies[live ^ 1]`, bytes of the live copy rewritten unchanged), and only
+/// then, in a second write, flips `live`, a single byte that changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendSlot {
+    /// Which copy packets read: 0 or 1 (only bit 0 counts).
+    pub live: u32,
+    pub _pad: u32,
+    pub copies: [Backend; 2],
+}
+
+impl BackendSlot {
+    /// The copy packets read now.
+    #[inline(always)]
+    pub fn current(&self) -> &Backend {
+        &self.copies[(self.live & 1) as usize]
+    }
 }
 
 /// Key of `FLOWS`: a flow as seen arriving from the client.
@@ -191,6 +228,42 @@ pub struct FlowValue {
     pub generation: u32,
     /// The flow's hash, kept so a tracked packet need not compute it again.
     pub hash: u32,
+    /// Seconds (bpf_ktime_get_ns() / 10^9) of the flow's last packet, kept
+    /// for UDP flows (`LbConfig::udp_idle_s`); 0: not known (an entry written
+    /// by the controller, or by a version-1 dataplane, where this was padding).
+    pub last_seen_s: u32,
+}
+
+/// An entry of `FLOWS_NEW`, the per-CPU cache of flows seen once: a flow
+/// enters `FLOWS` only with its second packet (`embryonic`), so a flood of
+/// one-packet flows (spoofed SYNs) never evicts an established one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EmbryonicFlow {
+    /// `family` 0: the slot is free.
+    pub key: FlowKey,
+    pub value: FlowValue,
+    /// bpf_ktime_get_ns() of the flow's first packet.
+    pub seen_ns: u64,
+}
+
+/// An embryonic flow's second packet must come within this many seconds of
+/// its first (a SYN's retransmissions included) to confirm it.
+pub const EMBRYONIC_S: u32 = 10;
+
+/// Number of `FLOWS_NEW` slots per CPU (a power of two): buckets of
+/// [`EMBRYONIC_WAYS`] slots, the bucket chosen by the flow's hash.
+pub const EMBRYONIC_SLOTS: u32 = 1 << 15;
+/// Slots per `FLOWS_NEW` bucket: a new flow takes a free one, else the
+/// oldest, so a flood replaces the oldest first.
+pub const EMBRYONIC_WAYS: u32 = 4;
+
+/// `FLOOD`'s one per-CPU entry: new flows tracked in the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub tracked: u32,
     pub _pad: u32,
 }
 
@@ -219,6 +292,16 @@ pub struct LbConfig {
     pub ipip_src_v6: [u32; 4],
     /// Host mask of the last word of the IPv6 outer source.
     pub ipip_src_v6_host_mask: u32,
+    /// The flow hash's secret seed (`flow_hash`): every node of a site has
+    /// the same one, an attacker none.
+    pub hash_seed: [u32; 2],
+    /// A tracked UDP flow idle this many seconds is chosen again (a draining
+    /// server's UDP flows end); 0: never.
+    pub udp_idle_s: u32,
+    /// New flows one CPU tracks per second at most; past it the CPU is in
+    /// flood mode: new flows are forwarded by Maglev alone, untracked, and
+    /// counted (`reasons::CONNTRACK_FLOOD`). 0: no limit.
+    pub flood_rate: u32,
 }
 
 /// `NatFlow::state` / `NatReply::state`: how far a connection is.
@@ -308,8 +391,10 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::BackendSlot {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::EmbryonicFlow {}
     unsafe impl aya::Pod for super::LbConfig {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::NatFlow {}
@@ -328,8 +413,9 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<BackendSlot>(), 80);
         assert_eq!(size_of::<FlowValue>(), 16);
-        assert_eq!(size_of::<LbConfig>(), 56);
+        assert_eq!(size_of::<LbConfig>(), 72);
         assert_eq!(size_of::<NatFlow>(), 24);
         // `backend_isn` took the last 4 of the 7 padding bytes after `state`.
         assert_eq!((core::mem::offset_of!(NatFlow, state), core::mem::offset_of!(NatFlow, backend_isn)), (16, 20));

@@ -30,7 +30,9 @@ pub const DROP_ENCAP_FAILED: u32 = 7;
 pub const TX: u32 = 8;
 /// The flow was found in the connection table with a live backend.
 pub const CONNTRACK_HIT: u32 = 9;
-/// The flow was not in the connection table: Maglev chose its backend.
+/// The flow was not tracked: Maglev chose its backend, and the flow is
+/// remembered as seen once (embryonic, in this CPU's `FLOWS_NEW`); its
+/// second packet confirms it into the connection table.
 pub const CONNTRACK_MISS: u32 = 10;
 /// The flow was tracked, but its backend is down or gone: chosen again.
 pub const CONNTRACK_STALE: u32 = 11;
@@ -56,8 +58,17 @@ pub const DROP_NAT_TABLE_FULL: u32 = 17;
 /// NAT: sending to the other interface (XDP_REDIRECT) failed.
 pub const DROP_REDIRECT_FAILED: u32 = 18;
 
+/// The flow's second packet (for TCP, not a SYN) came while it was embryonic:
+/// it entered the connection table with the backend its first packet went to.
+pub const CONNTRACK_CONFIRMED: u32 = 19;
+/// This CPU tracked more new flows this second than `conntrack_flood_rate`
+/// (flood mode): the flow was forwarded by Maglev alone, untracked.
+pub const CONNTRACK_FLOOD: u32 = 20;
+/// A tracked UDP flow had been idle longer than `conntrack_udp_idle`: chosen again.
+pub const CONNTRACK_EXPIRED: u32 = 21;
+
 /// Number of reasons; the size of the reasons counter map.
-pub const COUNT: u32 = 19;
+pub const COUNT: u32 = 22;
 
 /// Names for logs, `status` and metrics, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -80,4 +91,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "nat_reply",
     "drop_nat_table_full",
     "drop_redirect_failed",
+    "conntrack_confirmed",
+    "conntrack_flood",
+    "conntrack_expired",
 ];

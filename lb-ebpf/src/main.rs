@@ -20,6 +20,7 @@
 #![feature(core_intrinsics)]
 
 mod bench_restore;
+mod conntrack;
 mod decap;
 mod encap;
 mod floor;
@@ -37,17 +38,15 @@ use aya_ebpf::{
 use lb_common::{
     flow_hash,
     maps::{
-        AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CFG_NAT, FAMILY_V4, FWD_IPIP, FWD_NAT, FlowKey, FlowValue,
-        LbConfig, NO_BACKEND, VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
+        AddrKey, BACKEND_ACTIVE, Backend, CFG_NAT, FAMILY_V4, FWD_IPIP, FWD_NAT, LbConfig, NO_BACKEND,
+        VIP_F_HASH_SOURCE_IP, VIP_F_PASS_WHEN_EMPTY, VipKey, VipMeta,
     },
     reasons,
 };
 
 use crate::{
     encap::EncapError,
-    maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, FLOWS, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, count_bytes, count_reason,
-    },
+    maps::{BACKEND_STATS, CONFIG, MAGLEV_POOL, VIP_ADDRS, VIP_STATS, VIPS, backend, count_bytes, count_reason},
     parse::{Packet, Parsed},
     trace::{Observe, Untraced},
 };
@@ -136,6 +135,9 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     }
     // Copy: the controller may replace the element while we run.
     let vip = *vip;
+    let Some(cfg) = CONFIG.get(0) else {
+        return (XDP_DROP, reasons::DROP_BAD_BACKEND);
+    };
     if !track && vip.forwarding == FWD_NAT {
         // NAT has to translate the quoted packet too: not done, passed as before.
         return (XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
@@ -146,10 +148,11 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
 
     // Computed only when needed: a tracked flow carries its hash.
     let hash = || {
+        let seed = &cfg.hash_seed;
         if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
-            flow_hash::source_ip(&pkt.flow.src)
+            flow_hash::source_ip(seed, &pkt.flow.src)
         } else {
-            flow_hash::five_tuple(&pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
+            flow_hash::five_tuple(seed, &pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
         }
     };
     // Before the flow is tracked: a packet that cannot be sent opens no flow.
@@ -160,15 +163,13 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         if pkt.l3_len as u64 > frame_len.saturating_sub(parse::ETH_LEN as u64) {
             return (XDP_DROP, reasons::DROP_MALFORMED_L4);
         }
-        if let Some(cfg) = CONFIG.get(0)
-            && exceeds_mtu(&pkt, cfg)
-        {
+        if exceeds_mtu(&pkt, cfg) {
             // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
             return if track { icmp::too_big(ctx, &pkt, cfg) } else { (XDP_DROP, reasons::DROP_TOO_BIG) };
         }
     }
-    let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
     let chosen = if vip.forwarding == FWD_NAT {
+        let new_connection = pkt.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
         if let Some(done) = nat::last_hop(ctx, &pkt) {
             return done;
         }
@@ -178,7 +179,7 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         };
         nat::choose_backend(ctx, &pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
     } else {
-        choose_backend(&pkt.flow, &vip, hash, new_connection, track, obs)
+        conntrack::choose_backend(&pkt.flow, &vip, cfg, hash, pkt.tcp_flags, track, obs)
     };
     let (backend_id, backend, hash) = match chosen {
         Ok(b) => b,
@@ -189,7 +190,7 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     };
     obs.backend(backend_id, &backend);
     count_bytes(&BACKEND_STATS, backend_id, frame_len);
-    forward(ctx, &pkt, &vip, &backend, hash)
+    forward(ctx, &pkt, &vip, &backend, cfg, hash)
 }
 
 /// Whether the frame's destination MAC is the interface's own (CONFIG's
@@ -227,50 +228,6 @@ pub(crate) fn count_conntrack(reason: u32, obs: &mut impl Observe) {
     obs.conntrack(reason);
 }
 
-/// Connection tracking first, so an established flow keeps its backend when
-/// the table changes; Maglev for new flows and for flows whose backend went
-/// down or away. Counts the conntrack outcome itself. Without `track` (an
-/// ICMP error about the flow) the table is only read: no entry is made and
-/// nothing is counted.
-#[inline(always)]
-fn choose_backend(
-    flow: &FlowKey,
-    vip: &VipMeta,
-    hash: impl Fn() -> u32,
-    new_connection: bool,
-    track: bool,
-    obs: &mut impl Observe,
-) -> Result<(u32, Backend, u32), u32> {
-    // SAFETY: a hash map lookup; the value is copied out at once.
-    if let Some(tracked) = unsafe { FLOWS.get(flow) } {
-        let tracked = *tracked;
-        let backend = BACKENDS.get(tracked.backend_id).filter(|b| b.generation == tracked.generation);
-        match backend {
-            Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
-                if track {
-                    count_conntrack(reasons::CONNTRACK_HIT, obs);
-                }
-                return Ok((tracked.backend_id, *b, tracked.hash));
-            }
-            // A client reusing a source port opens a new connection: not to a draining server.
-            Some(b) if b.state == BACKEND_DRAINING && track => count_conntrack(reasons::CONNTRACK_SYN_RESCHEDULED, obs),
-            _ if track => count_conntrack(reasons::CONNTRACK_STALE, obs),
-            _ => {}
-        }
-    } else if track {
-        count_conntrack(reasons::CONNTRACK_MISS, obs);
-    }
-    let hash = hash();
-    let (id, b) = maglev_pick(vip, hash, obs)?;
-    if track {
-        let value = FlowValue { backend_id: id, generation: b.generation, hash, _pad: 0 };
-        if FLOWS.insert(flow, &value, 0).is_err() {
-            count_reason(reasons::CONNTRACK_INSERT_FAILED);
-        }
-    }
-    Ok((id, b, hash))
-}
-
 /// The backend in the VIP's Maglev table slot for `hash`.
 #[inline(always)]
 pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32, obs: &mut impl Observe) -> Result<(u32, Backend), u32> {
@@ -286,7 +243,7 @@ pub(crate) fn maglev_pick(vip: &VipMeta, hash: u32, obs: &mut impl Observe) -> R
     if id == NO_BACKEND {
         return Err(reasons::DROP_NO_BACKEND);
     }
-    let Some(b) = BACKENDS.get(id) else {
+    let Some(b) = backend(id) else {
         return Err(reasons::DROP_BAD_BACKEND);
     };
     // The controller takes a backend out of the table before it marks it
@@ -305,10 +262,7 @@ fn exceeds_mtu(pkt: &Packet, cfg: &LbConfig) -> bool {
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, hash: u32) -> (u32, u32) {
-    let Some(cfg) = CONFIG.get(0) else {
-        return (XDP_DROP, reasons::DROP_BAD_BACKEND);
-    };
+fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &Backend, cfg: &LbConfig, hash: u32) -> (u32, u32) {
     if vip.forwarding == FWD_NAT {
         return nat::forward(ctx, pkt, backend, cfg);
     }

@@ -8,23 +8,35 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        AddrKey, BPF_F_MMAPABLE, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, VipKey, VipMeta,
+        AddrKey, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend, BackendSlot, Counter, DEFAULT_CONNTRACK_SIZE,
+        DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE, EMBRYONIC_SLOTS,
+        EmbryonicFlow, FloodWindow, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, VipKey, VipMeta,
     },
     reasons,
 };
 
-/// (VIP address, port, protocol) → how to balance it. Written by the controller.
+/// (VIP address, port, protocol) → how to balance it. Written by the
+/// controller. Not preallocated: an element replaced by an update is freed
+/// after an RCU grace period, so a packet still reading it never sees it
+/// reused for another VIP's value (a preallocated map recycles it at once).
 #[map]
-pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC);
 
 /// Addresses that have a VIP → number of VIPs on it. Written by the controller.
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
-/// Backend id → server address, next-hop MAC, state. Written by the controller.
+/// Backend id → server address, next-hop MAC, state, in two copies of which
+/// one is live (see `BackendSlot`). Written by the controller; read through
+/// [`backend`].
 #[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: Array<BackendSlot> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The live copy of backend `id`.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<&'static Backend> {
+    BACKENDS.get(id).map(BackendSlot::current)
+}
 
 /// All VIPs' Maglev tables, each a region `VipMeta::ring_offset ..+ ring_size`,
 /// each slot a backend id. Written by the controller.
@@ -34,6 +46,18 @@ pub static MAGLEV_POOL: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_POOL
 /// Connection tracking: flow → backend. Written here; LRU evicts idle flows.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Flows seen once, per CPU, in buckets of `EMBRYONIC_WAYS` slots chosen by
+/// the flow's hash: a flow enters FLOWS only with its second packet (see
+/// `conntrack`). Written here; never pinned (losing it costs no flow: its
+/// next packet is chosen by the same Maglev table).
+#[map]
+pub static FLOWS_NEW: PerCpuArray<EmbryonicFlow> = PerCpuArray::with_max_entries(EMBRYONIC_SLOTS, 0);
+
+/// Per CPU: new flows tracked in the current second (flood mode past
+/// `LbConfig::flood_rate`). Written here; never pinned.
+#[map]
+pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// NAT connections by their client-side 5-tuple → backend, TCP state, last
 /// packet. A plain hash map, not LRU: when full, new connections are refused

@@ -25,7 +25,7 @@ use lb_common::{
 
 use crate::{
     count_conntrack, maglev_pick,
-    maps::{BACKENDS, NAT_FLOWS, NAT_REVERSE, TX_PORTS},
+    maps::{NAT_FLOWS, NAT_REVERSE, TX_PORTS},
     parse::{ETH_LEN, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
     trace::Observe,
 };
@@ -221,7 +221,7 @@ pub fn choose_backend(
     if let Some(entry) = tracked {
         // SAFETY: a value pointer from a map lookup, valid for this program run.
         let e = unsafe { *entry };
-        let backend = BACKENDS.get(e.backend_id).filter(|b| b.generation == e.generation);
+        let backend = crate::maps::backend(e.backend_id).filter(|b| b.generation == e.generation);
         match backend {
             Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => {
                 client_side(ctx, pkt, entry, &e, b, now, client_mac);
@@ -367,7 +367,7 @@ fn winner(flow: &FlowKey) -> Result<(u32, Backend), u32> {
     let Some(w) = (unsafe { NAT_FLOWS.get(flow) }).copied() else {
         return Err(reasons::DROP_NAT_TABLE_FULL);
     };
-    match BACKENDS.get(w.backend_id) {
+    match crate::maps::backend(w.backend_id) {
         Some(b) if b.generation == w.generation && b.state == BACKEND_ACTIVE => Ok((w.backend_id, *b)),
         _ => Err(reasons::DROP_NAT_TABLE_FULL),
     }
@@ -488,7 +488,7 @@ fn from_backend(ctx: &XdpContext, flow: Option<*mut NatFlow>) -> bool {
     let Some(f) = flow else { return false };
     // SAFETY: a value pointer from a map lookup, valid for this program run.
     let (id, generation) = unsafe { ((*f).backend_id, (*f).generation) };
-    let (Some(b), Some(eth)) = (BACKENDS.get(id), ptr_at::<EthHdr>(ctx, 0)) else { return false };
+    let (Some(b), Some(eth)) = (crate::maps::backend(id), ptr_at::<EthHdr>(ctx, 0)) else { return false };
     // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
     let src = unsafe { (*eth).src };
     b.generation == generation && src == b.mac

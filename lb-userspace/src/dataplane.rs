@@ -24,9 +24,9 @@ use aya::{
 use lb_common::{
     decap::{DECAP_FILTER_SYMBOL, DecapFilter},
     maps::{
-        AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND, TX_PORT_CLIENT,
-        VipKey, VipMeta, names, programs,
+        AddrKey, Backend, BackendSlot, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_POOL, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE, FlowKey, FlowValue, LbConfig, NatFlow, NatReply, TX_PORT_BACKEND,
+        TX_PORT_CLIENT, VipKey, VipMeta, names, programs,
     },
     reasons,
     trace::{TRACE_RING_DEFAULT_BYTES, TraceConfig},
@@ -109,7 +109,7 @@ pub struct Dataplane {
     sizes: MapSizes,
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
-    backends: Array<MapData, Backend>,
+    backends: Array<MapData, BackendSlot>,
     pool: PoolMapping,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     config: Array<MapData, LbConfig>,
@@ -334,12 +334,40 @@ impl Dataplane {
         self.vip_addrs.remove(key).with_context(|| format!("removing address {key:?} from the VIP_ADDRS map failed"))
     }
 
+    /// Publishes `backend` as id `id` without a torn read (see
+    /// `BackendSlot`): the copy packets do not read is written, then made
+    /// the live one. A slot never written before is written at once: no
+    /// table slot or flow can name it yet.
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("writing backend id {id} to the BACKENDS map failed"))
+        let failed = || format!("writing backend id {id} to the BACKENDS map failed");
+        let mut slot = self.backends.get(&id, 0).with_context(failed)?;
+        if *slot.current() == *backend {
+            return Ok(());
+        }
+        if slot == BackendSlot::default() {
+            return self.backends.set(id, BackendSlot { copies: [*backend; 2], ..slot }, 0).with_context(failed);
+        }
+        let next = (slot.live & 1) ^ 1;
+        slot.copies[next as usize] = *backend;
+        self.backends.set(id, slot, 0).with_context(failed)?;
+        slot.live = next;
+        self.backends.set(id, slot, 0).with_context(failed)
     }
 
+    /// The copy of backend `id` that packets read.
     pub fn backend(&self, id: u32) -> Result<Backend> {
+        Ok(*self.backends.get(&id, 0).with_context(|| format!("reading backend id {id} failed"))?.current())
+    }
+
+    /// Backend `id`'s slot as it is, both copies (for tests).
+    pub fn backend_slot(&self, id: u32) -> Result<BackendSlot> {
         self.backends.get(&id, 0).with_context(|| format!("reading backend id {id} failed"))
+    }
+
+    /// Writes backend `id`'s slot as given, in one write (tests: a rewrite
+    /// cut short; the controller publishes with [`Self::set_backend`]).
+    pub fn set_backend_slot(&mut self, id: u32, slot: &BackendSlot) -> Result<()> {
+        self.backends.set(id, slot, 0).with_context(|| format!("writing backend id {id} to the BACKENDS map failed"))
     }
 
     /// Writes `slots` into the Maglev pool at `offset`.

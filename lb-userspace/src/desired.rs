@@ -515,8 +515,9 @@ pub struct Link {
     pub mtu: u32,
 }
 
-/// The CONFIG map entry for the interfaces and configuration.
-pub fn lb_config(link: &Link, backend_link: Option<&Link>, config: &Config) -> LbConfig {
+/// The CONFIG map entry for the interfaces and configuration, with the flow
+/// hash seed `seed` (see `hash_seed`).
+pub fn lb_config(link: &Link, backend_link: Option<&Link>, config: &Config, seed: [u32; 2]) -> LbConfig {
     let v4 = config.ipip_source_v4;
     let v4_mask: u32 = if v4.len == 0 { 0 } else { u32::MAX << (32 - v4.len) };
     let v4_base = addr::words(v4.addr)[0] & v4_mask.to_be();
@@ -539,6 +540,9 @@ pub fn lb_config(link: &Link, backend_link: Option<&Link>, config: &Config) -> L
         ipip_src_v4_host_mask: (!v4_mask).to_be(),
         ipip_src_v6: v6_base,
         ipip_src_v6_host_mask: v6_last_mask.to_be(),
+        hash_seed: seed,
+        udp_idle_s: config.conntrack_udp_idle.as_secs().min(u32::MAX as u64) as u32,
+        flood_rate: config.conntrack_flood_rate,
     }
 }
 
@@ -962,15 +966,17 @@ mod tests {
     fn lb_config_masks_the_ipip_sources_and_flags_nat() {
         let text = "ipip_source_v4: 198.19.255.7/24\nipip_source_v6: 2001:db8:ffff::1234:5678/96\nvips:\n  - {name: web, address: 198.18.100.1, port: 80, backends: [{address: 198.18.0.11}]}\n";
         let c = config::parse("c.yaml", text).unwrap();
-        let cfg = lb_config(&link("lb0", 3, 1), None, &c);
+        let cfg = lb_config(&link("lb0", 3, 1), None, &c, [7, 9]);
         assert_eq!((cfg.client_ifindex, cfg.backend_ifindex, cfg.mtu, cfg.flags), (3, 3, 1500, 0));
+        assert_eq!(cfg.hash_seed, [7, 9]);
+        assert_eq!((cfg.udp_idle_s, cfg.flood_rate), (30, 125_000), "the defaults");
         assert_eq!(cfg.if_mac, cfg.backend_if_mac, "one arm: replies leave where requests came in");
         assert_eq!(cfg.ipip_src_v4, u32::from_be_bytes([198, 19, 255, 0]).to_be(), "host bits cleared");
         assert_eq!(cfg.ipip_src_v4_host_mask, 0xffu32.to_be());
         assert_eq!(cfg.ipip_src_v6[3], 0, "the last 32 bits are the host's");
         assert_eq!(cfg.ipip_src_v6_host_mask, u32::MAX.to_be());
         let nat = config::parse("c.yaml", TWO_VIPS).unwrap();
-        let cfg = lb_config(&link("lb0", 3, 1), Some(&link("lb1", 4, 2)), &nat);
+        let cfg = lb_config(&link("lb0", 3, 1), Some(&link("lb1", 4, 2)), &nat, [0, 0]);
         assert_eq!((cfg.flags, cfg.backend_ifindex, cfg.backend_if_mac[5]), (CFG_NAT, 4, 2));
     }
 

@@ -71,6 +71,10 @@ pub fn prepare(pin_root: &Path, iface: &str, ephemeral: bool) -> Result<PinDir> 
     let lock = lock(&path, iface)?;
     let adopting = match verify(&path, iface)? {
         Pinned::Dataplane => true,
+        Pinned::Version1 => {
+            crate::migrate::from_v1(&path, iface)?;
+            true
+        }
         Pinned::Nothing => {
             write_abi(&path)?;
             false
@@ -447,6 +451,8 @@ pub enum Pinned {
     Nothing,
     /// Every map, of this build's layout: adopt it.
     Dataplane,
+    /// Every map, of layout version 1: migrate it (see `migrate`), then adopt it.
+    Version1,
 }
 
 /// A map's definition as the kernel reports it (the head of `bpf_map_info`).
@@ -478,7 +484,7 @@ pub fn difference(expected: &MapDef, pinned: &MapDef) -> Option<String> {
 
 /// The definition this build gives every pinned map, with the sizes of
 /// the dataplane being adopted.
-fn expected_defs(sizes: MapSizes) -> Result<Vec<(&'static str, MapDef)>> {
+pub(crate) fn expected_defs(sizes: MapSizes) -> Result<Vec<(&'static str, MapDef)>> {
     let obj = aya_obj::Object::parse(crate::EBPF_OBJECT).context("parsing the embedded eBPF object failed")?;
     let sized: HashMap<&str, u32> = dataplane::sized_maps(sizes).into_iter().collect();
     dataplane::PINNED_MAPS
@@ -513,7 +519,11 @@ fn detach_hint(iface: &str) -> String {
 /// the map and the fix when it holds one of another layout, or part of one.
 /// Creates and changes nothing.
 pub fn verify(dir: &Path, iface: &str) -> Result<Pinned> {
-    let present: Vec<&str> = dataplane::PINNED_MAPS.iter().copied().filter(|n| dir.join(n).exists()).collect();
+    // A map a migration set aside (`migrate`) counts as that map.
+    let pinned_at = |name: &str| -> Option<PathBuf> {
+        [crate::migrate::aside(dir, name), dir.join(name)].into_iter().find(|p| p.exists())
+    };
+    let present: Vec<&str> = dataplane::PINNED_MAPS.iter().copied().filter(|n| pinned_at(n).is_some()).collect();
     if present.is_empty() {
         return Ok(Pinned::Nothing);
     }
@@ -527,11 +537,11 @@ pub fn verify(dir: &Path, iface: &str) -> Result<Pinned> {
             missing.join(", map ")
         )));
     }
-    match read_abi(&dir.join(ABI_PIN)) {
-        Ok(v) if v == MAPS_ABI => {}
+    let version = match read_abi(&dir.join(ABI_PIN)) {
+        Ok(v) if v == MAPS_ABI || v == 1 => v,
         Ok(v) => {
             return Err(refuse(format!(
-                "map {ABI_PIN} says map layout version {v}, this xdplb uses version {MAPS_ABI}"
+                "map {ABI_PIN} says map layout version {v}, this xdplb uses version {MAPS_ABI} (and migrates version 1)"
             )));
         }
         Err(e) => {
@@ -540,10 +550,15 @@ pub fn verify(dir: &Path, iface: &str) -> Result<Pinned> {
                  xdplb of unknown layout"
             )));
         }
-    }
+    };
     let mut pinned = HashMap::new();
     for name in dataplane::PINNED_MAPS {
-        let def = map_def(&dir.join(name)).map_err(|e| refuse(format!("map {name} cannot be read ({e:#})")))?;
+        // Version 1's own maps first: a migration cut short left its new maps beside them.
+        let path = if version == 1 { pinned_at(name) } else { Some(dir.join(name)) };
+        let def = path
+            .ok_or_else(|| anyhow!("missing"))
+            .and_then(|p| map_def(&p))
+            .map_err(|e| refuse(format!("map {name} cannot be read ({e:#})")))?;
         pinned.insert(*name, def);
     }
     // The sizes the adopted dataplane was created with: its sizing maps say them.
@@ -554,12 +569,16 @@ pub fn verify(dir: &Path, iface: &str) -> Result<Pinned> {
         maglev_pool: pinned[lb_common::maps::names::MAGLEV_POOL].max_entries,
         nat_table: pinned[lb_common::maps::names::NAT_FLOWS].max_entries,
     };
-    for (name, want) in expected_defs(sizes)? {
+    for (name, mut want) in expected_defs(sizes)? {
+        if version == 1 {
+            want = crate::migrate::v1_def(name, want);
+        }
         if let Some(diff) = difference(&want, &pinned[name]) {
-            return Err(refuse(format!("map {name} has {diff}")));
+            let version = if version == 1 { " (for layout version 1)" } else { "" };
+            return Err(refuse(format!("map {name} has {diff}{version}")));
         }
     }
-    Ok(Pinned::Dataplane)
+    Ok(if version == 1 { Pinned::Version1 } else { Pinned::Dataplane })
 }
 
 // ---- Clean-up ----
@@ -634,7 +653,7 @@ fn obj_get(path: &Path) -> Result<OwnedFd> {
 }
 
 /// The definition of the map pinned at `path`.
-fn map_def(path: &Path) -> Result<MapDef> {
+pub fn map_def(path: &Path) -> Result<MapDef> {
     let fd = obj_get(path)?;
     #[repr(C)]
     #[derive(Default)]
@@ -688,10 +707,32 @@ fn read_abi(path: &Path) -> Result<u32> {
 }
 
 /// Pins a one-entry array map holding [`MAPS_ABI`] at DIR/ABI (replacing
-/// any there: it is only written where no map is pinned).
-fn write_abi(dir: &Path) -> Result<()> {
+/// any there: it is only written where no map is pinned, or by a migration).
+pub(crate) fn write_abi(dir: &Path) -> Result<()> {
+    write_abi_version(dir, MAPS_ABI)
+}
+
+/// Like [`write_abi`], with any version (tests build older dataplanes).
+pub fn write_abi_version(dir: &Path, version: u32) -> Result<()> {
     let path = dir.join(ABI_PIN);
     std::fs::remove_file(&path).ok();
+    let def = MapDef { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1, flags: 0 };
+    let fd = create_pinned(&path, &def, "xdplb_abi").context("creating the ABI map failed")?;
+    let (key, value) = (0u32, version);
+    let mut update = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut update).context("writing the ABI map failed")?;
+    Ok(())
+}
+
+/// Creates a map of definition `def` named `name` (at most 15 bytes) and
+/// pins it at `path`.
+pub fn create_pinned(path: &Path, def: &MapDef, name: &str) -> Result<OwnedFd> {
     #[repr(C)]
     struct CreateAttr {
         map_type: u32,
@@ -703,34 +744,27 @@ fn write_abi(dir: &Path) -> Result<()> {
         numa_node: u32,
         map_name: [u8; 16],
     }
-    let mut name = [0u8; 16];
-    name[..9].copy_from_slice(b"xdplb_abi");
+    let mut map_name = [0u8; 16];
+    let n = name.len().min(15);
+    map_name[..n].copy_from_slice(&name.as_bytes()[..n]);
     let mut create = CreateAttr {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        map_flags: 0,
+        map_type: def.map_type,
+        key_size: def.key_size,
+        value_size: def.value_size,
+        max_entries: def.max_entries,
+        // The kernel adds BPF_F_RDONLY_PROG to some types itself (see `expected_defs`).
+        map_flags: def.flags & !BPF_F_RDONLY_PROG,
         inner_map_fd: 0,
         numa_node: 0,
-        map_name: name,
+        map_name,
     };
-    let fd = bpf(BPF_MAP_CREATE, &mut create).context("creating the ABI map failed")?;
+    let fd = bpf(BPF_MAP_CREATE, &mut create).with_context(|| format!("creating map {name} failed"))?;
     // SAFETY: a new fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let (key, value) = (0u32, MAPS_ABI);
-    let mut update = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        _pad: 0,
-        key: &key as *const u32 as u64,
-        value: &value as *const u32 as u64,
-        flags: 0,
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut update).context("writing the ABI map failed")?;
     let c = CString::new(path.as_os_str().as_bytes())?;
     let mut pin = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0 };
     bpf(BPF_OBJ_PIN, &mut pin).with_context(|| format!("pinning {} failed", path.display()))?;
-    Ok(())
+    Ok(fd)
 }
 
 /// Mount tables of the host and of `ip netns exec`, shared by the tests of

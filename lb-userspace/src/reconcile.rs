@@ -689,7 +689,10 @@ impl Reconciler {
     /// NAT VIPs get no ring: they are not synced.
     pub fn sync_view(&self, dp: &Dataplane, previous: Option<&SyncView>) -> SyncView {
         use std::hash::{Hash as _, Hasher as _};
+        // The seed is written before the VIPs (see `Daemon::write_desired`).
+        let seed = dp.config().map(|c| c.hash_seed).unwrap_or_default();
         let mut view = SyncView::default();
+        view.seed = seed;
         for (key, vip) in &self.vips {
             let mut digest = std::hash::DefaultHasher::new();
             vip.table_members.hash(&mut digest);

@@ -24,7 +24,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapType},
 };
 use lb_common::maps::{
-    Backend, FlowKey, FlowValue, NAT_CLOSED, NAT_CLOSING, NatFlow, NatReply, PROTO_TCP, nat_unconfirmed,
+    Backend, BackendSlot, FlowKey, FlowValue, NAT_CLOSED, NAT_CLOSING, NatFlow, NatReply, PROTO_TCP, nat_unconfirmed,
 };
 use tokio::sync::mpsc;
 
@@ -232,7 +232,7 @@ pub struct WalkMaps {
 pub struct NatMaps {
     pub nat_flows: BpfHashMap<MapData, FlowKey, NatFlow>,
     pub nat_reverse: BpfHashMap<MapData, FlowKey, NatReply>,
-    pub backends: Array<MapData, Backend>,
+    pub backends: Array<MapData, BackendSlot>,
 }
 
 /// Another handle to the map behind `data`.
@@ -390,7 +390,9 @@ pub fn sweep_nat_with(
     let mut unanswered = Vec::new();
     let mut backends: HashMap<u32, Option<Backend>> = HashMap::new();
     for (key, flow) in flows {
-        let b = *backends.entry(flow.backend_id).or_insert_with(|| maps.backends.get(&flow.backend_id, 0).ok());
+        let b = *backends
+            .entry(flow.backend_id)
+            .or_insert_with(|| maps.backends.get(&flow.backend_id, 0).ok().map(|s| *s.current()));
         let Some(b) = b else { continue };
         if b.generation != flow.generation {
             // Its backend slot went to another server: the connection is dead.

@@ -271,9 +271,18 @@ impl HaCluster {
         self.dir.path.join("sync.key")
     }
 
+    fn sync_key_text(&self) -> String {
+        format!("xdplb-ha-test-key-{}", self.tag)
+    }
+
+    /// The flow hash seed every node derives from the flow sync key.
+    pub fn hash_seed(&self) -> [u32; 2] {
+        lb_userspace::hash_seed::derive(self.sync_key_text().as_bytes())
+    }
+
     fn write_sync_key(&self) -> Result<(), String> {
         let path = self.sync_key();
-        std::fs::write(&path, format!("xdplb-ha-test-key-{}\n", self.tag)).map_err(|e| e.to_string())?;
+        std::fs::write(&path, format!("{}\n", self.sync_key_text())).map_err(|e| e.to_string())?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())
     }
 
@@ -638,21 +647,24 @@ pub fn wait_for<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Op
 pub struct MaglevChoice {
     backends: Vec<Ipv4Addr>,
     table: Vec<u32>,
+    seed: [u32; 2],
 }
 
 impl MaglevChoice {
-    pub fn new(backends: &[Ipv4Addr]) -> Self {
+    /// With the nodes' flow hash seed (`HaCluster::hash_seed`).
+    pub fn new(backends: &[Ipv4Addr], seed: [u32; 2]) -> Self {
         let members: Vec<maglev::MaglevBackend> = backends
             .iter()
             .map(|a| maglev::MaglevBackend { key: maglev::backend_key(&words(*a), 0), weight: 1 })
             .collect();
-        Self { backends: backends.to_vec(), table: maglev::build(&members, maglev::DEFAULT_TABLE_SIZE) }
+        Self { backends: backends.to_vec(), table: maglev::build(&members, maglev::DEFAULT_TABLE_SIZE), seed }
     }
 
     /// The backend a new TCP flow from `client` to `vip` goes to.
     pub fn backend(&self, client: SocketAddr, vip: SocketAddr) -> Ipv4Addr {
         let (IpAddr::V4(c), IpAddr::V4(v)) = (client.ip(), vip.ip()) else { panic!("IPv4 only") };
-        let hash = flow_hash::five_tuple(&words(c), &words(v), client.port().to_be(), vip.port().to_be(), 6);
+        let hash =
+            flow_hash::five_tuple(&self.seed, &words(c), &words(v), client.port().to_be(), vip.port().to_be(), 6);
         self.backends[self.table[(hash % self.table.len() as u32) as usize] as usize]
     }
 }

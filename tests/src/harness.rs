@@ -60,6 +60,25 @@ pub fn vip(name: &str, addr: &str, port: u16, l4: L4, forwarding: Forwarding, ba
     }
 }
 
+/// Keeps the calling thread on the CPU it runs on. BPF_PROG_TEST_RUN runs
+/// the program on the caller's CPU, and a flow's first packet is kept in
+/// that CPU's embryonic cache (`FLOWS_NEW`, per CPU, as a NIC's receive-side
+/// scaling keeps a flow on one queue): a test thread the scheduler moved
+/// between a flow's packets would see its second packet as a first one.
+pub fn pin_to_this_cpu() {
+    // SAFETY: sched_getcpu and sched_setaffinity on this thread, with a
+    // cpu_set_t on the stack that lives through the call.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        if cpu < 0 {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 pub struct Outcome {
     pub action: u32,
     pub frame: Vec<u8>,
@@ -82,6 +101,7 @@ impl Engine {
     }
 
     pub fn with_sizes(sizes: MapSizes) -> Self {
+        pin_to_this_cpu();
         let mut dp = Dataplane::load(sizes).expect("the eBPF object loads and verifies (run as root)");
         dp.set_config(&LbConfig {
             if_mac: LB_MAC,
@@ -144,9 +164,12 @@ impl Engine {
         let key: VipKey = spec.key();
         let meta = self.reconciler.vip_meta(&key).expect("VIP applied");
         let (s, d) = (addr::words(src), addr::words(spec.addr));
+        let seed = self.dp.config().expect("CONFIG readable").hash_seed;
         let hash = match spec.hash {
-            HashMode::FiveTuple => flow_hash::five_tuple(&s, &d, sport.to_be(), spec.port.to_be(), spec.protocol),
-            HashMode::SourceIp => flow_hash::source_ip(&s),
+            HashMode::FiveTuple => {
+                flow_hash::five_tuple(&seed, &s, &d, sport.to_be(), spec.port.to_be(), spec.protocol)
+            }
+            HashMode::SourceIp => flow_hash::source_ip(&seed, &s),
         };
         let index = hash % meta.ring_size;
         (hash, index, self.dp.read_pool(meta.ring_offset + index, 1)[0])

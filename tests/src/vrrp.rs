@@ -34,6 +34,8 @@ const EX_VIP: &str = "198.18.40.10";
 const EX_BACKENDS: [&str; 3] = ["198.18.40.21", "198.18.40.22", "198.18.40.23"];
 const EX_TRACK_FILE: &str = "/run/xdplb/eth0.track";
 const EX_KEY_FILE: &str = "/etc/xdplb/sync.key";
+/// What the test writes to the flow sync key file.
+const SYNC_KEY: &str = "a flow sync key of 32 characters";
 
 /// The nodes' addresses on the clients' segment.
 pub const NODES4: [&str; 2] = ["198.18.0.21", "198.18.0.22"];
@@ -108,13 +110,18 @@ impl Pair {
         let key_file = cluster.dir.join("sync.key");
         {
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::write(&key_file, "a flow sync key of 32 characters\n").unwrap();
+            std::fs::write(&key_file, format!("{SYNC_KEY}\n")).unwrap();
             std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         Self { cluster, nodes, key_file }
     }
 
     /// examples/keepalived/xdplb.yaml for node `i`, with the first `backends` backends.
+    /// The flow hash seed both nodes derive from the flow sync key.
+    pub fn hash_seed(&self) -> [u32; 2] {
+        lb_userspace::hash_seed::derive(SYNC_KEY.as_bytes())
+    }
+
     pub fn xdplb_config(&self, i: usize, backends: usize) -> String {
         let mut text = EXAMPLE_XDPLB.to_string();
         for b in &EX_BACKENDS[backends..] {

@@ -378,6 +378,14 @@ fn source_ip_hashing_keeps_a_client_on_one_backend() {
     assert_eq!(seen_for_clients.len(), 3, "clients spread over all backends");
 }
 
+/// Sends a flow's first two packets (`f` twice), so that it is confirmed
+/// into FLOWS; returns its backend.
+fn establish(e: &mut Engine, f: &[u8]) -> usize {
+    let first = backend_of(&e.run(f).frame);
+    assert_eq!(backend_of(&e.run(f).frame), first, "a flow's second packet goes where its first went");
+    first
+}
+
 #[test]
 fn conntrack_keeps_flows_across_table_changes() {
     let mut e = Engine::new();
@@ -397,9 +405,15 @@ fn conntrack_keeps_flows_across_table_changes() {
         would_move += usize::from(e.predicted_backend(&grown, c, p) != first[i]);
     }
     assert!(would_move > 50, "the table change must matter for the test to mean anything ({would_move})");
+    // First packets are embryonic (FLOWS_NEW); second ones confirm the flow into FLOWS.
     let r = e.reasons();
-    assert_eq!(r[reasons::CONNTRACK_HIT as usize], 300);
-    assert_eq!(r[reasons::CONNTRACK_MISS as usize], 300);
+    assert_eq!((r[reasons::CONNTRACK_MISS as usize], r[reasons::CONNTRACK_CONFIRMED as usize]), (300, 300));
+    assert_eq!(r[reasons::CONNTRACK_HIT as usize], 0);
+    assert_eq!(e.dp.flow_count(), 300, "confirmed flows are in FLOWS");
+    for (i, &(c, p)) in flows.iter().enumerate() {
+        assert_eq!(backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame), first[i], "flow {i}, third packet");
+    }
+    assert_eq!(e.reasons()[reasons::CONNTRACK_HIT as usize], 300);
 }
 
 #[test]
@@ -408,8 +422,7 @@ fn a_removed_backend_never_gets_a_packet_again() {
     let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
     e.apply(std::slice::from_ref(&s));
     let flows: Vec<(IpAddr, u16)> = (0..300).map(|i| (client(false, i), 20_000 + i as u16)).collect();
-    let first: Vec<usize> =
-        flows.iter().map(|&(c, p)| backend_of(&e.run(&frame(L4::Tcp, c, p, s.addr, 80)).frame)).collect();
+    let first: Vec<usize> = flows.iter().map(|&(c, p)| establish(&mut e, &frame(L4::Tcp, c, p, s.addr, 80))).collect();
     // Remove backend 1 (198.18.1.2): its flows are re-chosen among the rest;
     // the others keep theirs. The remaining backends keep their MACs.
     let shrunk = VipSpec { backends: vec![s.backends[0].clone(), s.backends[2].clone()], ..s.clone() };
@@ -550,7 +563,7 @@ fn ten_thousand_flows_follow_the_weights() {
         let r = e.reasons();
         assert_eq!(r[reasons::TX as usize], 10_000);
         assert_eq!(r[reasons::CONNTRACK_MISS as usize], 10_000);
-        assert_eq!(e.dp.flow_count(), 10_000);
+        assert_eq!(e.dp.flow_count(), 0, "one packet each: embryonic (FLOWS_NEW), none in FLOWS");
     }
 }
 
@@ -832,13 +845,22 @@ fn trace_reports_the_decision_and_the_frame_as_it_left() {
         assert_eq!(ev.cap_len as usize, out.frame.len().min(TRACE_SNAPLEN));
         assert_eq!(bytes[..], out.frame[..ev.cap_len as usize], "{what}: the frame bytes as they left XDP");
 
-        // The same flow again: the connection table answers, Maglev is not asked.
-        let again = e.run_traced(&input);
-        assert_eq!(again.frame, out.frame, "{what}");
-        let events = trace_events(&mut ring);
-        let (ev, _) = &events[0];
-        assert_eq!((ev.conntrack, ev.flags), (reasons::CONNTRACK_HIT, TRACE_F_FLOW | TRACE_F_VIP | TRACE_F_BACKEND));
-        assert_eq!((ev.backend_id, ev.maglev_slot), (id, TRACE_NONE), "{what}");
+        // The same flow again: the connection table answers, Maglev is not
+        // asked (DSR and IP-in-IP: the embryonic flow is confirmed by it, and
+        // the connection table answers the third packet).
+        let answers: &[u32] = if fwd == Forwarding::Nat {
+            &[reasons::CONNTRACK_HIT]
+        } else {
+            &[reasons::CONNTRACK_CONFIRMED, reasons::CONNTRACK_HIT]
+        };
+        for &answer in answers {
+            let again = e.run_traced(&input);
+            assert_eq!(again.frame, out.frame, "{what}");
+            let events = trace_events(&mut ring);
+            let (ev, _) = &events[0];
+            assert_eq!((ev.conntrack, ev.flags), (answer, TRACE_F_FLOW | TRACE_F_VIP | TRACE_F_BACKEND), "{what}");
+            assert_eq!((ev.backend_id, ev.maglev_slot), (id, TRACE_NONE), "{what}");
+        }
 
         if fwd == Forwarding::Nat {
             // The backend's reply: translated back to the VIP, reported as such.
@@ -865,7 +887,8 @@ fn trace_reports_the_decision_and_the_frame_as_it_left() {
         // Each packet still counts exactly one outcome.
         let r = e.reasons();
         let nat_reply = if fwd == Forwarding::Nat { 1 } else { 0 };
-        assert_eq!((r[reasons::TX as usize], r[reasons::PASS_NOT_VIP as usize]), (2, 1), "{what}");
+        let tx = 1 + answers.len() as u64;
+        assert_eq!((r[reasons::TX as usize], r[reasons::PASS_NOT_VIP as usize]), (tx, 1), "{what}");
         assert_eq!(r[reasons::NAT_REPLY as usize], nat_reply);
         assert_eq!(e.dp.trace_lost().unwrap(), 0);
     }
@@ -959,10 +982,8 @@ fn icmp_errors_reach_the_backend(v6: bool, fwd: Forwarding) {
     e.apply(std::slice::from_ref(&s));
     let c = client(v6, 11);
     // A tracked flow, and a port Maglev alone decides.
-    let flow = e.run(&frame(L4::Tcp, c, 40_000, s.addr, 80));
-    assert_eq!(flow.action, XDP_TX, "{what}");
-    let tracked = backend_of(&flow.frame);
-    let mut sent = 1;
+    let tracked = establish(&mut e, &frame(L4::Tcp, c, 40_000, s.addr, 80));
+    let mut sent = 2;
     for (sport, tracked_flow) in [(40_000u16, true), (40_001, false)] {
         for (kind, code, rest) in icmp_errors(v6) {
             let quoted = quoted_reply(L4::Tcp, s.addr, 80, c, sport, if v6 { 120 } else { 28 });
@@ -1011,9 +1032,18 @@ fn icmp_errors_reach_the_backend(v6: bool, fwd: Forwarding) {
     }
     let r = e.reasons();
     assert_eq!(r[reasons::TX as usize], sent, "{what}: every one counted tx");
-    assert_eq!(r.iter().sum::<u64>() - r[reasons::CONNTRACK_MISS as usize], sent, "{what}: one reason each");
+    let conntrack = r[reasons::CONNTRACK_MISS as usize] + r[reasons::CONNTRACK_CONFIRMED as usize];
+    assert_eq!(r.iter().sum::<u64>() - conntrack, sent, "{what}: one reason each");
     assert_eq!(e.dp.flow_count(), 1, "{what}: no flow entry for an ICMP error");
-    assert_eq!((r[reasons::CONNTRACK_MISS as usize], r[reasons::CONNTRACK_HIT as usize]), (1, 0), "{what}");
+    assert_eq!(
+        (
+            r[reasons::CONNTRACK_MISS as usize],
+            r[reasons::CONNTRACK_CONFIRMED as usize],
+            r[reasons::CONNTRACK_HIT as usize]
+        ),
+        (1, 1, 0),
+        "{what}"
+    );
 }
 
 #[test]
@@ -1041,8 +1071,7 @@ fn an_icmp_error_follows_its_tracked_flow_not_maglev() {
     let s = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4[..2]);
     e.apply(std::slice::from_ref(&s));
     let flows: Vec<IpAddr> = (0..200).map(|i| client(false, i)).collect();
-    let first: Vec<usize> =
-        flows.iter().map(|&c| backend_of(&e.run(&frame(L4::Tcp, c, 7000, s.addr, 80)).frame)).collect();
+    let first: Vec<usize> = flows.iter().map(|&c| establish(&mut e, &frame(L4::Tcp, c, 7000, s.addr, 80))).collect();
     let grown = vip("web", VIP4, 80, L4::Tcp, Forwarding::Dsr, &BACKENDS4);
     e.apply(std::slice::from_ref(&grown));
     let mut moved = 0;
@@ -1182,11 +1211,12 @@ fn too_big_is_answered(v6: bool, dont_fragment: bool) {
     }
     assert_eq!(packets::transport_checksum_ok(&out.frame[14..]), Some(true), "{what}: ICMP checksum");
     assert_eq!(e.dp.flow_count(), 0, "{what}: a packet too big opens no flow");
-    // What fits is still forwarded, and tracked.
+    // What fits is still forwarded, and tracked (from its second packet on).
+    assert_eq!(e.run(&big(fits)).action, XDP_TX);
     assert_eq!(e.run(&big(fits)).action, XDP_TX);
     assert_eq!(e.dp.flow_count(), 1);
     let r = e.reasons();
-    assert_eq!((r[reasons::DROP_TOO_BIG as usize], r[reasons::TX as usize]), (1, 1), "{what}");
+    assert_eq!((r[reasons::DROP_TOO_BIG as usize], r[reasons::TX as usize]), (1, 2), "{what}");
 }
 
 #[test]
@@ -1440,10 +1470,11 @@ fn ipip_length_beyond_the_frame_is_dropped_unanswered() {
         // The same frame with its true length is forwarded.
         let honest = claiming(c, s.addr, frame_len, frame_len as u16 - 14);
         assert_eq!(e.run(&honest).action, XDP_TX, "v6={v6}: a true length");
+        assert_eq!(e.run(&honest).action, XDP_TX, "v6={v6}: a true length, second packet");
         let r = e.reasons();
         assert_eq!(
             (r[reasons::DROP_MALFORMED_L4 as usize], r[reasons::DROP_TOO_BIG as usize], r[reasons::TX as usize]),
-            (3, 0, 1),
+            (3, 0, 2),
             "v6={v6}"
         );
         assert_eq!(e.dp.flow_count(), 1, "v6={v6}: only the true packet opened a flow");

@@ -17,7 +17,7 @@ use std::{
 use lb_common::{
     flow_hash,
     maglev::{self, MaglevBackend},
-    maps::{FlowKey, FlowValue, PROTO_TCP},
+    maps::{FlowKey, FlowValue, LbConfig, PROTO_TCP},
 };
 use lb_userspace::{
     addr,
@@ -26,6 +26,7 @@ use lb_userspace::{
         FlowSync, SyncView,
         wire::{self, FlowRecord, Message, Sealer, Session},
     },
+    hash_seed,
     reconcile::{Forwarding, VipSpec},
     status::SyncStatus,
     walks::insert_batched,
@@ -93,7 +94,10 @@ struct Node {
 }
 
 impl Node {
-    fn start(engine: Engine, listen: &str, peer: &str) -> Self {
+    fn start(mut engine: Engine, listen: &str, peer: &str) -> Self {
+        // As the controller does: the seed derived from the shared key, the same on both nodes.
+        let cfg = engine.dp.config().unwrap();
+        engine.dp.set_config(&LbConfig { hash_seed: hash_seed::derive(KEY), ..cfg }).unwrap();
         let view = engine.reconciler.sync_view(&engine.dp, None);
         let status = Arc::new(Mutex::new(SyncStatus::default()));
         let flows = engine.dp.flows_map().unwrap();
@@ -131,7 +135,7 @@ fn flow_key(src: IpAddr, sport: u16, vip: IpAddr) -> FlowKey {
 }
 
 fn hash_of(k: &FlowKey) -> u32 {
-    flow_hash::five_tuple(&k.src, &k.dst, k.sport, k.dport, k.protocol)
+    flow_hash::five_tuple(&hash_seed::derive(KEY), &k.src, &k.dst, k.sport, k.dport, k.protocol)
 }
 
 /// Maglev's table for `spec`, computed here from lb_common alone: the
@@ -224,7 +228,7 @@ fn flows_maglev_moves_keep_their_backend_on_the_peer() {
             assert_ne!(id_a, id_b, "the nodes number their backends differently");
             let got = b.engine.dp.flow(&key).unwrap_or_else(|| panic!("{src}:{sport} is not in B's flow table"));
             let generation = b.engine.dp.backend(id_b).unwrap().generation;
-            assert_eq!(got, FlowValue { backend_id: id_b, generation, hash: hash_of(&key), _pad: 0 });
+            assert_eq!(got, FlowValue { backend_id: id_b, generation, hash: hash_of(&key), last_seen_s: 0 });
             // Without the synced entry B would send it elsewhere...
             assert_ne!(b.engine.predicted_backend(&spec, src, sport), old);
             // ...with it, the flow keeps its backend.
@@ -313,7 +317,7 @@ fn deviating_flows(engine: &Engine, spec: &VipSpec, n: usize) -> Vec<(FlowKey, F
             let other = spec.backends[(chosen + 1) % spec.backends.len()].addr;
             let id = engine.reconciler.backend_id(&spec.key(), other, 0).unwrap();
             let generation = engine.dp.backend(id).unwrap().generation;
-            (flow_key(src, sport, vip_addr), FlowValue { backend_id: id, generation, hash, _pad: 0 })
+            (flow_key(src, sport, vip_addr), FlowValue { backend_id: id, generation, hash, last_seen_s: 0 })
         })
         .collect()
 }

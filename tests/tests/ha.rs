@@ -87,7 +87,7 @@ fn new_connections_spread_across_the_three_nodes() {
         assert!(out.stdout.is_empty(), "{}: {}", n.name, String::from_utf8_lossy(&out.stdout));
     }
     let before = packets(&c, "web");
-    let maglev = MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2)]);
+    let maglev = MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2)], c.hash_seed());
     let mut per_node = [0usize; NODES];
     for n in 0..90 {
         let (local, backend) = get_once(&c.client, web.target(), REQUEST_TIMEOUT)
@@ -116,7 +116,7 @@ fn killing_a_node_loses_no_established_connection() {
     let target = web.target();
     let fleet = ok(KeepAliveFleet::start(&c.client, target, 60, Duration::from_millis(100), REQUEST_TIMEOUT));
     let held = fleet.snapshot();
-    let maglev3 = MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2)]);
+    let maglev3 = MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2)], c.hash_seed());
     let node_before: Vec<usize> = held.iter().map(|h| c.node_for(h.local, target).unwrap()).collect();
     for h in &held {
         assert_eq!(h.backend, backend_name(maglev3.backend(h.local, target)), "{}", h.local);
@@ -144,7 +144,8 @@ fn killing_a_node_loses_no_established_connection() {
             all_active(s) && s["vips"][0]["backends"].as_array().is_some_and(|b| b.len() == 4)
         }));
     }
-    let maglev4 = MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2), backend_addr(3)]);
+    let maglev4 =
+        MaglevChoice::new(&[backend_addr(0), backend_addr(1), backend_addr(2), backend_addr(3)], c.hash_seed());
     let deviating: Vec<bool> =
         held.iter().map(|h| h.backend != backend_name(maglev4.backend(h.local, target))).collect();
     let mut deviating_on = [0u64; NODES];

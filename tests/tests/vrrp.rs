@@ -95,7 +95,7 @@ fn the_standby_takes_the_vip_and_established_connections_continue() {
     for i in 0..2 {
         pair.reload(i, 3);
     }
-    let maglev = MaglevChoice::new(&backend_addrs(&pair, 3));
+    let maglev = MaglevChoice::new(&backend_addrs(&pair, 3), pair.hash_seed());
     let name = |a: Ipv4Addr| format!("b{}", backend_addrs(&pair, 3).iter().position(|b| *b == a).unwrap() + 1);
     let deviating: Vec<SocketAddr> =
         fleet.snapshot().iter().filter(|h| name(maglev.backend(h.local, vip)) != h.backend).map(|h| h.local).collect();

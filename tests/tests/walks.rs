@@ -28,7 +28,7 @@ fn flows(n: u32) -> Vec<(FlowKey, FlowValue)> {
                 family: 4,
                 _pad: [0; 2],
             };
-            (key, FlowValue { backend_id: i % 100, generation: 1, hash: i, _pad: 0 })
+            (key, FlowValue { backend_id: i % 100, generation: 1, hash: i, last_seen_s: 0 })
         })
         .collect()
 }

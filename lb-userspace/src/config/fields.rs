@@ -10,9 +10,9 @@ use std::{
 use lb_common::maglev;
 
 use super::{
-    BackendConfig, CaFile, CheckKind, Config, ConfigError, DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck,
-    InitialState, NamedBackend, NatSettings, OnAllDown, Pos, Prefix, Protocol, Resolvers, StatusMatch, TlsCheck,
-    VipConfig, XdpModeSetting,
+    BackendConfig, CaFile, CheckKind, Config, ConfigError, DEFAULT_CONNTRACK_FLOOD_RATE, DEFAULT_CONNTRACK_UDP_IDLE,
+    DEFAULT_IPIP_SOURCE_V4, DEFAULT_IPIP_SOURCE_V6, HealthCheck, InitialState, NamedBackend, NatSettings, OnAllDown,
+    Pos, Prefix, Protocol, Resolvers, StatusMatch, TlsCheck, VipConfig, XdpModeSetting,
     yaml::{Node, Value},
 };
 use crate::reconcile::{Forwarding, HashMode};
@@ -165,6 +165,9 @@ impl<'f> Fields<'f> {
             "ipip_source_v4",
             "ipip_source_v6",
             "conntrack_size",
+            "conntrack_udp_idle",
+            "conntrack_flood_rate",
+            "hash_seed_file",
             "nat",
             "resolvers",
             "bgp",
@@ -219,6 +222,21 @@ impl<'f> Fields<'f> {
                 _ => Err(format!("`{s}` is not a number of flows from 1024 to 134217728")),
             })
             .unwrap_or(lb_common::maps::DEFAULT_CONNTRACK_SIZE);
+        let conntrack_udp_idle = self
+            .value(&m, "conntrack_udp_idle", |s| match parse_duration(s)? {
+                d if d >= Duration::from_secs(1) => Ok(d),
+                _ => Err(format!("`{s}` is shorter than 1s (the dataplane counts whole seconds)")),
+            })
+            .unwrap_or(DEFAULT_CONNTRACK_UDP_IDLE);
+        let conntrack_flood_rate = self
+            .value(&m, "conntrack_flood_rate", |s| match s.parse::<u32>() {
+                Ok(n) if n == 0 || n >= 1000 => Ok(n),
+                _ => Err(format!(
+                    "`{s}` is not 0 (no limit) or a number of new flows per second per CPU of 1000 or more"
+                )),
+            })
+            .unwrap_or(DEFAULT_CONNTRACK_FLOOD_RATE);
+        let hash_seed_file = self.value(&m, "hash_seed_file", super::ha::read_key_file);
 
         let resolvers = match m.get("resolvers") {
             Some(n) => self.resolvers(n, "resolvers").unwrap_or_default(),
@@ -249,6 +267,9 @@ impl<'f> Fields<'f> {
             ipip_source_v4,
             ipip_source_v6,
             conntrack_size,
+            conntrack_udp_idle,
+            conntrack_flood_rate,
+            hash_seed_file,
             resolvers,
             bgp,
             flow_sync,

@@ -303,6 +303,14 @@ pub struct Config {
     pub ipip_source_v4: Prefix,
     pub ipip_source_v6: Prefix,
     pub conntrack_size: u32,
+    /// A tracked UDP flow idle this long is chosen again.
+    pub conntrack_udp_idle: Duration,
+    /// New flows one CPU enters into the connection table per second at
+    /// most (flood mode past it); 0: no limit.
+    pub conntrack_flood_rate: u32,
+    /// The flow hash's secret seed, identical on every node of a site
+    /// (`hash_seed_file`); without it, derived from the flow sync key.
+    pub hash_seed_file: Option<SyncKey>,
     pub resolvers: Resolvers,
     /// Announce the VIP addresses over BGP through BIRD (`bgp:`).
     pub bgp: Option<BgpSettings>,
@@ -310,6 +318,12 @@ pub struct Config {
     pub flow_sync: Option<FlowSyncSettings>,
     pub vips: Vec<VipConfig>,
 }
+
+/// UDP flows idle this long are chosen again (Katran, Cilium: 30 s too).
+pub const DEFAULT_CONNTRACK_UDP_IDLE: Duration = Duration::from_secs(30);
+/// New flows tracked per CPU per second before flood mode (Katran's
+/// `max_conn_rate` default).
+pub const DEFAULT_CONNTRACK_FLOOD_RATE: u32 = 125_000;
 
 pub const DEFAULT_IPIP_SOURCE_V4: Prefix = Prefix { addr: IpAddr::V4(Ipv4Addr::new(172, 16, 0, 0)), len: 16 };
 /// 100::/64 is the discard-only prefix (RFC 6666): never a real source.

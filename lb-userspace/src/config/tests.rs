@@ -489,3 +489,34 @@ fn bgp_durations_and_paths() {
         ]
     );
 }
+
+#[test]
+fn conntrack_limits_and_the_hash_seed_file() {
+    let dir = KeyDir::new("seed");
+    let seed = dir.key("seed.key", b"0123456789abcdef-seed\n", 0o600);
+    let c = parse("c.yaml", "vips: []\n").unwrap();
+    assert_eq!((c.conntrack_udp_idle, c.conntrack_flood_rate), (Duration::from_secs(30), 125_000), "defaults");
+    assert!(c.hash_seed_file.is_none());
+    let text = format!("conntrack_udp_idle: 2m\nconntrack_flood_rate: 0\nhash_seed_file: {seed}\nvips: []\n");
+    let c = parse("c.yaml", &text).unwrap();
+    assert_eq!((c.conntrack_udp_idle, c.conntrack_flood_rate), (Duration::from_secs(120), 0));
+    assert_eq!(c.hash_seed_file.unwrap().bytes, b"0123456789abcdef-seed");
+
+    let group = dir.key("group.key", b"0123456789abcdef", 0o640);
+    let cases = [
+        (
+            "conntrack_udp_idle: 500ms",
+            "1:21: conntrack_udp_idle: `500ms` is shorter than 1s (the dataplane counts whole seconds)",
+        ),
+        (
+            "conntrack_flood_rate: 10",
+            "1:23: conntrack_flood_rate: `10` is not 0 (no limit) or a number of new flows per second per CPU of 1000 or more",
+        ),
+        ("hash_seed_file: seed.key", "1:17: hash_seed_file: `seed.key` must be an absolute path"),
+    ];
+    for (line, want) in cases {
+        assert_eq!(parse("c.yaml", &format!("{line}\nvips: []\n")).unwrap_err().to_string(), format!("c.yaml:{want}"));
+    }
+    let e = parse("c.yaml", &format!("hash_seed_file: {group}\nvips: []\n")).unwrap_err().to_string();
+    assert_eq!(e, format!("c.yaml:1:17: hash_seed_file: {group} can be read by others: `chmod 600 {group}`"));
+}

@@ -50,10 +50,16 @@ impl Daemon {
     /// (NAT on or off, IP-in-IP sources): their results apart, since a reload
     /// decides on the VIPs' (see `reload_blamed`).
     fn write_desired(&mut self, specs: &[VipSpec]) -> (Result<()>, Result<()>) {
-        let applied = self.reconciler.apply(&mut self.dp, specs);
-        self.after_apply(specs, applied.as_ref().ok());
-        let vips = applied.map(|_| ());
-        let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config);
+        // CONFIG first: the VIPs' flow sync view reads the hash seed from it.
+        let seed = crate::hash_seed::choose(&self.config, self.running_seed).0;
+        let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config, seed);
+        if self.config_written.is_some_and(|w| w.hash_seed != seed) {
+            info!(
+                interface = self.link.name,
+                "the flow hash seed changed (hash_seed_file or the flow_sync key): flows not in the connection table may \
+                 change backend"
+            );
+        }
         let config_map = if self.config_written == Some(want) {
             Ok(())
         } else {
@@ -61,6 +67,9 @@ impl Daemon {
                 self.config_written = Some(want);
             })
         };
+        let applied = self.reconciler.apply(&mut self.dp, specs);
+        self.after_apply(specs, applied.as_ref().ok());
+        let vips = applied.map(|_| ());
         (vips, config_map)
     }
 

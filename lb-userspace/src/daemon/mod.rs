@@ -115,6 +115,9 @@ struct Daemon {
     unapplied: Option<String>,
     /// The CONFIG map entry as last written (None: not known to be written).
     config_written: Option<LbConfig>,
+    /// The flow hash seed the dataplane ran with at start (random for a new
+    /// one): used while the configuration names none (see `hash_seed`).
+    running_seed: [u32; 2],
     /// Drain of the node, BGP announcements, keepalived's track file, flow sync.
     ha: ha::Ha,
 }

@@ -92,14 +92,16 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     let Some(()) = signals.unless_stopped(doctor).await else { return Ok(None) };
     let (pin_dir, adopting) = pin_directory(&opts.pin_root, &iface, opts.ephemeral)?;
     let attached = pin_dir.join("link").exists();
-    let (dp, reconciler, adopted) = open_dataplane(&config, &pin_dir, adopting, &link, backend_link.as_ref())?;
+    let (dp, reconciler, adopted, running_seed) =
+        open_dataplane(&config, &pin_dir, adopting, &link, backend_link.as_ref())?;
 
     let (tx, transitions) = mpsc::unbounded_channel();
     let (walker, walked) = Walker::new(dp.walk_maps()?);
     let (resolved_tx, resolved) = mpsc::unbounded_channel();
     let interfaces = Some((link.index, backend_link.as_ref().map_or(link.index, |b| b.index)));
     // What `open_dataplane` wrote to the CONFIG map.
-    let config_written = Some(desired::lb_config(&link, backend_link.as_ref(), &config));
+    let seed = crate::hash_seed::choose(&config, running_seed).0;
+    let config_written = Some(desired::lb_config(&link, backend_link.as_ref(), &config, seed));
     let mut d = Daemon {
         link,
         watch: config::watch::FileWatch::new(loaded.config_text.clone(), Duration::from_millis(200)),
@@ -130,6 +132,7 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         state_since: HashMap::new(),
         unapplied: None,
         config_written,
+        running_seed,
         ha: Default::default(),
         file_config: loaded.file_config,
         config,
@@ -279,14 +282,15 @@ fn pin_directory(pin_root: &Path, iface: &str, ephemeral: bool) -> Result<(PathB
 
 /// Opens (or adopts) the pinned maps and loads the programs; the CONFIG and
 /// TX-port maps follow the interfaces; what a previous controller wrote is
-/// read back.
+/// read back. Also returns the running dataplane's flow hash seed (random
+/// for a new one), which the configuration may override (`hash_seed`).
 fn open_dataplane(
     config: &Config,
     pin_dir: &Path,
     adopting: bool,
     link: &Link,
     backend_link: Option<&Link>,
-) -> Result<(Dataplane, Reconciler, Vec<AdoptedBackend>)> {
+) -> Result<(Dataplane, Reconciler, Vec<AdoptedBackend>, [u32; 2])> {
     let sizes = desired::map_sizes(config);
     let mut dp = Dataplane::open(sizes, Some(pin_dir))?;
     if adopting && dp.sizes() != sizes {
@@ -296,11 +300,14 @@ fn open_dataplane(
             dp.sizes()
         );
     }
-    dp.set_config(&desired::lb_config(link, backend_link, config))?;
+    let running_seed = if adopting { dp.config()?.hash_seed } else { crate::hash_seed::random()? };
+    let (seed, source) = crate::hash_seed::choose(config, running_seed);
+    log_seed(&link.name, seed, source, running_seed);
+    dp.set_config(&desired::lb_config(link, backend_link, config, seed))?;
     dp.set_tx_ports(link.index, backend_link.map_or(link.index, |b| b.index))?;
     if !adopting {
         let r = Reconciler::new(&dp);
-        return Ok((dp, r, Vec::new()));
+        return Ok((dp, r, Vec::new(), running_seed));
     }
     let (r, a) = Reconciler::adopt(&dp)?;
     info!(
@@ -309,7 +316,28 @@ fn open_dataplane(
         r.vip_count(),
         a.len()
     );
-    Ok((dp, r, a))
+    Ok((dp, r, a, running_seed))
+}
+
+/// Says where the flow hash seed came from, and warns when there is none.
+fn log_seed(iface: &str, seed: [u32; 2], source: crate::hash_seed::Source, running: [u32; 2]) {
+    use crate::hash_seed::Source;
+    match source {
+        Source::HashSeedFile => info!(interface = iface, "flow hash seed from hash_seed_file"),
+        Source::FlowSyncKey => info!(interface = iface, "flow hash seed derived from the flow_sync key"),
+        Source::Dataplane if seed == [0, 0] => warn!(
+            interface = iface,
+            "the flow hash has no secret seed (kept from a dataplane of an older xdplb, so that no flow moves): \
+             anyone can compute which flows share a server; set `hash_seed_file:` (the same file on every node) \
+             and reload, or `flow_sync:`"
+        ),
+        Source::Dataplane => {
+            info!(interface = iface, "flow hash seed: this dataplane's own (random, kept across restarts)")
+        }
+    }
+    if source != Source::Dataplane && running != seed && running != [0, 0] {
+        info!(interface = iface, "the flow hash seed changed: flows not in the connection table may change backend");
+    }
 }
 
 impl Daemon {

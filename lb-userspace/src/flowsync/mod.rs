@@ -1003,7 +1003,7 @@ mod tests {
     }
 
     fn value(id: u32) -> FlowValue {
-        FlowValue { backend_id: id, generation: 1, hash: 7, _pad: 0 }
+        FlowValue { backend_id: id, generation: 1, hash: 7, last_seen_s: 0 }
     }
 
     fn record(i: u32) -> FlowRecord {

@@ -97,12 +97,13 @@ impl VipView {
         Some(self.ring[(hash % len) as usize]).filter(|&id| id != lb_common::maps::NO_BACKEND)
     }
 
-    /// The flow hash the dataplane computes for `flow` on this VIP.
-    pub fn hash(&self, flow: &FlowKey) -> u32 {
+    /// The flow hash the dataplane computes for `flow` on this VIP with
+    /// hash seed `seed`.
+    pub fn hash(&self, seed: &[u32; 2], flow: &FlowKey) -> u32 {
         if self.flags & VIP_F_HASH_SOURCE_IP != 0 {
-            flow_hash::source_ip(&flow.src)
+            flow_hash::source_ip(seed, &flow.src)
         } else {
-            flow_hash::five_tuple(&flow.src, &flow.dst, flow.sport, flow.dport, flow.protocol)
+            flow_hash::five_tuple(seed, &flow.src, &flow.dst, flow.sport, flow.dport, flow.protocol)
         }
     }
 }
@@ -152,6 +153,8 @@ impl Reject {
 #[derive(Clone, Debug, Default)]
 pub struct SyncView {
     vips: HashMap<VipKey, VipView>,
+    /// The dataplane's flow hash seed (`LbConfig::hash_seed`).
+    pub seed: [u32; 2],
 }
 
 /// The VIP a flow is addressed to.
@@ -221,7 +224,12 @@ impl SyncView {
         if !b.keeps_flows() {
             return Err(Reject::BackendDown);
         }
-        Ok(FlowValue { backend_id: b.id, generation: b.generation, hash: vip.hash(&record.flow), _pad: 0 })
+        Ok(FlowValue {
+            backend_id: b.id,
+            generation: b.generation,
+            hash: vip.hash(&self.seed, &record.flow),
+            last_seen_s: 0,
+        })
     }
 }
 
@@ -293,7 +301,7 @@ mod tests {
 
     fn tracked(v: &SyncView, f: &FlowKey, id: u32) -> FlowValue {
         let vip = v.vip(&vip_key()).unwrap();
-        FlowValue { backend_id: id, generation: 100 + id, hash: vip.hash(f), _pad: 0 }
+        FlowValue { backend_id: id, generation: 100 + id, hash: vip.hash(&v.seed, f), last_seen_s: 0 }
     }
 
     #[test]
@@ -303,7 +311,7 @@ mod tests {
         let mut seen = [0; 4];
         for i in 0..200 {
             let f = flow(i);
-            let chosen = vip.maglev_choice(vip.hash(&f)).unwrap();
+            let chosen = vip.maglev_choice(vip.hash(&v.seed, &f)).unwrap();
             let other = if chosen == 7 { 8 } else { 7 };
             // On Maglev's choice: not sent.
             assert!(v.deviation(&f, &tracked(&v, &f, chosen)).is_none());
@@ -382,7 +390,7 @@ mod tests {
         );
         let f = flow(9);
         let value = v.resolve(&SyncView::record(&f, &b)).unwrap();
-        assert_eq!(value.hash, flow_hash::source_ip(&f.src));
+        assert_eq!(value.hash, flow_hash::source_ip(&v.seed, &f.src));
     }
 
     #[test]

@@ -732,7 +732,7 @@ impl Ha<'_> {
         if !o.expect(seen, "4 active backends on every node") {
             return Ok(());
         }
-        let maglev = MaglevChoice::new(&(0..HA_BACKENDS).map(backend_addr).collect::<Vec<_>>());
+        let maglev = MaglevChoice::new(&(0..HA_BACKENDS).map(backend_addr).collect::<Vec<_>>(), self.c.hash_seed());
         self.deviating = held.iter().map(|h| h.backend != backend_name(maglev.backend(h.local, self.target))).collect();
         for (k, n) in node_of.iter().enumerate() {
             if let Some(n) = n {

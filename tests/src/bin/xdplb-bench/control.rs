@@ -180,7 +180,7 @@ fn add_median_max(report: &mut Report, case: &str, name: &str, ms: &[f64]) {
 /// check's 100 ms interval); and the status file's age.
 fn stalls(report: &mut Report, rounds: usize) {
     use aya::maps::{Array, Map, MapData};
-    use lb_common::maps::{Backend, FlowKey, FlowValue, names};
+    use lb_common::maps::{BackendSlot, FlowKey, FlowValue, names};
 
     const FLOWS: u32 = 1_000_000;
     let case = "1M tracked flows";
@@ -242,14 +242,14 @@ fn stalls(report: &mut Report, rounds: usize) {
                     family: 4,
                     _pad: [0; 2],
                 };
-                (key, FlowValue { backend_id: i % 2, generation: 0, hash: i, _pad: 0 })
+                (key, FlowValue { backend_id: i % 2, generation: 0, hash: i, last_seen_s: 0 })
             })
             .collect();
         let written = lb_userspace::walks::insert_batched(&flows, &entries).unwrap_or(0);
         println!("stalls: {written} flows written to FLOWS");
-        let backends: Array<MapData, Backend> =
+        let backends: Array<MapData, BackendSlot> =
             Array::try_from(Map::Array(MapData::from_pin(pins.join(names::BACKENDS)).unwrap())).unwrap();
-        let states = || -> Vec<u8> { (0..8).map(|i| backends.get(&i, 0).map_or(0, |b| b.state)).collect() };
+        let states = || -> Vec<u8> { (0..8).map(|i| backends.get(&i, 0).map_or(0, |b| b.current().state)).collect() };
         // Let the first counts of the full table come and go.
         std::thread::sleep(Duration::from_secs(3));
         let mut age = Vec::new();

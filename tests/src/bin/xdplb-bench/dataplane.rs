@@ -415,7 +415,7 @@ fn filler(n: u32, id: u32, generation: u32) -> Vec<(FlowKey, FlowValue)> {
                 family: FAMILY_V4,
                 _pad: [0; 2],
             };
-            (key, FlowValue { backend_id: id, generation, hash: i, _pad: 0 })
+            (key, FlowValue { backend_id: id, generation, hash: i, last_seen_s: 0 })
         })
         .collect()
 }
