@@ -3,8 +3,9 @@
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
 //!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
 //!   it also translates backends' replies back. ICMP errors about a VIP's
-//!   flow follow it to its backend; echo requests to a VIP address are
-//!   answered (see `icmp`). Anything else leaves with XDP_PASS, untouched.
+//!   flow follow it to its backend (NAT translates them, both ways: see
+//!   `nat_icmp`); echo requests to a VIP address are answered (see `icmp`).
+//!   Anything else leaves with XDP_PASS, untouched.
 //! - `xdplb_traced`: the same balancer, reporting every packet's decision and
 //!   frame to `xdplb trace`, which swaps it into the link while it runs.
 //! - `xdplb_decap`: strips the IP-in-IP header on a backend.
@@ -26,6 +27,7 @@ mod floor;
 mod icmp;
 mod maps;
 mod nat;
+mod nat_icmp;
 mod parse;
 mod trace;
 
@@ -104,6 +106,10 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         Parsed::Icmp(i) => match icmp::classify(ctx, &i, obs) {
             icmp::Verdict::Error(p) => (p, false),
             icmp::Verdict::Done(action, reason) => return (action, reason),
+            // Maybe an error about a NAT connection, from its backend's side.
+            icmp::Verdict::NotVipAddress => {
+                return nat_icmp::to_client(ctx, &i, obs).unwrap_or((XDP_PASS, reasons::PASS_NOT_VIP));
+            }
         },
         Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
         Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
@@ -136,11 +142,11 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     }
     // Copy: the controller may replace the element while we run.
     let vip = *vip;
-    if !track && vip.forwarding == FWD_NAT {
-        // NAT has to translate the quoted packet too: not done, passed as before.
-        return (XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
-    }
     obs.vip(&vip_key, &vip);
+    if !track && vip.forwarding == FWD_NAT {
+        // About a reply of a NAT connection: to its backend, translated.
+        return nat_icmp::to_backend(ctx, &pkt, vip.vip_id, obs);
+    }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&VIP_STATS, vip.vip_id, frame_len);
 
