@@ -50,7 +50,8 @@ pub const PASS_ALL_DOWN: u32 = 14;
 /// conn_reuse_mode).
 pub const CONNTRACK_SYN_RESCHEDULED: u32 = 15;
 
-/// NAT: a reply of a tracked connection, translated back to the VIP and sent to the client.
+/// NAT: a reply of a tracked connection, translated back to the VIP and sent to the client;
+/// also an ICMP error from the backend side about a tracked connection, translated for its client.
 pub const NAT_REPLY: u32 = 16;
 /// NAT: the connection table is full; a new connection is refused so that
 /// established ones keep their entries.

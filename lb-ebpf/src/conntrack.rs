@@ -37,12 +37,15 @@ use crate::{
     maps::{FLOOD, FLOWS, FLOWS_NEW, backend, count_reason},
     parse::{TCP_ACK, TCP_SYN},
     trace::Observe,
+    vip_hash,
 };
 
 /// What the tracked (`FlowValue`) backend is good for now.
 enum Tracked {
-    /// Live: keep sending the flow there.
-    Keep(Backend),
+    /// Live: keep sending the flow there. A reference, not a copy: the
+    /// balancer's stack is near the verifier's 512 bytes, and the live copy
+    /// of a `BackendSlot` is not written while it is live.
+    Keep(&'static Backend),
     /// Draining, and this is a new connection reusing the tuple.
     Rescheduled,
     /// Down, gone, or its id given to another server.
@@ -52,7 +55,7 @@ enum Tracked {
 #[inline(always)]
 fn judge(t: &FlowValue, new_connection: bool) -> Tracked {
     match backend(t.backend_id).filter(|b| b.generation == t.generation) {
-        Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => Tracked::Keep(*b),
+        Some(b) if b.state == BACKEND_ACTIVE || (b.state == BACKEND_DRAINING && !new_connection) => Tracked::Keep(b),
         Some(b) if b.state == BACKEND_DRAINING => Tracked::Rescheduled,
         _ => Tracked::Stale,
     }
@@ -145,7 +148,6 @@ pub(crate) fn choose_backend(
     flow: &FlowKey,
     vip: &VipMeta,
     cfg: &LbConfig,
-    hash: impl Fn() -> u32,
     tcp_flags: u8,
     track_it: bool,
     obs: &mut impl Observe,
@@ -163,11 +165,11 @@ pub(crate) fn choose_backend(
         match judge(&t, new_connection) {
             Tracked::Keep(b) => {
                 if !track_it {
-                    return Ok((t.backend_id, b, t.hash));
+                    return Ok((t.backend_id, *b, t.hash));
                 }
                 if flow.protocol != PROTO_UDP || cfg.udp_idle_s == 0 {
                     count_conntrack(reasons::CONNTRACK_HIT, obs);
-                    return Ok((t.backend_id, b, t.hash));
+                    return Ok((t.backend_id, *b, t.hash));
                 }
                 let now = now_s();
                 if t.last_seen_s == 0 || now.wrapping_sub(t.last_seen_s) <= cfg.udp_idle_s {
@@ -176,7 +178,7 @@ pub(crate) fn choose_backend(
                         unsafe { (*entry).last_seen_s = now };
                     }
                     count_conntrack(reasons::CONNTRACK_HIT, obs);
-                    return Ok((t.backend_id, b, t.hash));
+                    return Ok((t.backend_id, *b, t.hash));
                 }
                 count_conntrack(reasons::CONNTRACK_EXPIRED, obs);
             }
@@ -187,7 +189,7 @@ pub(crate) fn choose_backend(
         known = true;
     }
     if !track_it || known {
-        let hash = hash();
+        let hash = vip_hash(vip, flow, cfg);
         let (id, b) = maglev_pick(vip, hash, obs)?;
         if known && track_it {
             // An established flow chosen again: its next packet is no proof
@@ -219,10 +221,10 @@ pub(crate) fn choose_backend(
             if track(flow, &confirmed, cfg) {
                 count_conntrack(reasons::CONNTRACK_CONFIRMED, obs);
             }
-            return Ok((seen.backend_id, b, seen.hash));
+            return Ok((seen.backend_id, *b, seen.hash));
         }
     }
-    let hash = hash();
+    let hash = vip_hash(vip, flow, cfg);
     let (id, b) = maglev_pick(vip, hash, obs)?;
     count_conntrack(reasons::CONNTRACK_MISS, obs);
     if let Some(slot) = slot {

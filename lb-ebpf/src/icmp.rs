@@ -1,5 +1,6 @@
 //! ICMP to a VIP address: errors about a VIP's flow go to that flow's
-//! backend (path-MTU discovery through DSR and IP-in-IP), echo requests are
+//! backend (path-MTU discovery through DSR and IP-in-IP; NAT translates
+//! them, in `nat_icmp`, which also reads `error_flow`), echo requests are
 //! answered when a VIP on the address allows it, and an IP-in-IP packet too
 //! big for the interface is answered with "fragmentation needed" / "packet
 //! too big", as Katran does.
@@ -54,6 +55,9 @@ pub enum Verdict {
     /// An error about this flow (client → VIP, as the client sends it): to
     /// its backend, like the flow's own packets, but never tracked.
     Error(Packet),
+    /// Not to a VIP address: maybe an error about a NAT connection from its
+    /// backend's side (`nat_icmp::to_client`), else not ours.
+    NotVipAddress,
 }
 
 /// Sorts an ICMP message. Anything not for a VIP address in a frame for
@@ -63,24 +67,15 @@ pub enum Verdict {
 pub fn classify(ctx: &XdpContext, icmp: &Icmp, obs: &mut impl Observe) -> Verdict {
     // SAFETY: a hash map lookup; the value is copied out at once.
     let Some(&on_addr) = (unsafe { VIP_ADDRS.get(icmp.dst) }) else {
-        return Verdict::Done(XDP_PASS, reasons::PASS_NOT_VIP);
+        return Verdict::NotVipAddress;
     };
     if !addressed_to_us(ctx) {
         return Verdict::Done(XDP_PASS, reasons::PASS_NOT_VIP);
     }
     obs.vip_address(&icmp.dst);
-    let Some(hdr) = ptr_at::<IcmpHdr>(ctx, icmp.l4_off) else {
+    let Some((kind, code)) = header(ctx, icmp) else {
         return Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4);
     };
-    // The IP packet must be whole, its ICMP header inside it: an answer or a
-    // forwarded error carries the packet's own length, which must be true.
-    let in_frame = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN);
-    let header_end = icmp.l4_off - ETH_LEN + core::mem::size_of::<IcmpHdr>();
-    if icmp.l3_len as usize > in_frame || (icmp.l3_len as usize) < header_end {
-        return Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4);
-    }
-    // SAFETY: ptr_at checked that the 8-byte ICMP header lies within the frame.
-    let (kind, code) = unsafe { ((*hdr).kind, (*hdr).code) };
     let v4 = icmp.dst.family == FAMILY_V4;
     let echo = if v4 { kind == ICMP_ECHO_REQUEST } else { kind == ICMPV6_ECHO_REQUEST };
     if echo && code == 0 {
@@ -98,12 +93,7 @@ pub fn classify(ctx: &XdpContext, icmp: &Icmp, obs: &mut impl Observe) -> Verdic
             Echo::Malformed => Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
     }
-    let error = if v4 {
-        matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED)
-    } else {
-        matches!(kind, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED)
-    };
-    if !error {
+    if !is_error(kind, v4) {
         return Verdict::Done(XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
     }
     let quoted = if v4 { quoted_flow4(ctx, icmp) } else { quoted_flow6(ctx, icmp) };
@@ -113,6 +103,48 @@ pub fn classify(ctx: &XdpContext, icmp: &Icmp, obs: &mut impl Observe) -> Verdic
         }
         Quoted::NotOurs => Verdict::Done(XDP_PASS, reasons::PASS_VIP_OTHER_PROTO),
         Quoted::Malformed => Verdict::Done(XDP_DROP, reasons::DROP_MALFORMED_L4),
+    }
+}
+
+/// The message's type and code, if its IP packet is whole (within the
+/// frame) and its ICMP header inside it: an answer or a forwarded error
+/// carries the packet's own length, which must be true.
+#[inline(always)]
+fn header(ctx: &XdpContext, icmp: &Icmp) -> Option<(u8, u8)> {
+    let hdr = ptr_at::<IcmpHdr>(ctx, icmp.l4_off)?;
+    let in_frame = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN);
+    let header_end = icmp.l4_off - ETH_LEN + core::mem::size_of::<IcmpHdr>();
+    if icmp.l3_len as usize > in_frame || (icmp.l3_len as usize) < header_end {
+        return None;
+    }
+    // SAFETY: ptr_at checked that the 8-byte ICMP header lies within the frame.
+    Some(unsafe { ((*hdr).kind, (*hdr).code) })
+}
+
+/// Whether the type is an error we follow: destination unreachable, time
+/// exceeded, and (IPv6) packet too big.
+#[inline(always)]
+fn is_error(kind: u8, v4: bool) -> bool {
+    if v4 {
+        matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED)
+    } else {
+        matches!(kind, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED)
+    }
+}
+
+/// For an ICMP error to any address: the flow its quoted packet belongs
+/// to, reversed as `Quoted::Flow` has it (the quoted packet's source must
+/// be the error's destination). None for anything else, malformed or not.
+#[inline(always)]
+pub fn error_flow(ctx: &XdpContext, icmp: &Icmp) -> Option<FlowKey> {
+    let (kind, _) = header(ctx, icmp)?;
+    let v4 = icmp.dst.family == FAMILY_V4;
+    if !is_error(kind, v4) {
+        return None;
+    }
+    match if v4 { quoted_flow4(ctx, icmp) } else { quoted_flow6(ctx, icmp) } {
+        Quoted::Flow(flow) => Some(flow),
+        Quoted::NotOurs | Quoted::Malformed => None,
     }
 }
 

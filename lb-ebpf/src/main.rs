@@ -3,8 +3,9 @@
 //! - `xdplb_balancer`: parse → is it a VIP → flow lookup → choose backend →
 //!   rewrite (DSR, IP-in-IP, NAT) → count → XDP_TX or XDP_REDIRECT. With NAT
 //!   it also translates backends' replies back. ICMP errors about a VIP's
-//!   flow follow it to its backend; echo requests to a VIP address are
-//!   answered (see `icmp`). Anything else leaves with XDP_PASS, untouched.
+//!   flow follow it to its backend (NAT translates them, both ways: see
+//!   `nat_icmp`); echo requests to a VIP address are answered (see `icmp`).
+//!   Anything else leaves with XDP_PASS, untouched.
 //! - `xdplb_traced`: the same balancer, reporting every packet's decision and
 //!   frame to `xdplb trace`, which swaps it into the link while it runs.
 //! - `xdplb_decap`: strips the IP-in-IP header on a backend.
@@ -27,6 +28,7 @@ mod floor;
 mod icmp;
 mod maps;
 mod nat;
+mod nat_icmp;
 mod parse;
 mod trace;
 
@@ -103,6 +105,10 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
         Parsed::Icmp(i) => match icmp::classify(ctx, &i, obs) {
             icmp::Verdict::Error(p) => (p, false),
             icmp::Verdict::Done(action, reason) => return (action, reason),
+            // Maybe an error about a NAT connection, from its backend's side.
+            icmp::Verdict::NotVipAddress => {
+                return nat_icmp::to_client(ctx, &i, obs).unwrap_or((XDP_PASS, reasons::PASS_NOT_VIP));
+            }
         },
         Parsed::NotIp => return (XDP_PASS, reasons::PASS_NOT_VIP),
         Parsed::MalformedL3 => return (XDP_PASS, reasons::PASS_MALFORMED_L3),
@@ -138,23 +144,14 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     let Some(cfg) = CONFIG.get(0) else {
         return (XDP_DROP, reasons::DROP_BAD_BACKEND);
     };
-    if !track && vip.forwarding == FWD_NAT {
-        // NAT has to translate the quoted packet too: not done, passed as before.
-        return (XDP_PASS, reasons::PASS_VIP_OTHER_PROTO);
-    }
     obs.vip(&vip_key, &vip);
+    if !track && vip.forwarding == FWD_NAT {
+        // About a reply of a NAT connection: to its backend, translated.
+        return nat_icmp::to_backend(ctx, &pkt, vip.vip_id, obs);
+    }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&VIP_STATS, vip.vip_id, frame_len);
 
-    // Computed only when needed: a tracked flow carries its hash.
-    let hash = || {
-        let seed = &cfg.hash_seed;
-        if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
-            flow_hash::source_ip(seed, &pkt.flow.src)
-        } else {
-            flow_hash::five_tuple(seed, &pkt.flow.src, &pkt.flow.dst, pkt.flow.sport, pkt.flow.dport, pkt.flow.protocol)
-        }
-    };
     // Before the flow is tracked: a packet that cannot be sent opens no flow.
     if vip.forwarding == FWD_IPIP {
         // The outer header carries the inner length, and a "too big" answer
@@ -177,9 +174,10 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
             Some(eth) => unsafe { (*eth).src },
             None => return (XDP_DROP, reasons::DROP_MALFORMED_L4),
         };
+        let hash = || vip_hash(&vip, &pkt.flow, cfg);
         nat::choose_backend(ctx, &pkt, &vip, hash, new_connection, client_mac, obs).map(|(id, b)| (id, b, 0))
     } else {
-        conntrack::choose_backend(&pkt.flow, &vip, cfg, hash, pkt.tcp_flags, track, obs)
+        conntrack::choose_backend(&pkt.flow, &vip, cfg, pkt.tcp_flags, track, obs)
     };
     let (backend_id, backend, hash) = match chosen {
         Ok(b) => b,
@@ -191,6 +189,20 @@ fn balance<O: Observe>(ctx: &XdpContext, obs: &mut O) -> (u32, u32) {
     obs.backend(backend_id, &backend);
     count_bytes(&BACKEND_STATS, backend_id, frame_len);
     forward(ctx, &pkt, &vip, &backend, cfg, hash)
+}
+
+/// The hash Maglev places `flow` of `vip` by (computed only when needed: a
+/// tracked flow carries its hash). Always inlined: as a function of its own
+/// it is a BPF call whose frame adds to the balancer's, near the verifier's
+/// 512 bytes.
+#[inline(always)]
+pub(crate) fn vip_hash(vip: &VipMeta, flow: &lb_common::maps::FlowKey, cfg: &LbConfig) -> u32 {
+    let seed = &cfg.hash_seed;
+    if vip.flags & VIP_F_HASH_SOURCE_IP != 0 {
+        flow_hash::source_ip(seed, &flow.src)
+    } else {
+        flow_hash::five_tuple(seed, &flow.src, &flow.dst, flow.sport, flow.dport, flow.protocol)
+    }
 }
 
 /// Whether the frame's destination MAC is the interface's own (CONFIG's

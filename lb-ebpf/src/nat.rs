@@ -34,7 +34,7 @@ use crate::{
 const EEXIST: i32 = 17;
 
 #[inline(always)]
-fn fold(mut s: u32) -> u16 {
+pub(crate) fn fold(mut s: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s as u16
@@ -43,7 +43,7 @@ fn fold(mut s: u32) -> u16 {
 /// Adds the change from `old` to `new` (native-order 32-bit words of the
 /// packet) to a ones'-complement running sum.
 #[inline(always)]
-fn diff(sum: u32, old: &[u32; 4], new: &[u32; 4], words: usize) -> u32 {
+pub(crate) fn diff(sum: u32, old: &[u32; 4], new: &[u32; 4], words: usize) -> u32 {
     let mut s = sum;
     for i in 0..4 {
         if i < words {
@@ -116,6 +116,43 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
     let v4 = pkt.flow.family == FAMILY_V4;
     let words = if v4 { 1 } else { 4 };
     let (old_addr, old_port) = if source { (&pkt.flow.src, pkt.flow.sport) } else { (&pkt.flow.dst, pkt.flow.dport) };
+    rewrite_ip(ctx, v4, source, old_addr, addr)?;
+    // Port and transport checksum (which covers the pseudo-header's addresses).
+    let l4 = pkt.l4_off;
+    if l4 > 600 {
+        return None;
+    }
+    let port_ptr = ptr_at::<u16>(ctx, l4 + if source { 0 } else { 2 })?;
+    // SAFETY: ptr_at checked that the 2-byte port lies within the frame.
+    unsafe { port_ptr.write_unaligned(port) };
+    let check_off = match pkt.flow.protocol {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => return Some(()),
+    };
+    let check = ptr_at::<u16>(ctx, l4 + check_off)?;
+    // SAFETY: ptr_at checked that the 2-byte checksum lies within the frame.
+    let old = unsafe { check.read_unaligned() };
+    if pkt.flow.protocol == PROTO_UDP && v4 && old == 0 {
+        // IPv4 UDP without a checksum stays without one.
+        return Some(());
+    }
+    let mut sum = diff(!old as u32, old_addr, addr, words);
+    sum += (!old_port & 0xffff) as u32 + port as u32;
+    let mut new = !fold(sum);
+    if pkt.flow.protocol == PROTO_UDP && new == 0 {
+        new = 0xffff;
+    }
+    // SAFETY: as above.
+    unsafe { check.write_unaligned(new) };
+    Some(())
+}
+
+/// Rewrites the IP header's source (`source`) or destination address from
+/// `old_addr` to `addr`, takes one off its TTL / hop limit, and fixes the
+/// IPv4 header checksum. The caller checked (`last_hop`) that the TTL is above 1.
+#[inline(always)]
+pub(crate) fn rewrite_ip(ctx: &XdpContext, v4: bool, source: bool, old_addr: &[u32; 4], addr: &[u32; 4]) -> Option<()> {
     // Address in the IP header.
     let addr_off = ETH_LEN
         + if v4 {
@@ -150,34 +187,6 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, source: bool, addr: &[u32; 4], port: 
             (*ip).hop_limit = (*ip).hop_limit.saturating_sub(1);
         }
     }
-    // Port and transport checksum (which covers the pseudo-header's addresses).
-    let l4 = pkt.l4_off;
-    if l4 > 600 {
-        return None;
-    }
-    let port_ptr = ptr_at::<u16>(ctx, l4 + if source { 0 } else { 2 })?;
-    // SAFETY: ptr_at checked that the 2-byte port lies within the frame.
-    unsafe { port_ptr.write_unaligned(port) };
-    let check_off = match pkt.flow.protocol {
-        PROTO_TCP => 16,
-        PROTO_UDP => 6,
-        _ => return Some(()),
-    };
-    let check = ptr_at::<u16>(ctx, l4 + check_off)?;
-    // SAFETY: ptr_at checked that the 2-byte checksum lies within the frame.
-    let old = unsafe { check.read_unaligned() };
-    if pkt.flow.protocol == PROTO_UDP && v4 && old == 0 {
-        // IPv4 UDP without a checksum stays without one.
-        return Some(());
-    }
-    let mut sum = diff(!old as u32, old_addr, addr, words);
-    sum += (!old_port & 0xffff) as u32 + port as u32;
-    let mut new = !fold(sum);
-    if pkt.flow.protocol == PROTO_UDP && new == 0 {
-        new = 0xffff;
-    }
-    // SAFETY: as above.
-    unsafe { check.write_unaligned(new) };
     Some(())
 }
 
@@ -394,6 +403,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend, cfg: &LbConfig
     if rewrite(ctx, pkt, false, &backend.addr, port).is_none() {
         return (XDP_DROP, reasons::DROP_MALFORMED_L4);
     }
+    to_backend(ctx, backend, cfg)
+}
+
+/// Sends the rewritten frame to the backend (its MAC, or its next hop's)
+/// out of the backend-facing interface.
+#[inline(always)]
+pub(crate) fn to_backend(ctx: &XdpContext, backend: &Backend, cfg: &LbConfig) -> (u32, u32) {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (XDP_DROP, reasons::DROP_MALFORMED_L4) };
     // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
     unsafe {
@@ -467,6 +483,14 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Obse
     if rewrite(ctx, pkt, true, &r.vip_addr, r.vip_port).is_none() {
         return Some((XDP_DROP, reasons::DROP_MALFORMED_L4));
     }
+    to_client(ctx, &r, cfg)
+}
+
+/// Sends the translated frame to the client (the MAC its packets came
+/// from) out of the client-facing interface, counted `nat_reply`. None if
+/// the frame has no Ethernet header.
+#[inline(always)]
+pub(crate) fn to_client(ctx: &XdpContext, r: &NatReply, cfg: &LbConfig) -> Option<(u32, u32)> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: ptr_at checked that the whole Ethernet header lies within the frame.
     unsafe {
@@ -484,7 +508,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet, cfg: &LbConfig, obs: &mut impl Obse
 /// client-side entry is gone, or whose backend slot went to another
 /// server, has no backend to come from.
 #[inline(always)]
-fn from_backend(ctx: &XdpContext, flow: Option<*mut NatFlow>) -> bool {
+pub(crate) fn from_backend(ctx: &XdpContext, flow: Option<*mut NatFlow>) -> bool {
     let Some(f) = flow else { return false };
     // SAFETY: a value pointer from a map lookup, valid for this program run.
     let (id, generation) = unsafe { ((*f).backend_id, (*f).generation) };

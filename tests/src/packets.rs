@@ -296,6 +296,31 @@ pub fn icmp(src: IpAddr, dst: IpAddr, kind: u8, code: u8, rest: [u8; 4], body: &
     out
 }
 
+/// The packet an ICMP or ICMPv6 message quotes: its bytes after the 8-byte
+/// ICMP header, to the end of the outer IP packet `ip`. None if `ip` is not
+/// a whole ICMP message (see `transport_of`).
+pub fn icmp_quote(ip: &[u8]) -> Option<&[u8]> {
+    let (proto, off, total) = transport_of(ip)?;
+    (matches!(proto, 1 | 58) && total >= off + 8).then(|| &ip[off + 8..total])
+}
+
+/// Whether every checksum of the ICMP error `ip` verifies: the outer IPv4
+/// header's, the ICMP/ICMPv6 message's (with the IPv6 pseudo-header), the
+/// quoted IPv4 header's, and the quoted TCP/UDP checksum when the quote
+/// holds the whole quoted packet (a cut quote's cannot be told).
+pub fn icmp_error_checksums_ok(ip: &[u8]) -> bool {
+    let v4 = ip.first().is_some_and(|b| b >> 4 == 4);
+    if (v4 && !ipv4_header_valid(ip)) || transport_checksum_ok(ip) != Some(true) {
+        return false;
+    }
+    let Some(quote) = icmp_quote(ip) else { return false };
+    if quote.first().is_some_and(|b| b >> 4 == 4) && !ipv4_header_valid(quote) {
+        return false;
+    }
+    // None: the quote is cut short of its own length.
+    transport_checksum_ok(quote) != Some(false)
+}
+
 /// `frame` (a TCP segment without IP options or extension headers) with
 /// these flags, sequence and acknowledgment numbers, checksums valid.
 pub fn tcp_segment(frame: &[u8], flags: u8, seq: u32, ack: u32) -> Vec<u8> {
@@ -361,5 +386,30 @@ mod tests {
             .write(&mut theirs, b"ping")
             .unwrap();
         assert_eq!(theirs[54..58], ping6[54..58]);
+    }
+
+    #[test]
+    fn icmp_error_checksums_are_all_checked() {
+        for (src, dst, kind) in [("198.18.1.1", "198.18.0.100", 3u8), ("2001:db8::1", "2001:db8::100", 1)] {
+            let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let quoted = frame(L4::Tcp, dst, 80, src, 4000);
+            let ip_len = if src.is_ipv4() { 20 } else { 40 };
+            let whole = icmp(src, dst, kind, 3, [0; 4], &quoted[14..]);
+            let cut = icmp(src, dst, kind, 3, [0; 4], &quoted[14..14 + ip_len + 8]);
+            for good in [&whole, &cut] {
+                assert!(icmp_error_checksums_ok(&good[14..]));
+                assert_eq!(icmp_quote(&good[14..]).unwrap()[..ip_len + 8], quoted[14..14 + ip_len + 8]);
+            }
+            // Each flipped bit found, even with the ICMP checksum made right
+            // again: in the quoted IPv4 header, or in the whole quoted segment.
+            let at = 14 + ip_len + 8 + if src.is_ipv4() { 12 } else { ip_len + 17 };
+            let mut bad = whole.clone();
+            bad[at] ^= 1;
+            fix_checksums(&mut bad);
+            assert!(transport_checksum_ok(&bad[14..]) == Some(true) && !icmp_error_checksums_ok(&bad[14..]));
+            let mut bad = whole.clone();
+            bad[14 + ip_len + 2] ^= 1;
+            assert!(!icmp_error_checksums_ok(&bad[14..]), "the ICMP checksum itself");
+        }
     }
 }

@@ -2151,3 +2151,349 @@ fn nat_occupancy_under_spoofed_floods() {
         assert_eq!(sweep.connections, 0, "{what}");
     }
 }
+
+// ------------------------------------------------------- NAT: ICMP errors
+// An ICMP error about a NAT connection is translated as Linux's NAT
+// translates one (nf_nat_icmp_reply_translation): the outer address on the
+// NAT side, the quoted packet's, every checksum. Client side → backend: an
+// error to the VIP about a reply the client got (quoted VIP → client) goes
+// to the connection's backend, as if the backend's own reply had met it.
+// Backend side → client: an error about a packet the backend got (quoted
+// client → backend) goes to the client, from the VIP if the backend sent it.
+// Neither creates nor refreshes state.
+
+use lb_common::maps::{FlowKey, NatFlow, NatReply};
+
+fn ip_bytes(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// Source, destination, TTL / hop limit, source and destination port of the
+/// IP packet `ip` (no IPv4 options or IPv6 extension headers; it may be cut
+/// after its ports, as a quote).
+fn ip_fields(ip: &[u8]) -> (Vec<u8>, Vec<u8>, u8, u16, u16) {
+    let (src, dst, hops, l4) = if ip[0] >> 4 == 6 { (8..24, 24..40, 7, 40) } else { (12..16, 16..20, 8, 20) };
+    let port = |at: usize| u16::from_be_bytes([ip[at], ip[at + 1]]);
+    (ip[src].to_vec(), ip[dst].to_vec(), ip[hops], port(l4), port(l4 + 2))
+}
+
+type NatSnapshot = (Vec<(FlowKey, NatFlow)>, Vec<(FlowKey, NatReply)>);
+
+/// Both NAT tables, every field (`last_seen_ns` too), in key order.
+fn nat_snapshot(e: &Engine) -> NatSnapshot {
+    let (mut flows, mut replies) = (e.dp.nat_flows(), e.dp.nat_replies());
+    flows.sort_by_key(|(k, _)| *k);
+    replies.sort_by_key(|(k, _)| *k);
+    (flows, replies)
+}
+
+/// A NAT connection through the engine.
+struct NatConn {
+    /// The client's first packet (a SYN, a datagram), and what NAT forwarded of it.
+    first: Vec<u8>,
+    forwarded: Vec<u8>,
+    /// The backend's answer as the backend sent it, and as the client got it.
+    answer: Vec<u8>,
+    answered: Vec<u8>,
+    backend: usize,
+}
+
+/// Opens a connection from `c`:`cport` to `s`: the first packet; if
+/// `answered`, the backend's answer; if also `confirmed`, the client's
+/// confirmation (open).
+fn nat_connection(e: &mut Engine, s: &VipSpec, c: IpAddr, cport: u16, answered: bool, confirmed: bool) -> NatConn {
+    let l4 = if s.protocol == 6 { L4::Tcp } else { L4::Udp };
+    let first = first_packet(l4, c, cport, s);
+    let out = e.run(&first);
+    assert_eq!(out.action, XDP_TX, "the connection's first packet");
+    let forwarded = out.frame;
+    let backend = backend_of(&forwarded);
+    let answer = if l4 == L4::Tcp { syn_ack(&forwarded, ISN) } else { answer(&forwarded) };
+    let mut answered_frame = Vec::new();
+    if answered {
+        let back = e.run(&answer);
+        assert_eq!(back.action, XDP_TX, "the backend's answer");
+        answered_frame = back.frame;
+        if confirmed {
+            assert_eq!(e.run(&confirmation(&first, ISN)).action, XDP_TX, "the client's confirmation");
+        }
+    }
+    NatConn { first, forwarded, answer, answered: answered_frame, backend }
+}
+
+/// A router on the backend side.
+fn backend_router(v6: bool) -> IpAddr {
+    if v6 { "2001:db8:201::1" } else { "198.18.201.1" }.parse().unwrap()
+}
+
+/// The first `keep` bytes of the frame's IP packet.
+fn quote(frame: &[u8], keep: usize) -> &[u8] {
+    &frame[14..14usize.saturating_add(keep).min(frame.len())]
+}
+
+/// Checks a translated ICMP error `out` against the `input`: same length
+/// and ICMP header, outer and quoted (source, destination, hops, ports) as
+/// given, every checksum valid, the quoted transport header (as far as
+/// quoted) byte for byte `segment`'s.
+#[allow(clippy::too_many_arguments)]
+fn assert_translated_error(
+    case: &str,
+    input: &[u8],
+    out: &[u8],
+    outer: (IpAddr, IpAddr),
+    quoted: ((IpAddr, u16), (IpAddr, u16)),
+    segment: &[u8],
+) {
+    let (ip_in, ip) = (&input[14..], &out[14..]);
+    let ip_len = if ip[0] >> 4 == 6 { 40 } else { 20 };
+    assert_eq!(out.len(), input.len(), "{case}: length");
+    assert_eq!(out[12..14], input[12..14], "{case}: ethertype");
+    let (src, dst, hops, _, _) = ip_fields(ip);
+    assert_eq!((src, dst), (ip_bytes(outer.0), ip_bytes(outer.1)), "{case}: outer addresses");
+    assert_eq!(hops, ip_fields(ip_in).2 - 1, "{case}: TTL / hop limit counted down");
+    assert_eq!(ip[ip_len..ip_len + 2], ip_in[ip_len..ip_len + 2], "{case}: ICMP type and code");
+    assert_eq!(ip[ip_len + 4..ip_len + 8], ip_in[ip_len + 4..ip_len + 8], "{case}: the MTU / unused word");
+    assert!(packets::icmp_error_checksums_ok(ip), "{case}: checksums");
+    let q = packets::icmp_quote(ip).expect("a quote");
+    let (qsrc, qdst, _, qsport, qdport) = ip_fields(q);
+    let ((from, sport), (to, dport)) = quoted;
+    assert_eq!((qsrc, qsport), (ip_bytes(from), sport), "{case}: quoted source");
+    assert_eq!((qdst, qdport), (ip_bytes(to), dport), "{case}: quoted destination");
+    let seg = &q[ip_len..];
+    assert_eq!(seg, &segment[..seg.len()], "{case}: the quoted transport header and data");
+}
+
+/// An error about a reply the client got (as a router on the way to the
+/// client sends it, quoting all of the reply or its first 8 transport
+/// bytes) reaches the connection's backend translated: to the backend's
+/// address, the quote from the backend's address and port, the quoted
+/// segment the backend's own byte for byte (its checksum translated back
+/// where quoted, left alone where the quote cuts it off). Counted `tx`.
+fn nat_icmp_errors_reach_the_backend(v6: bool, l4: L4) {
+    let mut e = Engine::new();
+    let s = nat_spec(v6, l4);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(v6, 21);
+    let conn = nat_connection(&mut e, &s, c, 42_000, true, true);
+    let backend = s.backends[conn.backend].addr;
+    let before = (nat_snapshot(&e), e.reasons());
+    let ip_len = if v6 { 40 } else { 20 };
+    let mut sent = 0;
+    for (kind, code, rest) in icmp_errors(v6) {
+        for keep in [usize::MAX, ip_len + 8] {
+            let case = format!("v6={v6} {l4:?} type {kind} code {code} quoting {}", quote(&conn.answered, keep).len());
+            let input = packets::icmp(router(v6), s.addr, kind, code, rest, quote(&conn.answered, keep));
+            let out = e.run(&input);
+            assert_eq!(out.action, XDP_TX, "{case}: forwarded");
+            sent += 1;
+            assert_eq!(out.frame[0..6], backend_mac(conn.backend), "{case}: to the connection's backend");
+            assert_eq!(out.frame[6..12], LB_MAC, "{case}");
+            let segment = &conn.answer[14 + ip_len..];
+            assert_translated_error(
+                &case,
+                &input,
+                &out.frame,
+                (router(v6), backend),
+                ((backend, 8080), (c, 42_000)),
+                segment,
+            );
+        }
+    }
+    assert_eq!(nat_snapshot(&e), before.0, "v6={v6} {l4:?}: no NAT state created or refreshed");
+    let r = e.reasons();
+    assert_eq!(r[reasons::TX as usize] - before.1[reasons::TX as usize], sent, "v6={v6} {l4:?}: counted tx");
+    assert_eq!(r.iter().sum::<u64>() - before.1.iter().sum::<u64>(), sent, "v6={v6} {l4:?}: one reason each");
+}
+
+#[test]
+fn nat_icmp4_errors_about_tcp_reach_the_backend() {
+    nat_icmp_errors_reach_the_backend(false, L4::Tcp);
+}
+#[test]
+fn nat_icmp4_errors_about_udp_reach_the_backend() {
+    nat_icmp_errors_reach_the_backend(false, L4::Udp);
+}
+#[test]
+fn nat_icmp6_errors_about_tcp_reach_the_backend() {
+    nat_icmp_errors_reach_the_backend(true, L4::Tcp);
+}
+#[test]
+fn nat_icmp6_errors_about_udp_reach_the_backend() {
+    nat_icmp_errors_reach_the_backend(true, L4::Udp);
+}
+
+/// An error from the backend side about a packet the backend got reaches
+/// the client translated: the quote to the VIP's address and port (the
+/// client's own segment again, byte for byte), the outer source the VIP's
+/// if the backend sent it, a router's own address if a router did.
+/// Counted `nat_reply`.
+fn nat_icmp_errors_reach_the_client(v6: bool, l4: L4) {
+    let mut e = Engine::new();
+    let s = nat_spec(v6, l4);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(v6, 22);
+    let conn = nat_connection(&mut e, &s, c, 42_001, true, true);
+    let backend = s.backends[conn.backend].addr;
+    let before = (nat_snapshot(&e), e.reasons());
+    let ip_len = if v6 { 40 } else { 20 };
+    let mut sent = 0;
+    for (from, outer_src) in [(backend, s.addr), (backend_router(v6), backend_router(v6))] {
+        for (kind, code, rest) in icmp_errors(v6) {
+            for keep in [usize::MAX, ip_len + 8] {
+                let case = format!(
+                    "v6={v6} {l4:?} from {from} type {kind} code {code} quoting {}",
+                    quote(&conn.forwarded, keep).len()
+                );
+                let error = packets::icmp(from, c, kind, code, rest, quote(&conn.forwarded, keep));
+                let input = from_mac(&error, backend_mac(conn.backend));
+                let out = e.run(&input);
+                assert_eq!(out.action, XDP_TX, "{case}: sent");
+                sent += 1;
+                assert_eq!(out.frame[0..6], packets::CLIENT_MAC, "{case}: to the client's MAC");
+                assert_eq!(out.frame[6..12], LB_MAC, "{case}");
+                let segment = &conn.first[14 + ip_len..];
+                let quoted = ((c, 42_001), (s.addr, s.port));
+                assert_translated_error(&case, &input, &out.frame, (outer_src, c), quoted, segment);
+            }
+        }
+    }
+    assert_eq!(nat_snapshot(&e), before.0, "v6={v6} {l4:?}: no NAT state created or refreshed");
+    let r = e.reasons();
+    let nat_reply = r[reasons::NAT_REPLY as usize] - before.1[reasons::NAT_REPLY as usize];
+    assert_eq!(nat_reply, sent, "v6={v6} {l4:?}: counted nat_reply");
+    assert_eq!(r.iter().sum::<u64>() - before.1.iter().sum::<u64>(), sent, "v6={v6} {l4:?}: one reason each");
+}
+
+#[test]
+fn nat_icmp4_errors_about_tcp_reach_the_client() {
+    nat_icmp_errors_reach_the_client(false, L4::Tcp);
+}
+#[test]
+fn nat_icmp4_errors_about_udp_reach_the_client() {
+    nat_icmp_errors_reach_the_client(false, L4::Udp);
+}
+#[test]
+fn nat_icmp6_errors_about_tcp_reach_the_client() {
+    nat_icmp_errors_reach_the_client(true, L4::Tcp);
+}
+#[test]
+fn nat_icmp6_errors_about_udp_reach_the_client() {
+    nat_icmp_errors_reach_the_client(true, L4::Udp);
+}
+
+/// Only errors about a tracked connection are translated. To the VIP: an
+/// error about a tuple NAT does not track, or about an embryonic
+/// connection (no reply went out yet to be quoted), passes to the host
+/// untouched (`pass_vip_other_proto`) as before; one with TTL / hop limit 1
+/// is dropped (`drop_malformed_l4`). From the backend side: an error about
+/// an untracked tuple passes untouched (`pass_not_vip`); one about an
+/// embryonic connection is translated (the first datagram can meet a closed
+/// port). Next to each, the tracked counterpart is translated.
+#[test]
+fn nat_icmp_errors_about_untracked_tuples_are_not_translated() {
+    for (v6, l4) in [(false, L4::Udp), (true, L4::Udp), (false, L4::Tcp), (true, L4::Tcp)] {
+        let mut e = Engine::new();
+        let s = nat_spec(v6, l4);
+        e.apply(std::slice::from_ref(&s));
+        let c = client(v6, 23);
+        let open = nat_connection(&mut e, &s, c, 43_000, true, true);
+        let embryonic = nat_connection(&mut e, &s, c, 43_001, false, false);
+        let before = nat_snapshot(&e);
+        let (kind, code, rest) = icmp_errors(v6)[1];
+        let what = format!("v6={v6} {l4:?}");
+
+        // To the VIP.
+        let about = |cport: u16| frame(l4, s.addr, s.port, c, cport);
+        let to_vip = |quoted: &[u8]| packets::icmp(router(v6), s.addr, kind, code, rest, &quoted[14..]);
+        assert_eq!(e.run(&to_vip(&open.answered)).action, XDP_TX, "{what}: the tracked one");
+        for (case, input) in [
+            ("untracked", to_vip(&about(43_002))),
+            ("embryonic", to_vip(&about(43_001))),
+            ("another VIP port", to_vip(&frame(l4, s.addr, 8080, c, 43_000))),
+        ] {
+            let out = e.run(&input);
+            assert_eq!((out.action, &out.frame), (XDP_PASS, &input), "{what}: {case}");
+        }
+        let last_hop = with_hops(&to_vip(&open.answered), 1);
+        assert_eq!(e.run(&last_hop).action, XDP_DROP, "{what}: TTL 1");
+
+        // From the backend side (each connection's own backend).
+        let to_client = |conn: &NatConn, quoted: &[u8]| {
+            let from = s.backends[conn.backend].addr;
+            from_mac(&packets::icmp(from, c, kind, code, rest, &quoted[14..]), backend_mac(conn.backend))
+        };
+        assert_eq!(e.run(&to_client(&open, &open.forwarded)).action, XDP_TX, "{what}: the tracked one");
+        let backend = s.backends[open.backend].addr;
+        let untracked = to_client(&open, &frame(l4, c, 43_002, backend, 8080));
+        let out = e.run(&untracked);
+        assert_eq!((out.action, &out.frame), (XDP_PASS, &untracked), "{what}: untracked, from the backend");
+        let out = e.run(&to_client(&embryonic, &embryonic.forwarded));
+        assert_eq!(out.action, XDP_TX, "{what}: embryonic, from the backend");
+        assert_eq!(ip_fields(&out.frame[14..]).0, ip_bytes(s.addr), "{what}: embryonic, from the VIP");
+
+        assert_eq!(nat_snapshot(&e), before, "{what}: no NAT state created or refreshed");
+        let r = e.reasons();
+        let count = |reason: u32| r[reason as usize];
+        assert_eq!(count(reasons::PASS_VIP_OTHER_PROTO), 3, "{what}");
+        assert_eq!(count(reasons::PASS_NOT_VIP), 1, "{what}");
+        assert_eq!(count(reasons::DROP_MALFORMED_L4), 1, "{what}");
+    }
+}
+
+/// An error about a backend-side tuple (quoted client → backend) is
+/// accepted only from the backend side, as replies are: one-armed from the
+/// backend's MAC, two-armed in on the backend interface. From the client
+/// side (the client's MAC, another host's, another backend's; in on the
+/// client interface) it passes untouched, `pass_not_vip`; so does one sent
+/// to the VIP quoting the backend-side tuple. Nothing is created or refreshed.
+#[test]
+fn nat_icmp_errors_from_the_client_side_about_a_backend_tuple_are_refused() {
+    for v6 in [false, true] {
+        let mut e = Engine::new();
+        let s = nat_spec(v6, L4::Udp);
+        e.apply(std::slice::from_ref(&s));
+        let c = client(v6, 24);
+        let conn = nat_connection(&mut e, &s, c, 44_000, true, true);
+        let backend = s.backends[conn.backend].addr;
+        let before = nat_snapshot(&e);
+        let (kind, code, rest) = icmp_errors(v6)[1];
+        let error = packets::icmp(backend, c, kind, code, rest, &conn.forwarded[14..]);
+        for mac in [packets::CLIENT_MAC, [0x02, 0xee, 0, 0, 0, 1], backend_mac(conn.backend + 1)] {
+            let spoofed = from_mac(&error, mac);
+            let out = e.run(&spoofed);
+            assert_eq!((out.action, &out.frame), (XDP_PASS, &spoofed), "v6={v6} from {mac:02x?}");
+        }
+        let to_vip = packets::icmp(c, s.addr, kind, code, rest, &conn.forwarded[14..]);
+        let out = e.run(&to_vip);
+        assert_eq!((out.action, &out.frame), (XDP_PASS, &to_vip), "v6={v6}: to the VIP");
+        assert_eq!(e.run(&from_mac(&error, backend_mac(conn.backend))).action, XDP_TX, "v6={v6}: the backend's");
+        assert_eq!(nat_snapshot(&e), before, "v6={v6}: no NAT state created or refreshed");
+        let r = e.reasons();
+        assert_eq!((r[reasons::PASS_NOT_VIP as usize], r[reasons::PASS_VIP_OTHER_PROTO as usize]), (3, 1), "v6={v6}");
+    }
+    // Two-armed. BPF_PROG_TEST_RUN delivers on the loopback interface (index 1).
+    let mut e = Engine::new();
+    let s = nat_spec(false, L4::Udp);
+    e.apply(std::slice::from_ref(&s));
+    let c = client(false, 25);
+    let conn = nat_connection(&mut e, &s, c, 44_001, true, true);
+    let before = nat_snapshot(&e);
+    let (kind, code, rest) = icmp_errors(false)[1];
+    let backend = s.backends[conn.backend].addr;
+    let error =
+        from_mac(&packets::icmp(backend, c, kind, code, rest, &conn.forwarded[14..]), backend_mac(conn.backend));
+    let mut cfg = e.dp.config().unwrap();
+    (cfg.client_ifindex, cfg.backend_ifindex) = (1, 1000);
+    e.dp.set_config(&cfg).unwrap();
+    let out = e.run(&error);
+    assert_eq!((out.action, &out.frame), (XDP_PASS, &error), "in on the client interface");
+    (cfg.client_ifindex, cfg.backend_ifindex) = (1000, 1);
+    e.dp.set_config(&cfg).unwrap();
+    e.run(&error);
+    // The client port has no device in the test: the redirect fails.
+    assert_eq!(e.reasons()[reasons::DROP_REDIRECT_FAILED as usize], 1, "translated, sent toward the client");
+    assert_eq!(nat_snapshot(&e), before, "two-armed: no NAT state created or refreshed");
+}

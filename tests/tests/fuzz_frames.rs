@@ -6,11 +6,14 @@
 //!   `conntrack_*` reasons are counted besides it), named for its action;
 //! - XDP_PASS leaves the frame byte for byte as it came;
 //! - a frame not addressed to a VIP address is passed, unless it is a NAT
-//!   reply (then translated back from a VIP, or dropped);
+//!   reply (then translated back from a VIP, or dropped) or an ICMP error
+//!   from a NAT backend's side (then sent on from the VIP or from its own
+//!   sender, quoting a packet to a NAT VIP, or dropped);
 //! - XDP_TX/XDP_REDIRECT goes to a live backend of the VIP the frame was
 //!   addressed to (DSR: only the MACs change; IP-in-IP: the frame whole
 //!   behind a valid outer header to the backend; NAT: to the backend's
-//!   address and port), or back to the sender from the VIP address as an
+//!   address and port, an ICMP error quoting a packet from it), or back to
+//!   the sender from the VIP address as an
 //!   ICMP answer with valid checksums, or from a NAT VIP as a reply; a valid
 //!   IPv4 header or transport checksum stays valid.
 //!
@@ -140,6 +143,17 @@ impl World {
             .any(|v| v.spec.backends.iter().any(|b| b.addr == a))
     }
 
+    /// An ICMP message from a NAT backend's address or MAC: maybe an error
+    /// about a NAT connection, from the backend side.
+    fn nat_icmp_like(&self, input: &[u8]) -> bool {
+        let icmp = input.get(14..).and_then(packets::transport_of).is_some_and(|(p, _, _)| matches!(p, 1 | 58));
+        let nat_mac = input
+            .get(6..12)
+            .and_then(|m| self.backend_by_mac(m))
+            .is_some_and(|(v, _)| v.spec.forwarding == Forwarding::Nat);
+        icmp && (nat_mac || addrs(input).is_some_and(|(src, _)| self.is_nat_backend(src)))
+    }
+
     fn backend_by_mac(&self, mac: &[u8]) -> Option<(&Vip, usize)> {
         self.vips.iter().find_map(|v| v.macs.iter().position(|m| m[..] == *mac).map(|i| (v, i)))
     }
@@ -226,6 +240,32 @@ fn ports(ip: &[u8]) -> Option<(u8, u16, u16)> {
         .then(|| (proto, u16::from_be_bytes([ip[off], ip[off + 1]]), u16::from_be_bytes([ip[off + 2], ip[off + 3]])))
 }
 
+/// Source and destination address of an IP packet (a quote, maybe cut).
+fn addrs_of_ip(ip: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match ip.first()? >> 4 {
+        4 if ip.len() >= 20 => Some((
+            IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
+            IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
+        )),
+        6 if ip.len() >= 40 => Some((
+            IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap()),
+            IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap()),
+        )),
+        _ => None,
+    }
+}
+
+/// A NAT-translated ICMP error: if the input's checksums all verified
+/// (outer, ICMP, quoted IPv4 header, whole quoted segment), the output's
+/// must; its quote must pass `quoted`. Nothing to check for other frames.
+fn icmp_error_kept(ip_in: &[u8], ip_out: &[u8], quoted: impl Fn(&[u8]) -> Result<(), String>) -> Result<(), String> {
+    let Some(q) = packets::icmp_quote(ip_out) else { return Ok(()) };
+    if packets::icmp_error_checksums_ok(ip_in) && !packets::icmp_error_checksums_ok(ip_out) {
+        return Err("its checksums all verified, and do not any more".into());
+    }
+    quoted(q)
+}
+
 /// A valid checksum must stay valid through a rewrite; an invalid one is the
 /// sender's business (a balancer does not verify checksums).
 fn checksums_kept(ip_in: &[u8], ip_out: &[u8]) -> Result<(), String> {
@@ -286,7 +326,7 @@ impl World {
         }
         let view = addrs(input);
         let to_vip = view.is_some_and(|(_, dst)| self.is_vip_addr(dst));
-        let nat_reply_like = view.is_some_and(|(src, _)| self.is_nat_backend(src));
+        let nat_reply_like = view.is_some_and(|(src, _)| self.is_nat_backend(src)) || self.nat_icmp_like(input);
         if action == XDP_DROP {
             return if to_vip || nat_reply_like {
                 Ok(())
@@ -375,6 +415,15 @@ impl World {
                     return Err(format!("NAT: sent from {osrc} to {odst}, not from {src} to the backend"));
                 }
                 checksums_kept(&input[14..], &out[14..]).map_err(|e| format!("NAT: {e}"))?;
+                icmp_error_kept(&input[14..], &out[14..], |q| {
+                    let (qsrc, _) = addrs_of_ip(q).ok_or("no quoted IP header")?;
+                    let sport = ports(q).map(|(_, s, _)| s);
+                    if qsrc != backend.addr || sport.is_some_and(|s| s != backend.port) {
+                        return Err(format!("quotes a packet from {qsrc}:{sport:?}, not from the backend"));
+                    }
+                    Ok(())
+                })
+                .map_err(|e| format!("NAT: an ICMP error: {e}"))?;
                 if let Some((proto, _, dport)) = ports(&out[14..])
                     && proto == spec.protocol
                 {
@@ -391,14 +440,27 @@ impl World {
     }
 
     fn check_nat_reply(&self, input: &[u8], out: &[u8]) -> Result<(), String> {
-        let (_, dst) = addrs(input).ok_or("no IP header")?;
+        let (src, dst) = addrs(input).ok_or("no IP header")?;
         let (osrc, odst) = addrs(out).ok_or("a NAT reply without an IP header")?;
         let vips: Vec<&VipSpec> =
             self.vips.iter().map(|v| &v.spec).filter(|s| s.forwarding == Forwarding::Nat && s.addr == osrc).collect();
-        if vips.is_empty() || odst != dst || out.len() != input.len() {
+        // A router's ICMP error about a NAT connection keeps its own source.
+        let router_error = self.nat_icmp_like(input) && !self.is_nat_backend(src) && osrc == src;
+        if (vips.is_empty() && !router_error) || odst != dst || out.len() != input.len() {
             return Err(format!("a NAT reply from {osrc} to {odst}: not from a NAT VIP to {dst}"));
         }
         checksums_kept(&input[14..], &out[14..]).map_err(|e| format!("NAT reply: {e}"))?;
+        icmp_error_kept(&input[14..], &out[14..], |q| {
+            let (_, qdst) = addrs_of_ip(q).ok_or("no quoted IP header")?;
+            let dport = ports(q).map(|(_, _, d)| d);
+            let vip = self
+                .vips
+                .iter()
+                .map(|v| &v.spec)
+                .find(|s| s.forwarding == Forwarding::Nat && s.addr == qdst && dport.is_none_or(|d| d == s.port));
+            vip.map(|_| ()).ok_or(format!("quotes a packet to {qdst}:{dport:?}, not to a NAT VIP"))
+        })
+        .map_err(|e| format!("NAT reply: an ICMP error: {e}"))?;
         if let Some((proto, sport, _)) = ports(&out[14..])
             && !vips.iter().any(|s| s.protocol == proto && s.port == sport)
         {
@@ -570,6 +632,45 @@ fn icmp_error(rng: &Rng, w: &World) -> Vec<u8> {
     f
 }
 
+/// An ICMP error about a NAT connection the balancer forwarded: from its
+/// backend (or a router behind it) to the client, quoting what the backend
+/// got; or from a router to the VIP, quoting a reply the client got.
+fn nat_icmp_error(rng: &Rng, w: &World) -> Vec<u8> {
+    let Some(sent) = w.nat_sent.get(rng.below(w.nat_sent.len())) else { return icmp_error(rng, w) };
+    let (client, backend) = addrs(sent).expect("sent frames have IP headers");
+    let Some((proto, cport, _)) = ports(&sent[14..]) else { return icmp_error(rng, w) };
+    let v6 = client.is_ipv6();
+    let (kind, code, rest) = match (v6, rng.below(4)) {
+        (false, 0) => (11, 0, [0; 4]),
+        (false, 1) => (3, 3, [0; 4]),
+        (false, _) => (3, 4, [0, 0, 0x05, 0x78]),
+        (true, 0) => (3, 0, [0; 4]),
+        (true, 1) => (1, 4, [0; 4]),
+        (true, _) => (2, 0, [0, 0, 0x05, 0x00]),
+    };
+    let ip_len = if v6 { 40 } else { 20 };
+    let cut = |ip: &[u8]| -> Vec<u8> {
+        let keep = match rng.below(4) {
+            0 => rng.below(ip.len() + 1),
+            1 => ip_len + 8,
+            _ => ip.len(),
+        };
+        ip[..keep.min(ip.len())].to_vec()
+    };
+    if rng.chance(50) {
+        let from = if rng.chance(70) { backend } else { addr(if v6 { "2001:db8:201::1" } else { "198.18.201.1" }) };
+        let mut f = packets::icmp(from, client, kind, code, rest, &cut(&sent[14..]));
+        f[6..12].copy_from_slice(&sent[0..6]);
+        return f;
+    }
+    let Some((vip, _)) = w.backend_by_mac(&sent[0..6]) else { return icmp_error(rng, w) };
+    let s = &vip.spec;
+    let len = rng.below(40);
+    let reply = ip_frame(s.addr, client, proto, &segment(rng, proto, s.port, cport, len));
+    let router = if v6 { addr("2001:db8:ee::1") } else { addr("198.18.250.1") };
+    packets::icmp(router, s.addr, kind, code, rest, &cut(&reply[14..]))
+}
+
 fn ipv4_fragment(rng: &Rng, w: &World) -> Vec<u8> {
     let mut f = to_vip(rng, w);
     if f[12..14] == [0x08, 0x00] {
@@ -722,13 +823,14 @@ fn from_corpus(rng: &Rng, w: &World) -> Vec<u8> {
 
 type Generator = fn(&Rng, &World) -> Vec<u8>;
 
-const GENERATORS: [(&str, Generator); 13] = [
+const GENERATORS: [(&str, Generator); 14] = [
     ("to_vip", to_vip),
     ("to_vip", to_vip),
     ("to_elsewhere", to_elsewhere),
     ("nat_reply", nat_reply),
     ("icmp_echo", icmp_echo),
     ("icmp_error", icmp_error),
+    ("nat_icmp_error", nat_icmp_error),
     ("ipv4_fragment", ipv4_fragment),
     ("ipv6_chain", ipv6_chain),
     ("ip_in_ip", ip_in_ip),
