@@ -26,7 +26,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map, MapData, ProgramArray},
+    maps::MapData,
     programs::{TestRun as _, TestRunAttrs, TestRunOptions},
 };
 use lb_common::{
@@ -43,6 +43,7 @@ use lb_userspace::{
 use tests::{
     harness::{Engine, XDP_PASS, XDP_TX, vip},
     packets::{self, L4, frame},
+    restore::Restore,
     topology::{Netns, unique_tag},
 };
 
@@ -50,9 +51,6 @@ use crate::report::Report;
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
-/// The restore wrapper's maps (lb-ebpf `bench_restore`): the benchmark's own, never pinned.
-const BENCH_TARGET: &str = "BENCH_TARGET";
-const BENCH_FRAME: &str = "BENCH_FRAME";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -66,43 +64,6 @@ fn run_once(e: &mut Engine, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Durati
         .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() })
         .expect("BPF_PROG_TEST_RUN");
     (r.return_value, r.duration)
-}
-
-/// The restore wrapper of one engine: runs `target` on the saved frame.
-struct Restore {
-    target: ProgramArray<MapData>,
-    frame: Array<MapData, [u64; 9]>,
-}
-
-impl Restore {
-    fn load(e: &mut Engine) -> Self {
-        let p = e.dp.program(programs::BENCH_RESTORE).unwrap();
-        p.load().expect("the restore wrapper loads and verifies");
-        let ids = p.info().unwrap().map_ids().unwrap().unwrap_or_default();
-        let (mut target, mut frame) = (None, None);
-        for id in ids {
-            let m = MapData::from_id(id).unwrap();
-            match m.info().unwrap().name_as_str() {
-                Some(BENCH_TARGET) => target = Some(ProgramArray::try_from(Map::ProgramArray(m)).unwrap()),
-                Some(BENCH_FRAME) => frame = Some(Array::try_from(Map::Array(m)).unwrap()),
-                _ => {}
-            }
-        }
-        Self { target: target.expect("BENCH_TARGET map"), frame: frame.expect("BENCH_FRAME map") }
-    }
-
-    /// From now on the wrapper restores `pkt` and tail-calls `prog`.
-    fn set(&mut self, e: &mut Engine, prog: &str, pkt: &[u8]) {
-        assert!(pkt.len() >= 64, "the wrapper restores 64 bytes");
-        let mut saved = [0u64; 9];
-        saved[0] = pkt.len() as u64;
-        for (i, w) in pkt[..64].chunks(8).enumerate() {
-            saved[i + 1] = u64::from_ne_bytes(w.try_into().unwrap());
-        }
-        self.frame.set(0, saved, 0).unwrap();
-        let fd = e.dp.program(prog).unwrap().fd().unwrap();
-        self.target.set(0, fd, 0).unwrap();
-    }
 }
 
 /// What a case's packets must be counted as: every reason listed, once per packet run.
