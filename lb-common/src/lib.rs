@@ -9,6 +9,7 @@
 #[cfg(any(test, feature = "user"))]
 extern crate alloc;
 
+pub mod bench;
 pub mod decap;
 pub mod flow_hash;
 pub mod maglev;

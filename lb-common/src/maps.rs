@@ -77,7 +77,8 @@ pub mod programs {
     /// Parse + MAC swap + XDP_TX: the benchmarks' floor, never attached.
     pub const BENCH_FLOOR: &str = "xdplb_bench_floor";
     /// Restores the frame the benchmark saved, then tail-calls the program
-    /// measured: `repeat` and live-frames runs stay on one path. Never attached.
+    /// measured: `repeat` and live-frames runs stay on one path. In flood
+    /// mode each run gets another source (`crate::bench`). Never attached.
     pub const BENCH_RESTORE: &str = "xdplb_bench_restore";
 }
 

@@ -13,7 +13,8 @@
 //!   drops XDP_TX frames unless its peer has an XDP program).
 //! - `xdplb_bench_floor`: the benchmarks' reference, never attached.
 //! - `xdplb_bench_restore`: the benchmarks' wrapper that restores a
-//!   rewritten frame before tail-calling the program measured, never attached.
+//!   rewritten frame (in flood mode, with another source each run) before
+//!   tail-calling the program measured, never attached.
 #![no_std]
 #![no_main]
 // Atomic read-modify-write on a global (`icmp`'s rate limit): see there.

@@ -214,6 +214,29 @@ pub fn trace_events(ring: &mut RingBuf<MapData>) -> Vec<(TraceEvent, Vec<u8>)> {
     out
 }
 
+/// Pins the calling thread to `cpus`: BPF_PROG_TEST_RUN runs the program on
+/// the caller's CPU.
+pub fn pin_to(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to {cpus:?}");
+    }
+}
+
+/// The CPUs this thread may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: as in `pin_to`; sched_getaffinity fills the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
 /// Index of the backend whose MAC a transmitted frame is addressed to.
 pub fn backend_of(frame: &[u8]) -> usize {
     assert_eq!(frame[0..4], backend_mac(0)[0..4], "destination MAC {:02x?} is not a backend's", &frame[0..6]);

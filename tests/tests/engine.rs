@@ -18,7 +18,9 @@ use lb_userspace::{
     trace,
 };
 use tests::{
-    harness::{Engine, MTU, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, backend_of, trace_events, vip},
+    harness::{
+        Engine, MTU, XDP_DROP, XDP_PASS, XDP_TX, allowed_cpus, backend_mac, backend_of, pin_to, trace_events, vip,
+    },
     packets::{self, L4, LB_MAC, frame},
 };
 
@@ -1241,27 +1243,6 @@ fn coarse_second() -> u64 {
     ts.tv_sec as u64
 }
 
-/// Pins the calling thread to `cpu`: BPF_PROG_TEST_RUN runs the program on
-/// the caller's CPU.
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
-    }
-}
-
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: as in `pin_to`; sched_getaffinity fills the set.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
-    }
-}
-
 /// At most `TOO_BIG_PER_SEC` (100) answers a second for the whole balancer,
 /// however many CPUs the packets arrive on (it was 100 per CPU); the rest
 /// are dropped, every one counted `drop_too_big`. Each thread, pinned to a
@@ -1293,7 +1274,7 @@ fn too_big_answers_are_rate_limited_for_the_whole_balancer() {
             .map(|&cpu| {
                 let input = &input;
                 scope.spawn(move || {
-                    pin_to(cpu);
+                    pin_to(&[cpu]);
                     let mut out = vec![0u8; input.len() + 256];
                     (0..per_thread)
                         .filter(|_| {

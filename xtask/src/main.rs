@@ -47,7 +47,8 @@ enum Cmd {
         /// A shorter run (under 5 minutes).
         #[arg(long)]
         quick: bool,
-        /// Only one suite: dataplane, e2e or control.
+        /// Only one suite: dataplane, e2e or control; or flood, the
+        /// dataplane suite's flood case alone.
         #[arg(long)]
         only: Option<String>,
     },

@@ -18,6 +18,7 @@
 //! the packets run, or the case says so.
 //!
 //! Every case that creates flows starts from a connection table of its own.
+//! The flood case (`flood`) runs last, before the sizing figures.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -26,7 +27,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map, MapData, ProgramArray},
+    maps::MapData,
     programs::{TestRun as _, TestRunAttrs, TestRunOptions},
 };
 use lb_common::{
@@ -43,6 +44,7 @@ use lb_userspace::{
 use tests::{
     harness::{Engine, XDP_PASS, XDP_TX, vip},
     packets::{self, L4, frame},
+    restore::Restore,
     topology::{Netns, unique_tag},
 };
 
@@ -50,16 +52,13 @@ use crate::report::Report;
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 5;
-/// The restore wrapper's maps (lb-ebpf `bench_restore`): the benchmark's own, never pinned.
-const BENCH_TARGET: &str = "BENCH_TARGET";
-const BENCH_FRAME: &str = "BENCH_FRAME";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-fn run_once(e: &mut Engine, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Duration) {
+pub(crate) fn run_once(e: &mut Engine, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Duration) {
     let p = e.dp.program(prog).unwrap();
     let mut out = vec![0u8; pkt.len() + 256];
     let r = p
@@ -68,54 +67,17 @@ fn run_once(e: &mut Engine, prog: &str, pkt: &[u8], repeat: u32) -> (u32, Durati
     (r.return_value, r.duration)
 }
 
-/// The restore wrapper of one engine: runs `target` on the saved frame.
-struct Restore {
-    target: ProgramArray<MapData>,
-    frame: Array<MapData, [u64; 9]>,
-}
-
-impl Restore {
-    fn load(e: &mut Engine) -> Self {
-        let p = e.dp.program(programs::BENCH_RESTORE).unwrap();
-        p.load().expect("the restore wrapper loads and verifies");
-        let ids = p.info().unwrap().map_ids().unwrap().unwrap_or_default();
-        let (mut target, mut frame) = (None, None);
-        for id in ids {
-            let m = MapData::from_id(id).unwrap();
-            match m.info().unwrap().name_as_str() {
-                Some(BENCH_TARGET) => target = Some(ProgramArray::try_from(Map::ProgramArray(m)).unwrap()),
-                Some(BENCH_FRAME) => frame = Some(Array::try_from(Map::Array(m)).unwrap()),
-                _ => {}
-            }
-        }
-        Self { target: target.expect("BENCH_TARGET map"), frame: frame.expect("BENCH_FRAME map") }
-    }
-
-    /// From now on the wrapper restores `pkt` and tail-calls `prog`.
-    fn set(&mut self, e: &mut Engine, prog: &str, pkt: &[u8]) {
-        assert!(pkt.len() >= 64, "the wrapper restores 64 bytes");
-        let mut saved = [0u64; 9];
-        saved[0] = pkt.len() as u64;
-        for (i, w) in pkt[..64].chunks(8).enumerate() {
-            saved[i + 1] = u64::from_ne_bytes(w.try_into().unwrap());
-        }
-        self.frame.set(0, saved, 0).unwrap();
-        let fd = e.dp.program(prog).unwrap().fd().unwrap();
-        self.target.set(0, fd, 0).unwrap();
-    }
-}
-
 /// What a case's packets must be counted as: every reason listed, once per packet run.
-struct Expect(&'static [u32]);
+pub(crate) struct Expect(pub(crate) &'static [u32]);
 
-const TX: Expect = Expect(&[reasons::TX]);
+pub(crate) const TX: Expect = Expect(&[reasons::TX]);
 const TX_HIT: Expect = Expect(&[reasons::TX, reasons::CONNTRACK_HIT]);
 const TX_MISS: Expect = Expect(&[reasons::TX, reasons::CONNTRACK_MISS]);
 const NONE: Expect = Expect(&[]);
 
 /// Runs `f`, which runs `runs` packets, and reports the share of them counted
 /// as each expected reason (a note if any is not 1).
-fn checked<T>(
+pub(crate) fn checked<T>(
     report: &mut Report,
     e: &mut Engine,
     case: &str,
@@ -193,7 +155,7 @@ fn per_call_checked(
 }
 
 /// The `i`th client address: 198.18.128.0/17 or 2001:db8:c::/64.
-fn source(i: u32, v6: bool) -> IpAddr {
+pub(crate) fn source(i: u32, v6: bool) -> IpAddr {
     if v6 {
         IpAddr::V6(Ipv6Addr::from(0x2001_0db8_000c_0000_0000_0000_0000_0000u128 + i as u128 + 1))
     } else {
@@ -211,7 +173,7 @@ fn fresh(l4: L4, v6: bool, vip_addr: IpAddr, port: u16, block: u32, n: usize) ->
 const CASES: [(&str, L4, bool, u16); 3] =
     [("tcp4", L4::Tcp, false, 80), ("tcp6", L4::Tcp, true, 80), ("udp4", L4::Udp, false, 53)];
 
-fn specs() -> Vec<VipSpec> {
+pub(crate) fn specs() -> Vec<VipSpec> {
     let mut specs = Vec::new();
     for (name, l4, v6, port) in CASES {
         let (vip_addr, backends): (&str, [(&str, u32); 3]) = if v6 {
@@ -231,7 +193,7 @@ fn vip_of(v6: bool) -> IpAddr {
 
 /// A fresh engine: the maps at their production defaults (1M-entry
 /// connection table), empty, with the benchmark's VIPs.
-fn fresh_engine() -> Engine {
+pub(crate) fn fresh_engine() -> Engine {
     let mut e = Engine::with_sizes(MapSizes::default());
     // No NAT VIP: as the controller configures it, non-VIP packets skip the NAT reply lookup.
     e.set_nat(false);
@@ -280,6 +242,7 @@ pub fn run(report: &mut Report, quick: bool) {
     new_flows(report, quick, calls, floor_call);
     many_flows(report, calls, floor_call);
     live_frames(report);
+    crate::flood::run(report, quick);
     sizing(report);
 }
 
@@ -332,7 +295,7 @@ fn trace(
 }
 
 /// The NAT VIP of the NAT cases: tcp4 port 8000 → backends' 8080.
-fn nat_spec() -> VipSpec {
+pub(crate) fn nat_spec() -> VipSpec {
     let mut s =
         vip("tcp4-nat", "198.18.0.100", 8000, L4::Tcp, Forwarding::Nat, &[("198.18.1.1", 1), ("198.18.1.2", 1)]);
     for b in &mut s.backends {

@@ -3,11 +3,13 @@
 //!
 //! Writes bench/RESULTS.md, target/bench/results.jsonl and
 //! target/bench/e2e-ratios.png, and prints every figure as it is measured.
-//! Flags: --quick (under 5 minutes), --only SUITE (dataplane, e2e, control).
+//! Flags: --quick (under 5 minutes), --only SUITE (dataplane, e2e, control),
+//! or --only flood for the dataplane suite's flood case alone.
 
 mod control;
 mod dataplane;
 mod e2e;
+mod flood;
 mod report;
 
 use std::{path::PathBuf, process::Command, time::Instant};
@@ -30,6 +32,8 @@ fn main() {
     let mut report = report::Report::default();
     if wants("dataplane") {
         dataplane::run(&mut report, quick);
+    } else if only.as_deref() == Some("flood") {
+        flood::run(&mut report, quick);
     }
     if wants("e2e") {
         e2e::run(&mut report, quick);

@@ -83,7 +83,7 @@ impl Report {
                 for (m, _) in &metrics {
                     match figs.iter().find(|f| f.case == case && f.imp == imp && &f.metric == m) {
                         Some(f) => {
-                            let _ = write!(o, " {} |", fmt_value(f.value));
+                            let _ = write!(o, " {} |", fmt_value(f.value, &f.unit));
                         }
                         None => o.push_str(" |"),
                     }
@@ -162,8 +162,10 @@ fn dedup<T: Ord + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
     items.filter(|i| seen.insert(i.clone())).collect()
 }
 
-fn fmt_value(v: f64) -> String {
-    if v.abs() >= 1000.0 {
+/// Counts (flows, entries, packets) as whole numbers; other figures to
+/// three significant digits or more.
+fn fmt_value(v: f64, unit: &str) -> String {
+    if v.abs() >= 1000.0 || matches!(unit, "flows" | "entries" | "packets") {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
