@@ -100,8 +100,14 @@ impl Engine {
         })
     }
 
+    /// With `sizes`; the calling thread stays on its CPU (`pin_to_this_cpu`).
     pub fn with_sizes(sizes: MapSizes) -> Self {
         pin_to_this_cpu();
+        Self::unpinned(sizes)
+    }
+
+    /// Without pinning the caller (the benchmarks choose their CPUs).
+    pub fn unpinned(sizes: MapSizes) -> Self {
         let mut dp = Dataplane::load(sizes).expect("the eBPF object loads and verifies (run as root)");
         dp.set_config(&LbConfig {
             if_mac: LB_MAC,

@@ -194,7 +194,7 @@ fn vip_of(v6: bool) -> IpAddr {
 /// A fresh engine: the maps at their production defaults (1M-entry
 /// connection table), empty, with the benchmark's VIPs.
 pub(crate) fn fresh_engine() -> Engine {
-    let mut e = Engine::with_sizes(MapSizes::default());
+    let mut e = Engine::unpinned(MapSizes::default());
     // No NAT VIP: as the controller configures it, non-VIP packets skip the NAT reply lookup.
     e.set_nat(false);
     e.apply(&specs());
@@ -583,7 +583,7 @@ fn line_rate(gbit: f64, bytes: f64) -> f64 {
 /// the nodes a flow count and a connection rate need.
 fn sizing(report: &mut Report) {
     println!("\n== sizing, from this run ==");
-    let mut e = Engine::with_sizes(MapSizes::default());
+    let mut e = Engine::unpinned(MapSizes::default());
     let maps = map_sizes(&mut e);
     let get = |n: &str| maps.iter().find(|m| m.name == n);
     let per_entry = |n: &str| get(n).map_or(0.0, |m| m.memlock as f64 / m.entries as f64);
