@@ -47,6 +47,12 @@ pub fn configured(config: &Config) -> Option<([u32; 2], Source)> {
     config.flow_sync.as_ref().map(|s| (derive(&s.key.bytes), Source::FlowSyncKey))
 }
 
+/// Whether `config` announces over BGP (nodes behind ECMP) without a seed
+/// the nodes share: each would hash with its own.
+pub fn unshared_with_bgp(config: &Config) -> bool {
+    config.bgp.is_some() && configured(config).is_none()
+}
+
 /// A random seed for a new dataplane.
 pub fn random() -> anyhow::Result<[u32; 2]> {
     let mut b = [0u8; 8];

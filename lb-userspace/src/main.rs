@@ -299,6 +299,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let names =
                     if names > 0 { format!(", {names} backend names resolved at run time") } else { String::new() };
                 println!("{}: ok ({} VIPs, {backends} backends{names})", path.display(), c.vips.len());
+                if lb_userspace::hash_seed::unshared_with_bgp(&c) {
+                    println!(
+                        "warning: bgp: without hash_seed_file or flow_sync: each node hashes flows with a seed of its \
+                         own, so a connection ECMP moves to another node changes backend; add `hash_seed_file:` (the \
+                         same file on every node)"
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(errs) => {

@@ -6,7 +6,8 @@
 //! preallocated), `BACKENDS` (a `BackendSlot` per id), `CONFIG` (larger)
 //! and `REASONS` (more reasons). Every other map, the flow table first, is
 //! kept as it is. For each changed map this
-//! 1. moves the version-1 pin aside, to DIR/v1.NAME (the running program
+//! 1. moves the version-1 pin aside, to DIR/v1_NAME (a BPF filesystem allows
+//!    no dot in a name; the running program
 //!    holds the map itself, and keeps using it);
 //! 2. creates the map of this layout and pins it at DIR/NAME;
 //! 3. copies the contents over: VIPs as they are, each backend into both
@@ -36,7 +37,7 @@ pub const CHANGED: [&str; 4] = [names::VIPS, names::BACKENDS, names::CONFIG, nam
 
 /// Where a migration sets the version-1 map `name` aside.
 pub fn aside(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("v1.{name}"))
+    dir.join(format!("v1_{name}"))
 }
 
 /// Version 1's definition of map `name`, from this build's `def`.

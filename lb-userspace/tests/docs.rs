@@ -6,8 +6,10 @@ use std::path::Path;
 
 use lb_userspace::config;
 
-/// Where the examples and the README keep `flow_sync`'s key.
+/// Where the examples and the README keep `flow_sync`'s key, and the flow
+/// hash seed (`hash_seed_file`): both stand for a secret file.
 const EXAMPLE_KEY: &str = "/etc/xdplb/sync.key";
+const EXAMPLE_SEED: &str = "/etc/xdplb/hash-seed.key";
 
 /// A key of the right kind (0600, 32 bytes) standing in for the one an
 /// operator keeps at `EXAMPLE_KEY`; removed when dropped.
@@ -23,7 +25,8 @@ impl ExampleKey {
     }
 
     fn stand_in(&self, text: &str) -> String {
-        text.replace(EXAMPLE_KEY, self.0.to_str().unwrap())
+        let path = self.0.to_str().unwrap();
+        text.replace(EXAMPLE_KEY, path).replace(EXAMPLE_SEED, path)
     }
 }
 

@@ -182,6 +182,9 @@ fn flows_maglev_moves_keep_their_backend_on_the_peer() {
             let (src, sport) = client(i);
             let out = a.engine.run(&syn(src, sport, vip_addr, 80));
             assert_eq!(out.action, XDP_TX);
+            // The client's next segment confirms the flow into A's connection table.
+            let next = a.engine.run(&frame(L4::Tcp, src, sport, vip_addr, 80));
+            assert_eq!(backend_of(&next.frame), backend_of(&out.frame));
             let key = flow_key(src, sport, vip_addr);
             let old = backend_of(&out.frame);
             assert_eq!(old, old_table[(hash_of(&key) % TABLE) as usize] as usize, "A chose as Maglev does");
@@ -413,6 +416,7 @@ fn a_peers_record_replaces_only_stale_or_synced_entries() {
         let (src0, sport0) = client(&k0);
         let own_backend = b.engine.predicted_backend(&spec, src0, sport0);
         assert_eq!(backend_of(&b.engine.run(&syn(src0, sport0, vip_addr, 80)).frame), own_backend);
+        assert_eq!(backend_of(&b.engine.run(&frame(L4::Tcp, src0, sport0, vip_addr, 80)).frame), own_backend);
         let own = b.engine.dp.flow(&k0).unwrap();
         // Flow 1: a stale entry on B (its backend id now has another generation).
         let (k1, _) = flows[1];

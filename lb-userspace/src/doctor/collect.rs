@@ -206,6 +206,7 @@ pub async fn lb(input: &LbInput<'_>) -> Result<LbFacts> {
         controller,
         drop_too_big,
         pin: Some(pin(input.pin_root)),
+        unshared_seed: input.config.is_some_and(crate::hash_seed::unshared_with_bgp),
     })
 }
 

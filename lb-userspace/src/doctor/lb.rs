@@ -49,6 +49,9 @@ pub struct LbFacts {
     /// The running dataplane's `drop_too_big` counter, if a controller publishes one.
     pub drop_too_big: Option<u64>,
     pub pin: Option<PinFacts>,
+    /// The configuration announces over BGP but names no flow hash seed
+    /// (see `hash_seed::unshared_with_bgp`).
+    pub unshared_seed: bool,
 }
 
 impl LbFacts {
@@ -82,6 +85,19 @@ pub fn decide(f: &LbFacts) -> Vec<Finding> {
         out.extend(ipip_mtu(f, link));
     }
     out.extend(f.pin.as_ref().and_then(|p| bpffs::decide(p, f.starting)));
+    if f.unshared_seed {
+        out.push(
+            Finding::warning(
+                "hash-seed",
+                "the configuration announces VIPs over BGP but gives no flow hash seed (no hash_seed_file, no \
+                 flow_sync)",
+                "each node then hashes with a random seed of its own: a connection that ECMP moves to another node \
+                 (a node joins or leaves) is sent to another backend and breaks",
+            )
+            .fix("head -c 32 /dev/urandom | base64 > /etc/xdplb/hash-seed.key && chmod 600 /etc/xdplb/hash-seed.key")
+            .fix("copy that file to every node, add `hash_seed_file: /etc/xdplb/hash-seed.key` and `xdplb reload`"),
+        );
+    }
     out
 }
 
@@ -418,7 +434,17 @@ mod tests {
             controller: Controller::Running(42),
             drop_too_big: Some(0),
             pin: None,
+            unshared_seed: false,
         }
+    }
+
+    #[test]
+    fn bgp_without_a_shared_seed_is_warned_with_the_fix() {
+        let f = LbFacts { unshared_seed: true, ..healthy() };
+        let found = decide(&f);
+        assert_eq!(checks(&f), ["hash-seed"]);
+        assert_eq!(found[0].severity, crate::doctor::Severity::Warning);
+        assert!(found[0].fix.iter().any(|c| c.contains("hash_seed_file")), "{:?}", found[0].fix);
     }
 
     fn checks(f: &LbFacts) -> Vec<&'static str> {
