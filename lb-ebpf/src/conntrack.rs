@@ -215,12 +215,14 @@ pub(crate) fn choose_backend(
         if now_ns.wrapping_sub(seen_ns) <= EMBRYONIC_S as u64 * 1_000_000_000
             && let Tracked::Keep(b) = judge(&seen, false)
         {
-            // SAFETY: as above. The slot is free again.
-            unsafe { (*slot).key.family = 0 };
             let confirmed = FlowValue { last_seen_s: now, ..seen };
             if track(flow, &confirmed, cfg) {
                 count_conntrack(reasons::CONNTRACK_CONFIRMED, obs);
+                // SAFETY: as above. The slot is free again.
+                unsafe { (*slot).key.family = 0 };
             }
+            // Not tracked (flood mode): the slot keeps the flow on its backend
+            // until it can be, or its time is up.
             return Ok((seen.backend_id, *b, seen.hash));
         }
     }

@@ -500,8 +500,14 @@ fn current_status(pin_root: &Path, state_dir: &Path, iface: &str) -> Result<stat
     }
     require_root("read pinned BPF maps")?;
     // Read only a complete set of this build's layout: a changed struct would be read into a buffer of the wrong size.
-    if pins::verify(&dir, iface)? == pins::Pinned::Nothing {
-        return Err(nothing());
+    match pins::verify(&dir, iface)? {
+        pins::Pinned::Nothing => return Err(nothing()),
+        pins::Pinned::Version1 => anyhow::bail!(
+            "the dataplane pinned in {} has map layout version 1 (an older xdplb), which this one reads only after \
+             migrating it: start `xdplb run` for {iface}, which migrates it in place, keeping its flows",
+            dir.display()
+        ),
+        pins::Pinned::Dataplane => {}
     }
     let dp = Dataplane::open(MapSizes::default(), Some(&dir))?;
     eprintln!("xdplb: no controller runs for {iface}; this is what its pinned dataplane holds");

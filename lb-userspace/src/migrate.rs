@@ -13,7 +13,8 @@
 //! 3. copies the contents over: VIPs as they are, each backend into both
 //!    copies of its slot, the reason counters per CPU. CONFIG stays empty:
 //!    the controller writes it whole before it attaches anything, and its
-//!    zero hash seed is version 1's unseeded hash, so no untracked flow moves;
+//!    zero hash seed is version 1's unseeded hash: untracked flows stay where
+//!    they were unless the configuration names a seed (`hash_seed`);
 //! 4. then writes layout version 2, and removes the set-aside pins.
 //!
 //! The controller then adopts the dataplane as usual and swaps the new
@@ -68,6 +69,13 @@ pub fn from_v1(dir: &Path, iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes the pins a migration set aside, once it is complete.
+pub fn remove_aside(dir: &Path) {
+    for name in CHANGED {
+        std::fs::remove_file(aside(dir, name)).ok();
+    }
+}
+
 fn migrate(dir: &Path) -> Result<()> {
     // The sizes the dataplane has: the new maps get the same.
     let sizes = {
@@ -83,6 +91,10 @@ fn migrate(dir: &Path) -> Result<()> {
             nat_table: max(names::NAT_FLOWS)?,
         }
     };
+    // Nothing is changed before this build's programs are known to load here:
+    // a verifier that refused them would leave a dataplane migrated for
+    // nothing, which the previous build no longer adopts.
+    drop(crate::dataplane::Dataplane::load(sizes).context("this build's programs do not load on this kernel")?);
     let defs = pins::expected_defs(sizes)?;
     for name in CHANGED {
         let old = aside(dir, name);
@@ -123,8 +135,6 @@ fn migrate(dir: &Path) -> Result<()> {
     }
 
     pins::write_abi(dir)?;
-    for name in CHANGED {
-        std::fs::remove_file(aside(dir, name)).ok();
-    }
+    remove_aside(dir);
     Ok(())
 }

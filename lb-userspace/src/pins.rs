@@ -70,7 +70,11 @@ pub fn prepare(pin_root: &Path, iface: &str, ephemeral: bool) -> Result<PinDir> 
     std::fs::create_dir_all(&path).with_context(|| format!("creating the pin directory {} failed", path.display()))?;
     let lock = lock(&path, iface)?;
     let adopting = match verify(&path, iface)? {
-        Pinned::Dataplane => true,
+        Pinned::Dataplane => {
+            // What a migration cut short after its last step left.
+            crate::migrate::remove_aside(&path);
+            true
+        }
         Pinned::Version1 => {
             crate::migrate::from_v1(&path, iface)?;
             true
@@ -713,11 +717,14 @@ pub(crate) fn write_abi(dir: &Path) -> Result<()> {
 }
 
 /// Like [`write_abi`], with any version (tests build older dataplanes).
+/// The new map is pinned beside the old one, filled, then renamed over it:
+/// cut short at any point, DIR/ABI holds one version or the other.
 pub fn write_abi_version(dir: &Path, version: u32) -> Result<()> {
     let path = dir.join(ABI_PIN);
-    std::fs::remove_file(&path).ok();
+    let staged = dir.join(format!("{ABI_PIN}_staged"));
+    std::fs::remove_file(&staged).ok();
     let def = MapDef { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1, flags: 0 };
-    let fd = create_pinned(&path, &def, "xdplb_abi").context("creating the ABI map failed")?;
+    let fd = create_pinned(&staged, &def, "xdplb_abi").context("creating the ABI map failed")?;
     let (key, value) = (0u32, version);
     let mut update = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
@@ -727,7 +734,7 @@ pub fn write_abi_version(dir: &Path, version: u32) -> Result<()> {
         flags: 0,
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut update).context("writing the ABI map failed")?;
-    Ok(())
+    std::fs::rename(&staged, &path).with_context(|| format!("renaming {} to {}", staged.display(), path.display()))
 }
 
 /// Creates a map of definition `def` named `name` (at most 15 bytes) and

@@ -535,13 +535,9 @@ impl Reconciler {
         for (ident, want) in &desired {
             let have = self.vips[key].backends.get(ident).map(|a| a.value);
             if want.value.state == BACKEND_ACTIVE && have != Some(want.value) {
-                if have.is_none() {
-                    // An array update is a plain copy a packet may read half of: a
-                    // reused id first gets its new address and generation while
-                    // still unused, then only its state changes. No packet sees an
-                    // active slot with a mix of the old server and the new.
-                    dp.set_backend(want.id, &Backend { state: BACKEND_UNUSED, ..want.value })?;
-                }
+                // Published whole: the copy packets read is never rewritten
+                // (`Dataplane::set_backend`), so a reused id's new server and
+                // generation appear together.
                 dp.set_backend(want.id, &want.value)?;
                 report.backends_written += 1;
             }

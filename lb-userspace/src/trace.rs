@@ -276,6 +276,9 @@ pub fn describe(e: &TraceEvent, frame: &[u8], names: &VipNames, iface: &str) -> 
             | reasons::CONNTRACK_MISS
             | reasons::CONNTRACK_STALE
             | reasons::CONNTRACK_SYN_RESCHEDULED
+            | reasons::CONNTRACK_CONFIRMED
+            | reasons::CONNTRACK_FLOOD
+            | reasons::CONNTRACK_EXPIRED
     ) {
         let _ = write!(s, " conntrack={}", reason_name(e.conntrack).trim_start_matches("conntrack_"));
     }

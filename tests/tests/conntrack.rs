@@ -217,3 +217,31 @@ fn a_backend_being_rewritten_is_never_read_half_written() {
     assert_eq!(after.copies[live as usize], *before.current(), "the old copy stays whole until the next update");
     assert_eq!(e.run(&f).frame[0..6], moved.mac);
 }
+
+/// In flood mode a flow's second packet cannot enter FLOWS: it stays in
+/// FLOWS_NEW, so its later packets still go to its first packet's backend
+/// when the table changes (before, the slot was freed and the flow was
+/// chosen again by the new table).
+#[test]
+fn in_flood_mode_an_unconfirmed_flow_keeps_its_backend() {
+    let mut e = Engine::new();
+    set_config(&mut e, |c| c.flood_rate = 1);
+    let s = web(&BACKENDS4[..2], L4::Tcp);
+    e.apply(std::slice::from_ref(&s));
+    establish(&mut e, &frame(L4::Tcp, client(999), 34_000, s.addr, 80));
+    assert_eq!(e.dp.flow_count(), 1, "the second's one flow is tracked");
+    let flows: Vec<Vec<u8>> = (0..100).map(|i| frame(L4::Tcp, client(i), 34_000, s.addr, 80)).collect();
+    let first: Vec<usize> = flows.iter().map(|f| establish(&mut e, f)).collect();
+    let tracked = e.dp.flow_count();
+    let grown = web(&BACKENDS4, L4::Tcp);
+    e.apply(std::slice::from_ref(&grown));
+    let mut would_move = 0;
+    for (i, f) in flows.iter().enumerate() {
+        assert_eq!(backend_of(&e.run(f).frame), first[i], "flow {i} keeps its backend");
+        would_move += usize::from(e.predicted_backend(&grown, client(i as u32), 34_000) != first[i]);
+    }
+    // The window is a second: on a slow machine a few flows may have been tracked.
+    assert!(tracked < 50, "flood mode: {tracked} tracked");
+    assert!(would_move > 10, "the new backend must matter for the test to mean anything ({would_move})");
+    assert!(e.reasons()[reasons::CONNTRACK_FLOOD as usize] >= 100 - tracked as u64);
+}

@@ -179,7 +179,7 @@ fn trace_shows_decisions_and_writes_the_rewritten_frames_to_pcap() {
         assert_eq!(field(l, "vip"), Some("web4"), "{l}");
         assert_eq!(field(l, "rewrite"), Some("dsr"), "{l}");
         assert_eq!((field(l, "action"), field(l, "reason")), (Some("XDP_TX"), Some("tx")), "{l}");
-        assert!(matches!(field(l, "conntrack"), Some("hit" | "miss")), "{l}");
+        assert!(matches!(field(l, "conntrack"), Some("hit" | "miss" | "confirmed")), "{l}");
         assert!(l.contains(&format!(" > {VIP4}:80 tcp [")), "{l}");
     }
     let first = &lines[0];

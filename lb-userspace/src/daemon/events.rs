@@ -51,7 +51,9 @@ impl Daemon {
     /// decides on the VIPs' (see `reload_blamed`).
     fn write_desired(&mut self, specs: &[VipSpec]) -> (Result<()>, Result<()>) {
         // CONFIG first: the VIPs' flow sync view reads the hash seed from it.
-        let seed = crate::hash_seed::choose(&self.config, self.running_seed).0;
+        // Without a configured seed, the one the dataplane has now stays.
+        let current = self.config_written.map_or(self.running_seed, |w| w.hash_seed);
+        let seed = crate::hash_seed::choose(&self.config, current).0;
         let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config, seed);
         if self.config_written.is_some_and(|w| w.hash_seed != seed) {
             info!(

@@ -302,7 +302,7 @@ fn open_dataplane(
     }
     let running_seed = if adopting { dp.config()?.hash_seed } else { crate::hash_seed::random()? };
     let (seed, source) = crate::hash_seed::choose(config, running_seed);
-    log_seed(&link.name, seed, source, running_seed);
+    log_seed(&link.name, seed, source, adopting.then_some(running_seed));
     dp.set_config(&desired::lb_config(link, backend_link, config, seed))?;
     dp.set_tx_ports(link.index, backend_link.map_or(link.index, |b| b.index))?;
     if !adopting {
@@ -320,7 +320,7 @@ fn open_dataplane(
 }
 
 /// Says where the flow hash seed came from, and warns when there is none.
-fn log_seed(iface: &str, seed: [u32; 2], source: crate::hash_seed::Source, running: [u32; 2]) {
+fn log_seed(iface: &str, seed: [u32; 2], source: crate::hash_seed::Source, adopted: Option<[u32; 2]>) {
     use crate::hash_seed::Source;
     match source {
         Source::HashSeedFile => info!(interface = iface, "flow hash seed from hash_seed_file"),
@@ -335,8 +335,12 @@ fn log_seed(iface: &str, seed: [u32; 2], source: crate::hash_seed::Source, runni
             info!(interface = iface, "flow hash seed: this dataplane's own (random, kept across restarts)")
         }
     }
-    if source != Source::Dataplane && running != seed && running != [0, 0] {
-        info!(interface = iface, "the flow hash seed changed: flows not in the connection table may change backend");
+    if adopted.is_some_and(|running| running != seed) {
+        info!(
+            interface = iface,
+            "the flow hash seed changed from the running dataplane's: flows not in the connection table may change \
+             backend"
+        );
     }
 }
 
