@@ -444,8 +444,11 @@ impl World {
         let (osrc, odst) = addrs(out).ok_or("a NAT reply without an IP header")?;
         let vips: Vec<&VipSpec> =
             self.vips.iter().map(|v| &v.spec).filter(|s| s.forwarding == Forwarding::Nat && s.addr == osrc).collect();
-        // A router's ICMP error about a NAT connection keeps its own source.
-        let router_error = self.nat_icmp_like(input) && !self.is_nat_backend(src) && osrc == src;
+        // An ICMP error about a NAT connection from another host on the
+        // backend side (a router, or another server) keeps its own source;
+        // only the connection's own backend is answered for by the VIP.
+        let quoted_dst = packets::icmp_quote(&input[14..]).and_then(addrs_of_ip).map(|(_, d)| d);
+        let router_error = self.nat_icmp_like(input) && osrc == src && quoted_dst.is_some_and(|d| d != src);
         if (vips.is_empty() && !router_error) || odst != dst || out.len() != input.len() {
             return Err(format!("a NAT reply from {osrc} to {odst}: not from a NAT VIP to {dst}"));
         }
