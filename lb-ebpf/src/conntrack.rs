@@ -11,10 +11,11 @@
 //! - **Floods.** A spoofed source sends one packet per tuple: it only ever
 //!   takes a FLOWS_NEW slot (a plain per-CPU array store, no LRU insert; the
 //!   oldest of its bucket's four goes), so the long-lived LRU table FLOWS,
-//!   where established flows are, is never touched by it. A flood that sends two packets per tuple does reach
-//!   FLOWS: each CPU enters at most `LbConfig::flood_rate` flows a second
-//!   into it (Katran's flood mode); past that, flows are forwarded by Maglev
-//!   alone, untracked, counted as CONNTRACK_FLOOD.
+//!   where established flows are, is never touched by it. A flood that
+//!   sends two packets per tuple does reach FLOWS: each CPU enters at most
+//!   `LbConfig::flood_rate` flows a second into it (Katran's flood mode);
+//!   past that, flows are forwarded by Maglev alone, untracked, counted as
+//!   CONNTRACK_FLOOD, and keep their FLOWS_NEW slot (so their backend).
 //! - **Backends.** A tracked flow whose backend is down, gone or draining
 //!   (for a new SYN) is chosen again (CONNTRACK_STALE, _SYN_RESCHEDULED).
 //! - **UDP** flows idle longer than `LbConfig::udp_idle_s` are chosen again
@@ -141,7 +142,7 @@ fn embryonic_slot(flow: &FlowKey, bucket: u32, now_ns: u64) -> (Option<*mut Embr
 }
 
 /// The backend for `flow` of `vip` and the flow's hash; counts the table's
-/// answer itself. Without `track` (an ICMP error about the flow) FLOWS is
+/// answer itself. Without `track_it` (an ICMP error about the flow) FLOWS is
 /// only read and nothing is counted or entered.
 #[inline(always)]
 pub(crate) fn choose_backend(

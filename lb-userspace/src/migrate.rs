@@ -5,17 +5,20 @@
 //! Version 2 changed four maps (see `MAPS_ABI`): `VIPS` (now not
 //! preallocated), `BACKENDS` (a `BackendSlot` per id), `CONFIG` (larger)
 //! and `REASONS` (more reasons). Every other map, the flow table first, is
-//! kept as it is. For each changed map this
+//! kept as it is. First this build's programs are loaded once, unattached,
+//! so that nothing changes on a kernel whose verifier refuses them. Then
+//! for each changed map this
 //! 1. moves the version-1 pin aside, to DIR/v1_NAME (a BPF filesystem allows
-//!    no dot in a name; the running program
-//!    holds the map itself, and keeps using it);
+//!    no dot in a name; the running program holds the map itself, and keeps
+//!    using it);
 //! 2. creates the map of this layout and pins it at DIR/NAME;
 //! 3. copies the contents over: VIPs as they are, each backend into both
 //!    copies of its slot, the reason counters per CPU. CONFIG stays empty:
 //!    the controller writes it whole before it attaches anything, and its
 //!    zero hash seed is version 1's unseeded hash: untracked flows stay where
 //!    they were unless the configuration names a seed (`hash_seed`);
-//! 4. then writes layout version 2, and removes the set-aside pins.
+//! 4. then writes layout version 2 (by rename: never missing or half
+//!    written), and removes the set-aside pins.
 //!
 //! The controller then adopts the dataplane as usual and swaps the new
 //! program into the pinned link, one atomic step: packets go from the old
