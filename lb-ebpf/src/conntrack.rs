@@ -63,21 +63,25 @@ fn judge(t: &FlowValue, new_connection: bool) -> Tracked {
 }
 
 #[inline(always)]
-fn now_s() -> u32 {
+fn ktime() -> u64 {
     // SAFETY: a helper without arguments.
-    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+    unsafe { bpf_ktime_get_ns() }
 }
 
-/// Whether this CPU may enter one more flow into FLOWS this second, and
-/// counts it if so.
+/// Whole seconds of a `ktime()` time, as `FlowValue::last_seen_s` holds them.
 #[inline(always)]
-fn may_track(cfg: &LbConfig) -> bool {
+fn seconds(ns: u64) -> u32 {
+    (ns / 1_000_000_000) as u32
+}
+
+/// Whether this CPU may enter one more flow into FLOWS this second (`now`
+/// from `ktime()`), and counts it if so.
+#[inline(always)]
+fn may_track(cfg: &LbConfig, now: u64) -> bool {
     if cfg.flood_rate == 0 {
         return true;
     }
     let Some(w) = FLOOD.get_ptr_mut(0) else { return true };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: this CPU's own entry of a per-CPU array; XDP does not migrate
     // between CPUs, so nothing else writes it meanwhile.
     unsafe {
@@ -95,8 +99,8 @@ fn may_track(cfg: &LbConfig) -> bool {
 
 /// Enters `flow` into FLOWS (unless this CPU is in flood mode: counted).
 #[inline(always)]
-fn track(flow: &FlowKey, value: &FlowValue, cfg: &LbConfig) -> bool {
-    if !may_track(cfg) {
+fn track(flow: &FlowKey, value: &FlowValue, cfg: &LbConfig, now: u64) -> bool {
+    if !may_track(cfg, now) {
         count_reason(reasons::CONNTRACK_FLOOD);
         return false;
     }
@@ -172,7 +176,7 @@ pub(crate) fn choose_backend(
                     count_conntrack(reasons::CONNTRACK_HIT, obs);
                     return Ok((t.backend_id, *b, t.hash));
                 }
-                let now = now_s();
+                let now = seconds(ktime());
                 if t.last_seen_s == 0 || now.wrapping_sub(t.last_seen_s) <= cfg.udp_idle_s {
                     if t.last_seen_s != now {
                         // SAFETY: as above; a 4-byte aligned store, at most once a second per flow.
@@ -195,17 +199,17 @@ pub(crate) fn choose_backend(
         if known && track_it {
             // An established flow chosen again: its next packet is no proof
             // of anything new, so it goes back to FLOWS at once.
-            let value = FlowValue { backend_id: id, generation: b.generation, hash, last_seen_s: now_s() };
-            track(flow, &value, cfg);
+            let now = ktime();
+            let value = FlowValue { backend_id: id, generation: b.generation, hash, last_seen_s: seconds(now) };
+            track(flow, &value, cfg, now);
         }
         return Ok((id, b, hash));
     }
     // Seen once before, on this CPU?
     let bucket = flow_hash::five_tuple(&cfg.hash_seed, &flow.src, &flow.dst, flow.sport, flow.dport, flow.protocol)
         & (EMBRYONIC_SLOTS / EMBRYONIC_WAYS - 1);
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
-    let now = (now_ns / 1_000_000_000) as u32;
+    let now_ns = ktime();
+    let now = seconds(now_ns);
     let (slot, found) = embryonic_slot(flow, bucket, now_ns);
     if !syn
         && found
@@ -217,7 +221,7 @@ pub(crate) fn choose_backend(
             && let Tracked::Keep(b) = judge(&seen, false)
         {
             let confirmed = FlowValue { last_seen_s: now, ..seen };
-            if track(flow, &confirmed, cfg) {
+            if track(flow, &confirmed, cfg, now_ns) {
                 count_conntrack(reasons::CONNTRACK_CONFIRMED, obs);
                 // SAFETY: as above. The slot is free again.
                 unsafe { (*slot).key.family = 0 };

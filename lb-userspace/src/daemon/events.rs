@@ -52,21 +52,20 @@ impl Daemon {
     fn write_desired(&mut self, specs: &[VipSpec]) -> (Result<()>, Result<()>) {
         // CONFIG first: the VIPs' flow sync view reads the hash seed from it.
         // Without a configured seed, the one the dataplane has now stays.
-        let current = self.config_written.map_or(self.running_seed, |w| w.hash_seed);
-        let seed = crate::hash_seed::choose(&self.config, current).0;
+        let seed = crate::hash_seed::choose(&self.config, self.config_written.hash_seed).0;
         let want = desired::lb_config(&self.link, self.backend_link.as_ref(), &self.config, seed);
-        if self.config_written.is_some_and(|w| w.hash_seed != seed) {
+        if self.config_written.hash_seed != seed {
             info!(
                 interface = self.link.name,
                 "the flow hash seed changed (hash_seed_file or the flow_sync key): flows not in the connection table may \
                  change backend"
             );
         }
-        let config_map = if self.config_written == Some(want) {
+        let config_map = if self.config_written == want {
             Ok(())
         } else {
             self.dp.set_config(&want).context("updating the CONFIG map failed").map(|()| {
-                self.config_written = Some(want);
+                self.config_written = want;
             })
         };
         let applied = self.reconciler.apply(&mut self.dp, specs);

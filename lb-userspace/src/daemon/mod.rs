@@ -113,11 +113,9 @@ struct Daemon {
     /// The maps do not hold the desired state yet: the last apply failed
     /// (its error, logged once), and every tick tries again.
     unapplied: Option<String>,
-    /// The CONFIG map entry as last written (None: not known to be written).
-    config_written: Option<LbConfig>,
-    /// The flow hash seed the dataplane ran with at start (random for a new
-    /// one): used while the configuration names none (see `hash_seed`).
-    running_seed: [u32; 2],
+    /// The CONFIG map entry as last written; its flow hash seed stays while
+    /// the configuration names none (see `hash_seed`).
+    config_written: LbConfig,
     /// Drain of the node, BGP announcements, keepalived's track file, flow sync.
     ha: ha::Ha,
 }

@@ -92,16 +92,13 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
     let Some(()) = signals.unless_stopped(doctor).await else { return Ok(None) };
     let (pin_dir, adopting) = pin_directory(&opts.pin_root, &iface, opts.ephemeral)?;
     let attached = pin_dir.join("link").exists();
-    let (dp, reconciler, adopted, running_seed) =
+    let (dp, reconciler, adopted, config_written) =
         open_dataplane(&config, &pin_dir, adopting, &link, backend_link.as_ref())?;
 
     let (tx, transitions) = mpsc::unbounded_channel();
     let (walker, walked) = Walker::new(dp.walk_maps()?);
     let (resolved_tx, resolved) = mpsc::unbounded_channel();
     let interfaces = Some((link.index, backend_link.as_ref().map_or(link.index, |b| b.index)));
-    // What `open_dataplane` wrote to the CONFIG map.
-    let seed = crate::hash_seed::choose(&config, running_seed).0;
-    let config_written = Some(desired::lb_config(&link, backend_link.as_ref(), &config, seed));
     let mut d = Daemon {
         link,
         watch: config::watch::FileWatch::new(loaded.config_text.clone(), Duration::from_millis(200)),
@@ -132,7 +129,6 @@ pub(super) async fn start(opts: RunOptions, signals: &mut Signals) -> Result<Opt
         state_since: HashMap::new(),
         unapplied: None,
         config_written,
-        running_seed,
         ha: Default::default(),
         file_config: loaded.file_config,
         config,
@@ -282,15 +278,16 @@ fn pin_directory(pin_root: &Path, iface: &str, ephemeral: bool) -> Result<(PathB
 
 /// Opens (or adopts) the pinned maps and loads the programs; the CONFIG and
 /// TX-port maps follow the interfaces; what a previous controller wrote is
-/// read back. Also returns the running dataplane's flow hash seed (random
-/// for a new one), which the configuration may override (`hash_seed`).
+/// read back. Also returns the CONFIG entry it wrote, whose flow hash seed
+/// is the configured one, else the running dataplane's (random for a new
+/// one; see `hash_seed`).
 fn open_dataplane(
     config: &Config,
     pin_dir: &Path,
     adopting: bool,
     link: &Link,
     backend_link: Option<&Link>,
-) -> Result<(Dataplane, Reconciler, Vec<AdoptedBackend>, [u32; 2])> {
+) -> Result<(Dataplane, Reconciler, Vec<AdoptedBackend>, lb_common::maps::LbConfig)> {
     let sizes = desired::map_sizes(config);
     let mut dp = Dataplane::open(sizes, Some(pin_dir))?;
     if adopting && dp.sizes() != sizes {
@@ -303,11 +300,12 @@ fn open_dataplane(
     let running_seed = if adopting { dp.config()?.hash_seed } else { crate::hash_seed::random()? };
     let (seed, source) = crate::hash_seed::choose(config, running_seed);
     log_seed(&link.name, seed, source, adopting.then_some(running_seed));
-    dp.set_config(&desired::lb_config(link, backend_link, config, seed))?;
+    let written = desired::lb_config(link, backend_link, config, seed);
+    dp.set_config(&written)?;
     dp.set_tx_ports(link.index, backend_link.map_or(link.index, |b| b.index))?;
     if !adopting {
         let r = Reconciler::new(&dp);
-        return Ok((dp, r, Vec::new(), running_seed));
+        return Ok((dp, r, Vec::new(), written));
     }
     let (r, a) = Reconciler::adopt(&dp)?;
     info!(
@@ -316,7 +314,7 @@ fn open_dataplane(
         r.vip_count(),
         a.len()
     );
-    Ok((dp, r, a, running_seed))
+    Ok((dp, r, a, written))
 }
 
 /// Says where the flow hash seed came from, and warns when there is none.
