@@ -122,15 +122,22 @@ pub fn link_program_id(link_pin: &Path) -> Result<u32> {
     Ok(info.program_id())
 }
 
-/// A loaded program, by id.
+/// A loaded program, by id. A program unloaded while the list is read
+/// fails to open and is passed over; that error is returned only if `id`
+/// is not found.
 pub fn program_by_id(id: u32) -> Result<ProgramInfo> {
+    let mut failed = None;
     for info in loaded_programs() {
-        let info = info.context("listing the loaded BPF programs failed")?;
-        if info.id() == id {
-            return Ok(info);
+        match info {
+            Ok(info) if info.id() == id => return Ok(info),
+            Ok(_) => {}
+            Err(e) => failed = failed.or(Some(e)),
         }
     }
-    bail!("no BPF program has id {id} (it was unloaded meanwhile)")
+    match failed {
+        Some(e) => Err(e).context("listing the loaded BPF programs failed"),
+        None => bail!("no BPF program has id {id} (it was unloaded meanwhile)"),
+    }
 }
 
 /// Swaps `new` into the XDP link pinned at `link_pin` if the link still
